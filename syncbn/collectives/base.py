@@ -1,0 +1,90 @@
+"""The collective interface that SyncBatchNormalization talks to.
+
+A communicator sums a small tensor across the replicas of one
+synchronization group. That is all batch norm needs: one call in the forward
+pass (count and sums) and one in the backward pass (two gradient sums).
+
+Any object with these members can be passed as `communicator=`:
+
+* `num_replicas` (int): replicas in this replica's synchronization group.
+* `all_sum(tensor, name)`: the element-wise sum of `tensor` over the group,
+  same shape and dtype. It must work eagerly and inside `tf.function`, and
+  every replica of the group must call it the same number of times in the same
+  order (`name` identifies the call site, e.g. for Horovod's name matching).
+"""
+
+import abc
+import os
+
+DEFAULT_TIMEOUT_SECONDS = 600.0
+
+
+def collective_timeout_seconds():
+    """Seconds a collective may wait for the other replicas before failing.
+
+    Read from `SYNCBN_COLLECTIVE_TIMEOUT` (default 600). A rank that never
+    joins a collective (it crashed, or calls layers in another order) then
+    makes the others fail with an error instead of hanging forever.
+    """
+    raw = os.environ.get("SYNCBN_COLLECTIVE_TIMEOUT", str(DEFAULT_TIMEOUT_SECONDS))
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise ValueError(
+            "Environment variable `SYNCBN_COLLECTIVE_TIMEOUT` must be a number of "
+            f"seconds. Received: SYNCBN_COLLECTIVE_TIMEOUT={raw!r}"
+        ) from None
+    if seconds <= 0:
+        raise ValueError(
+            "Environment variable `SYNCBN_COLLECTIVE_TIMEOUT` must be > 0. "
+            f"Received: SYNCBN_COLLECTIVE_TIMEOUT={raw!r}"
+        )
+    return seconds
+
+
+def consecutive_groups(world_size, group_size):
+    """Splits ranks `0..world_size-1` into consecutive groups of `group_size`.
+
+    `group_size=None` means one group of every rank.
+    """
+    if group_size is None:
+        return [list(range(world_size))]
+    if world_size % group_size:
+        raise ValueError(
+            "Argument `group_size` must divide the number of replicas "
+            f"({world_size}). Received: group_size={group_size}"
+        )
+    return [list(range(start, start + group_size)) for start in range(0, world_size, group_size)]
+
+
+class Communicator(abc.ABC):
+    """Base class for the built-in communicators."""
+
+    #: Short name used in `get_config` and error messages.
+    name = None
+
+    @property
+    @abc.abstractmethod
+    def num_replicas(self):
+        """Replicas in this replica's synchronization group."""
+
+    @abc.abstractmethod
+    def all_sum(self, tensor, name):
+        """Sums `tensor` over the synchronization group."""
+
+    def __repr__(self):
+        return f"<{type(self).__name__} num_replicas={self.num_replicas}>"
+
+
+class LocalCommunicator(Communicator):
+    """One replica: no communication at all."""
+
+    name = "local"
+
+    @property
+    def num_replicas(self):
+        return 1
+
+    def all_sum(self, tensor, name):
+        del name
+        return tensor

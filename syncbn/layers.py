@@ -1,0 +1,311 @@
+"""`SyncBatchNormalization`: a drop-in Keras 3 layer with global batch statistics."""
+
+import keras
+import tensorflow as tf
+from keras import constraints, initializers, regularizers
+
+from syncbn import collectives, ops
+
+
+def _check_bool(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"Argument `{name}` must be a bool. Received: {name}={value!r}")
+    return value
+
+
+def _check_float(name, value, low, high, high_open):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"Argument `{name}` must be a float. Received: {name}={value!r}")
+    value = float(value)
+    above = value >= high if high_open else value > high
+    if not low <= value or above:
+        bracket = ")" if high_open else "]"
+        raise ValueError(
+            f"Argument `{name}` must be in [{low}, {high}{bracket}. Received: {name}={value!r}"
+        )
+    return value
+
+
+@keras.saving.register_keras_serializable(package="syncbn")
+class SyncBatchNormalization(keras.layers.Layer):
+    """Batch normalization with the statistics of the global batch.
+
+    In training, each replica computes the count, sum and centred sum of
+    squares of its own batch; one all-reduce combines them (weighted by the
+    counts, so uneven and empty per-replica batches are exact), the layer
+    normalizes with the global mean and variance, and the moving averages are
+    updated once, to the same value on every replica. The backward pass is
+    exact too, with one more all-reduce. The result equals
+    `keras.layers.BatchNormalization` applied to all replicas' samples
+    concatenated: outputs, gradients (summed over replicas) and moving
+    statistics.
+
+    In inference (`training=False`, or `trainable=False`) and with a single
+    replica nothing is communicated.
+
+    Every replica of a synchronization group must call every synchronized
+    layer, in the same order and the same number of times per step, even with
+    an empty batch (a replica that skips a call hangs the others until the
+    collective timeout, `SYNCBN_COLLECTIVE_TIMEOUT`, 600 s by default). Under
+    MPI, a different call order is detected and raises; Horovod matches calls
+    by layer name and tolerates it.
+
+    Args:
+        axis: Integer, the channel axis (e.g. `1` after a channels-first
+            `Conv2D`).
+        momentum: Momentum of the moving averages, in `[0, 1)`.
+        epsilon: Small float added to the variance, `> 0`.
+        center: If True, add the learned offset `beta`.
+        scale: If True, multiply by the learned scale `gamma`.
+        beta_initializer, gamma_initializer, moving_mean_initializer,
+            moving_variance_initializer: initializers, as in Keras.
+        beta_regularizer, gamma_regularizer: optional regularizers.
+        beta_constraint, gamma_constraint: optional constraints.
+        communicator: `"auto"` (default), `"horovod"`, `"tf.distribute"`,
+            `"mpi"`, `"local"`, or an object with `num_replicas` and
+            `all_sum(tensor, name)` (see `syncbn.collectives.base`). `"auto"`
+            picks, at call time, the first that applies: a tf.distribute
+            replica context with more than one replica; Horovod initialized
+            with more than one process; an MPI job with more than one
+            process; else local. `get_config` stores strings only: a custom
+            object is saved as `"auto"`.
+        group_size: Synchronize within consecutive groups of this many
+            replicas (`None`, the default: all replicas). With Horovod,
+            initialize with `syncbn.init_horovod(group_size=k)`.
+        synchronized: Accepted for compatibility with
+            `keras.layers.BatchNormalization` configs and ignored: this layer
+            always synchronizes.
+        renorm: Must be False; batch renormalization is not supported.
+        **kwargs: Base layer keyword arguments (e.g. `name` and `dtype`).
+
+    Call arguments:
+        inputs: Input tensor of any rank >= 2. float16 and bfloat16 inputs
+            are normalized in float32; variables are always float32.
+        training: Python bool or boolean scalar tensor (for example a
+            `tf.Variable` flipped between training and evaluation inside one
+            `tf.function`). None means inference.
+        mask: Optional boolean tensor shaped like `inputs` without the
+            channel axis. Masked-out positions are left out of the global
+            statistics (they are still normalized).
+
+    Example:
+
+    ```python
+    import keras, syncbn
+
+    model = keras.Sequential([
+        keras.Input((32, 32, 3)),
+        keras.layers.Conv2D(16, 3, use_bias=False),
+        syncbn.SyncBatchNormalization(),
+        keras.layers.ReLU(),
+    ])
+    ```
+    """
+
+    def __init__(
+        self,
+        axis=-1,
+        momentum=0.99,
+        epsilon=1e-3,
+        center=True,
+        scale=True,
+        beta_initializer="zeros",
+        gamma_initializer="ones",
+        moving_mean_initializer="zeros",
+        moving_variance_initializer="ones",
+        beta_regularizer=None,
+        gamma_regularizer=None,
+        beta_constraint=None,
+        gamma_constraint=None,
+        communicator="auto",
+        group_size=None,
+        synchronized=True,
+        renorm=False,
+        renorm_clipping=None,
+        renorm_momentum=0.99,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise TypeError(f"Argument `axis` must be an integer. Received: axis={axis!r}")
+        self.axis = axis
+        self.momentum = _check_float("momentum", momentum, 0.0, 1.0, high_open=True)
+        self.epsilon = _check_float("epsilon", epsilon, 0.0, float("inf"), high_open=False)
+        if self.epsilon <= 0:
+            raise ValueError(f"Argument `epsilon` must be > 0. Received: epsilon={epsilon!r}")
+        self.center = _check_bool("center", center)
+        self.scale = _check_bool("scale", scale)
+        self.beta_initializer = initializers.get(beta_initializer)
+        self.gamma_initializer = initializers.get(gamma_initializer)
+        self.moving_mean_initializer = initializers.get(moving_mean_initializer)
+        self.moving_variance_initializer = initializers.get(moving_variance_initializer)
+        self.beta_regularizer = regularizers.get(beta_regularizer)
+        self.gamma_regularizer = regularizers.get(gamma_regularizer)
+        self.beta_constraint = constraints.get(beta_constraint)
+        self.gamma_constraint = constraints.get(gamma_constraint)
+        self.communicator = collectives.validate_spec(communicator)
+        if group_size is not None and (
+            isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
+        ):
+            raise ValueError(
+                "Argument `group_size` must be a positive integer or None. "
+                f"Received: group_size={group_size!r}"
+            )
+        self.group_size = group_size
+        _check_bool("synchronized", synchronized)
+        if renorm:
+            raise ValueError(
+                "SyncBatchNormalization does not support batch renormalization. "
+                f"Received: renorm={renorm!r}"
+            )
+        del renorm_clipping, renorm_momentum
+        self.supports_masking = True
+        self.gamma = None
+        self.beta = None
+        self.moving_mean = None
+        self.moving_variance = None
+
+    def build(self, input_shape):
+        rank = len(input_shape)
+        if rank < 2:
+            raise ValueError(
+                "SyncBatchNormalization needs inputs of rank >= 2 (batch and channel "
+                f"axes). Received: input_shape={tuple(input_shape)}"
+            )
+        if not -rank <= self.axis < rank:
+            raise ValueError(
+                f"Argument `axis` is out of bounds for inputs of rank {rank}. "
+                f"Received: axis={self.axis}"
+            )
+        self._channel_axis = self.axis % rank
+        if self._channel_axis == 0:
+            raise ValueError(
+                "Argument `axis` must not be the batch axis (0): the batch axis is "
+                f"what gets synchronized. Received: axis={self.axis}"
+            )
+        num_channels = input_shape[self._channel_axis]
+        if num_channels is None:
+            raise ValueError(
+                "The channel axis of the inputs must have a known size. "
+                f"Received: input_shape={tuple(input_shape)}, axis={self.axis}"
+            )
+        shape = (num_channels,)
+        if self.scale:
+            self.gamma = self.add_weight(
+                shape=shape,
+                name="gamma",
+                initializer=self.gamma_initializer,
+                regularizer=self.gamma_regularizer,
+                constraint=self.gamma_constraint,
+                trainable=True,
+                autocast=False,
+            )
+        if self.center:
+            self.beta = self.add_weight(
+                shape=shape,
+                name="beta",
+                initializer=self.beta_initializer,
+                regularizer=self.beta_regularizer,
+                constraint=self.beta_constraint,
+                trainable=True,
+                autocast=False,
+            )
+        self.moving_mean = self.add_weight(
+            shape=shape,
+            name="moving_mean",
+            initializer=self.moving_mean_initializer,
+            trainable=False,
+            autocast=False,
+        )
+        self.moving_variance = self.add_weight(
+            shape=shape,
+            name="moving_variance",
+            initializer=self.moving_variance_initializer,
+            trainable=False,
+            autocast=False,
+        )
+        self.input_spec = keras.InputSpec(ndim=rank, axes={self.axis: num_channels})
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def _gamma_beta(self):
+        gamma = None if self.gamma is None else tf.convert_to_tensor(self.gamma)
+        beta = None if self.beta is None else tf.convert_to_tensor(self.beta)
+        return gamma, beta
+
+    def _call_inference(self, inputs):
+        gamma, beta = self._gamma_beta()
+        return ops.batch_norm_inference(
+            inputs,
+            self.moving_mean,
+            self.moving_variance,
+            gamma,
+            beta,
+            axis=self._channel_axis,
+            epsilon=self.epsilon,
+        )
+
+    def _call_training(self, inputs, mask):
+        communicator = collectives.resolve(self.communicator, self.group_size)
+        gamma, beta = self._gamma_beta()
+        outputs, mean, variance, count = ops.sync_batch_norm(
+            inputs,
+            gamma,
+            beta,
+            axis=self._channel_axis,
+            epsilon=self.epsilon,
+            all_sum=communicator.all_sum,
+            name=f"syncbn/{self.path}",
+            mask=mask,
+        )
+        # With no sample on any replica there is nothing to average in.
+        decay = tf.where(count > 0, 1.0 - self.momentum, 0.0)
+        self.moving_mean.assign_sub((self.moving_mean - mean) * decay)
+        self.moving_variance.assign_sub((self.moving_variance - variance) * decay)
+        return outputs
+
+    def call(self, inputs, training=None, mask=None):
+        if mask is not None and len(mask.shape) != len(inputs.shape) - 1:
+            raise ValueError(
+                "The mask must have the shape of the inputs without the channel "
+                f"axis. Received: mask.shape={mask.shape}, inputs.shape={inputs.shape}"
+            )
+        if not self.trainable or training is None:
+            training = False
+        if isinstance(training, (bool, int)) or tf.executing_eagerly():
+            training = bool(training)
+            outputs = (
+                self._call_training(inputs, mask) if training else self._call_inference(inputs)
+            )
+        else:
+            training = tf.cast(training, tf.bool)
+            outputs = tf.cond(
+                training,
+                lambda: self._call_training(inputs, mask),
+                lambda: self._call_inference(inputs),
+            )
+        return tf.cast(outputs, self.compute_dtype)
+
+    def get_config(self):
+        base_config = super().get_config()
+        config = {
+            "axis": self.axis,
+            "momentum": self.momentum,
+            "epsilon": self.epsilon,
+            "center": self.center,
+            "scale": self.scale,
+            "beta_initializer": initializers.serialize(self.beta_initializer),
+            "gamma_initializer": initializers.serialize(self.gamma_initializer),
+            "moving_mean_initializer": initializers.serialize(self.moving_mean_initializer),
+            "moving_variance_initializer": initializers.serialize(
+                self.moving_variance_initializer
+            ),
+            "beta_regularizer": regularizers.serialize(self.beta_regularizer),
+            "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
+            "beta_constraint": constraints.serialize(self.beta_constraint),
+            "gamma_constraint": constraints.serialize(self.gamma_constraint),
+            "communicator": self.communicator if isinstance(self.communicator, str) else "auto",
+            "group_size": self.group_size,
+        }
+        return {**base_config, **config}
