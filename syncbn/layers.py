@@ -155,10 +155,13 @@ class SyncBatchNormalization(keras.layers.Layer):
         _check_bool("synchronized", synchronized)
         if renorm:
             raise ValueError(
-                "SyncBatchNormalization does not support batch renormalization. "
-                f"Received: renorm={renorm!r}"
+                "Argument `renorm` must be False: SyncBatchNormalization does not "
+                f"support batch renormalization. Received: renorm={renorm!r}"
             )
-        del renorm_clipping, renorm_momentum
+        # Kept only so that configs round-trip like BatchNormalization's.
+        self.renorm = False
+        self.renorm_clipping = renorm_clipping
+        self.renorm_momentum = renorm_momentum
         self.supports_masking = True
         self.gamma = None
         self.beta = None
@@ -307,5 +310,9 @@ class SyncBatchNormalization(keras.layers.Layer):
             "gamma_constraint": constraints.serialize(self.gamma_constraint),
             "communicator": self.communicator if isinstance(self.communicator, str) else "auto",
             "group_size": self.group_size,
+            "synchronized": True,
+            "renorm": self.renorm,
+            "renorm_clipping": self.renorm_clipping,
+            "renorm_momentum": self.renorm_momentum,
         }
         return {**base_config, **config}

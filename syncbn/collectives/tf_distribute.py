@@ -13,6 +13,12 @@ from syncbn.collectives.base import Communicator, collective_timeout_seconds, co
 
 def _replica_context():
     context = tf.distribute.get_replica_context()
+    if not tf.distribute.has_strategy():
+        raise RuntimeError(
+            "communicator='tf.distribute' needs an active tf.distribute strategy: "
+            "create the model under `strategy.scope()` and call it in "
+            "`strategy.run(...)` or `model.fit`. No strategy is active."
+        )
     if context is None:
         raise RuntimeError(
             "communicator='tf.distribute' needs a tf.distribute replica context: "

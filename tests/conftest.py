@@ -1,0 +1,22 @@
+"""Test-session setup shared by every test module.
+
+The in-process replica tests need several CPU devices; TensorFlow only
+accepts the split before it initializes its devices, so it happens here,
+before any test module runs a TensorFlow op.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, TESTS_DIR)
+
+NUM_VIRTUAL_CPUS = 4
+
+import tensorflow as tf  # noqa: E402
+
+_cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    _cpu, [tf.config.LogicalDeviceConfiguration()] * NUM_VIRTUAL_CPUS
+)

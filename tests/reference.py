@@ -1,0 +1,67 @@
+"""Batch normalization in float64 NumPy: the ground truth the tests compare with.
+
+Written from the textbook definition (Ioffe & Szegedy, 2015) with masks, on
+the global batch, independently of syncbn's packing and collectives.
+"""
+
+import numpy as np
+
+
+def _channel_shape(x, axis):
+    shape = [1] * x.ndim
+    shape[axis] = x.shape[axis]
+    return shape
+
+
+def _weights(x, axis, mask):
+    if mask is None:
+        return np.ones_like(x)
+    return np.broadcast_to(np.expand_dims(np.asarray(mask, bool), axis), x.shape).astype(np.float64)
+
+
+def batch_norm(x, gamma, beta, dy, axis, epsilon=1e-3, mask=None):
+    """Forward and backward of training-mode batch norm on one (global) batch.
+
+    Returns a dict with `y`, `dx`, `dgamma`, `dbeta`, `mean`, `variance`
+    (biased), all float64.
+    """
+    x = np.asarray(x, np.float64)
+    dy = np.asarray(dy, np.float64)
+    axis = axis % x.ndim
+    axes = tuple(i for i in range(x.ndim) if i != axis)
+    shape = _channel_shape(x, axis)
+    w = _weights(x, axis, mask)
+    count = w.sum(axis=axes)[0] if x.size else 0.0
+    mean = (w * x).sum(axis=axes) / count
+    variance = (w * (x - mean.reshape(shape)) ** 2).sum(axis=axes) / count
+    inv_std = 1.0 / np.sqrt(variance + epsilon)
+    x_hat = (x - mean.reshape(shape)) * inv_std.reshape(shape)
+    gamma = np.asarray(gamma, np.float64)
+    y = gamma.reshape(shape) * x_hat + np.asarray(beta, np.float64).reshape(shape)
+    sum_dy = dy.sum(axis=axes)
+    sum_dy_xhat = (dy * x_hat).sum(axis=axes)
+    dx = (gamma * inv_std).reshape(shape) * (
+        dy - w / count * (sum_dy.reshape(shape) + x_hat * sum_dy_xhat.reshape(shape))
+    )
+    return {
+        "y": y,
+        "dx": dx,
+        "dgamma": sum_dy_xhat,
+        "dbeta": sum_dy,
+        "mean": mean,
+        "variance": variance,
+    }
+
+
+def moving_average(moving, batch_value, momentum):
+    return moving * momentum + batch_value * (1.0 - momentum)
+
+
+def relative_error(actual, expected):
+    """max |actual - expected| / max(|expected|, tiny): one number per array."""
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    if expected.size == 0:
+        return 0.0
+    return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-12))

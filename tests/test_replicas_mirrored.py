@@ -1,0 +1,150 @@
+"""Replica equivalence in one process: MirroredStrategy on 4 virtual CPUs.
+
+Per-replica batches of 5, 0, 11 and 3 samples must give the outputs,
+gradients (summed over replicas) and moving statistics of one
+`keras.layers.BatchNormalization` on the 19 samples concatenated.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import NUM_VIRTUAL_CPUS
+from reference import relative_error
+from syncbn import SyncBatchNormalization
+
+COUNTS = [5, 0, 11, 3]
+LAYOUTS = {"2d": ((7,), -1), "nhwc": ((3, 3, 4), -1), "ncw": ((4, 6), 1)}
+STEPS = 3
+TOLERANCE = 2e-4
+MOMENTUM = 0.8
+
+
+@pytest.fixture(scope="module")
+def strategy():
+    devices = [f"/cpu:{i}" for i in range(NUM_VIRTUAL_CPUS)]
+    return tf.distribute.MirroredStrategy(devices)
+
+
+def _global_batches(feature_shape, seed):
+    rng = np.random.default_rng(seed)
+    shape = (sum(COUNTS),) + feature_shape
+    return [
+        (rng.normal(4.0, 3.0, shape).astype(np.float32), rng.normal(size=shape).astype(np.float32))
+        for _ in range(STEPS)
+    ]
+
+
+def _run_mirrored(strategy, layer, batches, counts):
+    bounds = np.cumsum([0] + counts)
+
+    @tf.function
+    def step(x, dy):
+        def replica_fn(x, dy):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x, training=True)
+                loss = tf.reduce_sum(y * dy)
+            dx, dgamma, dbeta = tape.gradient(loss, [x, layer.gamma, layer.beta])
+            return y, dx, dgamma, dbeta
+
+        return strategy.run(replica_fn, args=(x, dy))
+
+    results = []
+    for x, dy in batches:
+        def split(array):
+            return strategy.experimental_distribute_values_from_function(
+                lambda ctx: tf.constant(
+                    array[bounds[ctx.replica_id_in_sync_group] : bounds[ctx.replica_id_in_sync_group + 1]]
+                )
+            )
+
+        y, dx, dgamma, dbeta = step(split(x), split(dy))
+        local = strategy.experimental_local_results
+        results.append(
+            {
+                "y": [v.numpy() for v in local(y)],
+                "dx": [v.numpy() for v in local(dx)],
+                "dgamma": [v.numpy() for v in local(dgamma)],
+                "dbeta": [v.numpy() for v in local(dbeta)],
+            }
+        )
+    return results
+
+
+def _keras_reference(batches, feature_shape, axis, weights):
+    layer = keras.layers.BatchNormalization(axis=axis, momentum=MOMENTUM)
+    layer.build((None,) + feature_shape)
+    layer.set_weights(weights)
+    results = []
+    for x, dy in batches:
+        x = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(y * dy)
+        dx, dgamma, dbeta = tape.gradient(loss, [x, layer.gamma, layer.beta])
+        results.append({"y": y.numpy(), "dx": dx.numpy(), "dgamma": dgamma.numpy(), "dbeta": dbeta.numpy()})
+    return results, layer
+
+
+def _make_layer(strategy, feature_shape, axis, **kwargs):
+    with strategy.scope():
+        layer = SyncBatchNormalization(
+            axis=axis, momentum=MOMENTUM, gamma_initializer="random_normal", beta_initializer="random_normal", **kwargs
+        )
+        layer.build((None,) + feature_shape)
+    return layer
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_uneven_replicas_match_keras_on_global_batch(strategy, layout):
+    feature_shape, axis = LAYOUTS[layout]
+    layer = _make_layer(strategy, feature_shape, axis)
+    batches = _global_batches(feature_shape, seed=len(layout))
+    initial_weights = [w.numpy() for w in layer.weights]
+    got = _run_mirrored(strategy, layer, batches, COUNTS)
+    want, reference_layer = _keras_reference(batches, feature_shape, axis, initial_weights)
+    for step_got, step_want in zip(got, want):
+        assert relative_error(np.concatenate(step_got["y"]), step_want["y"]) < TOLERANCE
+        assert relative_error(np.concatenate(step_got["dx"]), step_want["dx"]) < TOLERANCE
+        assert relative_error(sum(step_got["dgamma"]), step_want["dgamma"]) < TOLERANCE
+        assert relative_error(sum(step_got["dbeta"]), step_want["dbeta"]) < TOLERANCE
+        assert step_got["y"][1].shape[0] == 0  # the empty replica took part
+    for name in ("moving_mean", "moving_variance"):
+        expected = getattr(reference_layer, name).numpy()
+        # Every replica's copy holds the same, global value.
+        for copy in strategy.experimental_local_results(getattr(layer, name).value):
+            assert relative_error(copy.numpy(), expected) < TOLERANCE, name
+
+
+def test_group_size_two_syncs_within_consecutive_pairs(strategy):
+    feature_shape, axis = LAYOUTS["2d"]
+    layer = _make_layer(strategy, feature_shape, axis, group_size=2)
+    batches = _global_batches(feature_shape, seed=11)
+    weights = [w.numpy() for w in layer.weights]
+    got = _run_mirrored(strategy, layer, batches, COUNTS)
+    split_at = COUNTS[0] + COUNTS[1]
+    for group, replicas, rows in ((0, [0, 1], slice(0, split_at)), (1, [2, 3], slice(split_at, None))):
+        group_batches = [(x[rows], dy[rows]) for x, dy in batches]
+        want, reference_layer = _keras_reference(group_batches, feature_shape, axis, weights)
+        for step_got, step_want in zip(got, want):
+            y = np.concatenate([step_got["y"][r] for r in replicas])
+            dx = np.concatenate([step_got["dx"][r] for r in replicas])
+            assert relative_error(y, step_want["y"]) < TOLERANCE, group
+            assert relative_error(dx, step_want["dx"]) < TOLERANCE, group
+        copies = strategy.experimental_local_results(layer.moving_variance.value)
+        for r in replicas:
+            assert relative_error(copies[r].numpy(), reference_layer.moving_variance.numpy()) < TOLERANCE
+
+
+def test_auto_detects_tf_distribute_inside_replica_context(strategy):
+    from syncbn import collectives
+
+    @tf.function
+    def detect_in_replica():
+        return strategy.run(lambda: tf.constant(collectives.detect() == "tf.distribute"))
+
+    assert all(v.numpy() for v in strategy.experimental_local_results(detect_in_replica()))
+    assert collectives.detect() == "local"
