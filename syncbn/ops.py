@@ -71,13 +71,18 @@ def sync_batch_norm(x, gamma, beta, *, axis, epsilon, all_sum, name, mask=None):
         )
         inv_std = tf.math.rsqrt(variance + epsilon)
         scale = gamma * inv_std
-        offset = beta - mean * scale
-        y = x * tf.reshape(scale, channel_shape) + tf.reshape(offset, channel_shape)
+        mean_high, mean_low = stats.split_mean(mean)
+
+        def centre(x):
+            # Not x * scale + (beta - mean * scale): that cancels when |mean| >> std.
+            return (x - tf.reshape(mean_high, channel_shape)) - tf.reshape(mean_low, channel_shape)
+
+        y = centre(x) * tf.reshape(scale, channel_shape) + tf.reshape(beta, channel_shape)
 
         def grad(dy, d_mean, d_variance, d_count):
             del d_mean, d_variance, d_count  # Statistics are not differentiable.
             dy = tf.cast(dy, tf.float32)
-            x_hat = (x - tf.reshape(mean, channel_shape)) * tf.reshape(inv_std, channel_shape)
+            x_hat = centre(x) * tf.reshape(inv_std, channel_shape)
             sum_dy = tf.reduce_sum(dy, axis=axes)
             sum_dy_xhat = tf.reduce_sum(dy * x_hat, axis=axes)
             global_sum_dy, global_sum_dy_xhat = stats.unpack_grad_sums(
@@ -94,7 +99,7 @@ def sync_batch_norm(x, gamma, beta, *, axis, epsilon, all_sum, name, mask=None):
             dx = tf.reshape(scale, channel_shape) * (dy - correction)
             return dx, sum_dy_xhat, sum_dy
 
-        stat_outputs = (tf.identity(mean), tf.identity(variance), tf.identity(global_count))
+        stat_outputs = (tf.cast(mean, tf.float32), tf.identity(variance), tf.identity(global_count))
         return (y,) + stat_outputs, grad
 
     y, mean, variance, count = normalize(x, gamma, beta)
@@ -109,7 +114,7 @@ def batch_norm_inference(x, mean, variance, gamma, beta, *, axis, epsilon):
     channel_shape[axis] = num_channels
     inv_std = tf.math.rsqrt(tf.cast(variance, tf.float32) + epsilon)
     scale = _as_vector(gamma, num_channels, 1.0) * inv_std
-    offset = _as_vector(beta, num_channels, 0.0) - tf.cast(mean, tf.float32) * scale
-    return tf.cast(x, tf.float32) * tf.reshape(scale, channel_shape) + tf.reshape(
-        offset, channel_shape
+    centred = tf.cast(x, tf.float32) - tf.reshape(tf.cast(mean, tf.float32), channel_shape)
+    return centred * tf.reshape(scale, channel_shape) + tf.reshape(
+        _as_vector(beta, num_channels, 0.0), channel_shape
     )

@@ -53,6 +53,11 @@ def mask_weights(mask, x, axis):
 def local_moments(x, axes, mask=None):
     """Count, mean and centred sum of squares of one replica's batch.
 
+    The sums run on `x - shift`, where `shift` is the mean of this replica's
+    first sample: any shift is exact algebra, and one close to the data keeps
+    the float32 sums small, so the mean of data at 1e5 with std 1 is not lost
+    to rounding in a float32 sum of 1e5-sized values.
+
     Args:
         x: float32 tensor.
         axes: axes to reduce (every axis but the channel axis).
@@ -60,28 +65,46 @@ def local_moments(x, axes, mask=None):
 
     Returns:
         `(count, mean, m2)`: a float32 scalar (samples per channel, may be
-        0) and two float32 `[C]` vectors. With `count == 0` the mean and `m2`
-        are 0, never NaN.
+        0), the float64 `[C]` mean and the float32 `[C]` centred sum of
+        squares. With `count == 0` the mean and `m2` are 0, never NaN.
     """
+    first = x[:1]
+    first_size = tf.cast(tf.size(first), tf.float32) / tf.cast(tf.shape(x)[_channel_axis(x, axes)], tf.float32)
+    shift = tf.reduce_sum(first, axis=axes) / tf.maximum(first_size, 1.0)
+    shifted = x - _expand(shift, x, axes)
     if mask is None:
         shape = tf.shape(x, out_type=tf.int64)
         count = tf.cast(tf.reduce_prod(tf.gather(shape, axes)), tf.float32)
-        mean = tf.reduce_sum(x, axis=axes) / tf.maximum(count, 1.0)
-        centred = x - _expand(mean, x, axes)
+        mean_offset = tf.reduce_sum(shifted, axis=axes) / tf.maximum(count, 1.0)
+        centred = shifted - _expand(mean_offset, x, axes)
     else:
         weights, count = mask
-        mean = tf.reduce_sum(x * weights, axis=axes) / tf.maximum(count, 1.0)
-        centred = (x - _expand(mean, x, axes)) * weights
+        mean_offset = tf.reduce_sum(shifted * weights, axis=axes) / tf.maximum(count, 1.0)
+        centred = (shifted - _expand(mean_offset, x, axes)) * weights
     m2 = tf.reduce_sum(tf.square(centred), axis=axes)
+    mean = tf.cast(shift, STATS_DTYPE) + tf.cast(mean_offset, STATS_DTYPE)
     return count, mean, m2
+
+
+def split_mean(mean):
+    """float64 `[C]` -> float32 `(high, low)` with `high + low` ~= `mean`.
+
+    `(x - high) - low` centres float32 data to float32 precision even when
+    |mean| >> std: `x - high` is exact for data near the mean (Sterbenz).
+    """
+    high = tf.cast(mean, tf.float32)
+    low = tf.cast(mean - tf.cast(high, STATS_DTYPE), tf.float32)
+    return high, low
+
+
+def _channel_axis(x, axes):
+    return [a for a in range(x.shape.rank) if a not in axes][0]
 
 
 def _expand(vector, x, axes):
     """Reshapes a `[C]` vector so it broadcasts against `x` (reduced on `axes`)."""
-    rank = x.shape.rank
-    shape = [1] * rank
-    channel_axis = [a for a in range(rank) if a not in axes][0]
-    shape[channel_axis] = -1
+    shape = [1] * x.shape.rank
+    shape[_channel_axis(x, axes)] = -1
     return tf.reshape(vector, shape)
 
 
@@ -92,7 +115,7 @@ def pack_moments(count, mean, m2):
     `[1], [C], [C] -> [2C + 1]`.
     """
     count64 = tf.cast(count, STATS_DTYPE)
-    mean64 = tf.cast(mean, STATS_DTYPE)
+    mean64 = tf.cast(mean, STATS_DTYPE)  # already float64 from local_moments
     m2_64 = tf.cast(m2, STATS_DTYPE)
     return tf.concat(
         [tf.reshape(count64, [1]), count64 * mean64, m2_64 + count64 * tf.square(mean64)],
@@ -103,8 +126,9 @@ def pack_moments(count, mean, m2):
 def unpack_moments(packed_sums, num_channels):
     """Global count, mean and biased variance from the all-reduced vector.
 
-    `[2C + 1] -> [], [C], [C]`. The mean and variance are float32 and are 0
-    when no replica had any sample (`global_count == 0`).
+    `[2C + 1] -> [], [C], [C]`: float32 count, float64 mean (see
+    `split_mean`) and float32 variance; mean and variance are 0 when no
+    replica had any sample (`global_count == 0`).
     """
     global_count = packed_sums[0]
     sum_x = packed_sums[1 : 1 + num_channels]
@@ -113,11 +137,7 @@ def unpack_moments(packed_sums, num_channels):
     mean = sum_x / safe_count
     # Clamp the float64 rounding residue; the combine itself cannot go negative.
     variance = tf.maximum((sum_sq - sum_x * mean) / safe_count, 0.0)
-    return (
-        tf.cast(global_count, tf.float32),
-        tf.cast(mean, tf.float32),
-        tf.cast(variance, tf.float32),
-    )
+    return tf.cast(global_count, tf.float32), mean, tf.cast(variance, tf.float32)
 
 
 def global_moments(x, axes, num_channels, all_sum, mask=None):
