@@ -1,0 +1,253 @@
+"""Cross-process exactness check for SyncBatchNormalization.
+
+Run one copy per rank (horovodrun, mpirun, syncbn-launch, or processes with a
+TF_CONFIG each). Every rank builds the same global batches from a seed, takes
+its own slice (`--counts`, one entry per rank, zeros allowed), and runs
+several training steps of a SyncBatchNormalization layer. It then runs one
+`keras.layers.BatchNormalization` on the whole global batch itself and
+compares, for its own slice: outputs, input gradients, its share of the
+gamma/beta gradients (their sum over ranks is the global gradient) and the
+moving statistics after every step. With `--offset`, the data has that mean
+and std 1, and the reference is float64 NumPy instead (Keras's float32
+layer cancels there).
+
+It prints one line per layout with the largest relative errors and exits 1
+if any exceeds `--tolerance`. With `--out DIR` it also saves its results as
+`DIR/rank<R>.<layout>.npz` for a test to combine across ranks.
+
+    horovodrun -np 3 --gloo python tests/jobs/exactness.py --backend horovod --counts 4,0,7
+"""
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+LAYOUTS = {"2d": ((6,), -1), "nhwc": ((3, 3, 5), -1), "ncw": ((4, 5), 1)}
+MOMENTUM = 0.7
+EPSILON = 1e-3
+
+
+def global_batches(layout, counts, steps, offset, seed=1234):
+    """The same `(x, dy)` global batches on every rank and in the tests."""
+    feature_shape, _ = LAYOUTS[layout]
+    rng = np.random.default_rng([seed, sorted(LAYOUTS).index(layout)])
+    shape = (sum(counts),) + feature_shape
+    if offset:
+        make_x = lambda: (offset + rng.normal(0.0, 1.0, shape)).astype(np.float32)  # noqa: E731
+    else:
+        make_x = lambda: rng.normal(2.0, 3.0, shape).astype(np.float32)  # noqa: E731
+    return [(make_x(), rng.normal(size=shape).astype(np.float32)) for _ in range(steps)]
+
+
+def initial_weights(layout):
+    feature_shape, axis = LAYOUTS[layout]
+    channels = feature_shape[axis if axis < 0 else axis - 1]
+    rng = np.random.default_rng(99)
+    return [
+        rng.normal(1.0, 0.3, channels).astype(np.float32),  # gamma
+        rng.normal(0.0, 0.3, channels).astype(np.float32),  # beta
+        np.zeros(channels, np.float32),  # moving_mean
+        np.ones(channels, np.float32),  # moving_variance
+    ]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", choices=["horovod", "mpi", "tf", "auto"], default="auto",
+                        help="how ranks are set up; 'auto' uses syncbn's detection (default)")
+    parser.add_argument("--counts", default=None,
+                        help="per-rank batch sizes, e.g. 4,0,7 (default: 4,0,7,... cycled)")
+    parser.add_argument("--layouts", default="2d,nhwc,ncw")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--offset", type=float, default=0.0)
+    parser.add_argument("--group-size", type=int, default=None)
+    parser.add_argument("--tolerance", type=float, default=2e-4)
+    parser.add_argument("--out", default=None)
+    return parser.parse_args(argv)
+
+
+def setup_backend(backend, group_size):
+    """Returns `(rank, world_size, communicator, strategy_or_None)`."""
+    if backend == "auto":
+        backend = "horovod" if "HOROVOD_RANK" in os.environ else (
+            "tf" if "TF_CONFIG" in os.environ else "mpi")
+        communicator = "auto"
+    else:
+        communicator = {"horovod": "horovod", "mpi": "mpi", "tf": "tf.distribute"}[backend]
+    if backend == "horovod":
+        import syncbn
+
+        hvd = syncbn.init_horovod(group_size=group_size)
+        return hvd.rank(), hvd.size(), communicator, None
+    if backend == "mpi":
+        from mpi4py import MPI
+
+        return MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size(), communicator, None
+    import tensorflow as tf
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    resolver = strategy.cluster_resolver
+    return resolver.task_id, strategy.num_replicas_in_sync, communicator, strategy
+
+
+def run_synced(layer, batches, lo, hi, strategy):
+    import tensorflow as tf
+
+    def step(x, dy):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(y * dy)
+        dx, dgamma, dbeta = tape.gradient(loss, [x, layer.gamma, layer.beta])
+        return y, dx, dgamma, dbeta
+
+    if strategy is not None:
+        compiled = tf.function(lambda x, dy: strategy.run(step, args=(x, dy)))
+    else:
+        compiled = tf.function(step)
+    results = []
+    for x, dy in batches:
+        outputs = compiled(tf.constant(x[lo:hi]), tf.constant(dy[lo:hi]))
+        if strategy is not None:
+            outputs = [strategy.experimental_local_results(o)[0] for o in outputs]
+        results.append([o.numpy() for o in outputs]
+                       + [layer.moving_mean.numpy().copy(), layer.moving_variance.numpy().copy()])
+    return results
+
+
+def run_reference(layout, batches, lo, hi):
+    """Keras BatchNormalization on the global batch, restricted to this rank's rows."""
+    import keras
+    import tensorflow as tf
+
+    feature_shape, axis = LAYOUTS[layout]
+    layer = keras.layers.BatchNormalization(axis=axis, momentum=MOMENTUM, epsilon=EPSILON)
+    layer.build((None,) + feature_shape)
+    layer.set_weights(initial_weights(layout))
+    gamma, beta = layer.gamma.numpy(), layer.beta.numpy()
+    channel_shape = [1] * (len(feature_shape) + 1)
+    channel_shape[axis] = -1
+    reduce_axes = tuple(i for i in range(len(channel_shape)) if i != axis % len(channel_shape))
+    results = []
+    for x, dy in batches:
+        x = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(y * dy)
+        dx = tape.gradient(loss, x).numpy()
+        y = y.numpy()
+        # This rank's share of dgamma / dbeta: sum over its rows of dy * x_hat / dy.
+        x_hat = (y[lo:hi] - beta.reshape(channel_shape)) / gamma.reshape(channel_shape)
+        results.append([
+            y[lo:hi], dx[lo:hi],
+            (dy[lo:hi] * x_hat).sum(axis=reduce_axes), dy[lo:hi].sum(axis=reduce_axes),
+            layer.moving_mean.numpy().copy(), layer.moving_variance.numpy().copy(),
+        ])
+    return results
+
+
+def run_float64_reference(layout, batches, lo, hi):
+    """The same quantities from the float64 NumPy reference (tests/reference.py).
+
+    Used for data far from zero, where Keras's own float32 BatchNormalization
+    is not accurate enough to be the reference.
+    """
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import reference
+
+    _, axis = LAYOUTS[layout]
+    gamma, beta, moving_mean, moving_variance = [w.astype(np.float64) for w in initial_weights(layout)]
+    results = []
+    for x, dy in batches:
+        want = reference.batch_norm(x, gamma, beta, dy, axis, EPSILON)
+        reduce_axes = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
+        x_hat = (want["y"][lo:hi] - np.reshape(beta, _channel_shape(x.ndim, axis))) / np.reshape(
+            gamma, _channel_shape(x.ndim, axis))
+        moving_mean = reference.moving_average(moving_mean, want["mean"], MOMENTUM)
+        moving_variance = reference.moving_average(moving_variance, want["variance"], MOMENTUM)
+        results.append([
+            want["y"][lo:hi], want["dx"][lo:hi],
+            (dy[lo:hi] * x_hat).sum(axis=reduce_axes), dy[lo:hi].sum(axis=reduce_axes),
+            moving_mean, moving_variance,
+        ])
+    return results
+
+
+def _channel_shape(ndim, axis):
+    shape = [1] * ndim
+    shape[axis] = -1
+    return shape
+
+
+def relative_error(actual, expected):
+    if np.asarray(expected).size == 0:
+        return 0.0
+    scale = max(float(np.max(np.abs(expected))), 1e-12)
+    return float(np.max(np.abs(np.asarray(actual, np.float64) - expected)) / scale)
+
+
+NAMES = ["y", "dx", "dgamma", "dbeta", "moving_mean", "moving_variance"]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    rank, world_size, communicator, strategy = setup_backend(args.backend, args.group_size)
+    import syncbn
+
+    counts = [int(c) for c in args.counts.split(",")] if args.counts else [(4, 0, 7)[i % 3] for i in range(world_size)]
+    if len(counts) != world_size:
+        raise ValueError(f"Argument `--counts` needs one entry per rank ({world_size}). Received: --counts={args.counts}")
+    group = args.group_size or world_size
+    group_start = rank // group * group
+    # Each rank's reference is BN over the concatenation of its group's batches.
+    group_counts = counts[group_start:group_start + group]
+    lo = sum(group_counts[: rank - group_start])
+    hi = lo + counts[rank]
+    failures = 0
+    for layout in args.layouts.split(","):
+        feature_shape, axis = LAYOUTS[layout]
+        batches = global_batches(layout, counts, args.steps, args.offset)
+        group_rows = slice(sum(counts[:group_start]), sum(counts[:group_start + group]))
+        batches = [(x[group_rows], dy[group_rows]) for x, dy in batches]
+        scope = strategy.scope() if strategy is not None else _null_scope()
+        with scope:
+            layer = syncbn.SyncBatchNormalization(
+                axis=axis, momentum=MOMENTUM, epsilon=EPSILON,
+                communicator=communicator, group_size=args.group_size, name=f"bn_{layout}",
+            )
+            layer.build((None,) + feature_shape)
+            layer.set_weights(initial_weights(layout))
+        got = run_synced(layer, batches, lo, hi, strategy)
+        # Far from zero, Keras's float32 layer is itself inexact (it folds the mean
+        # into an offset, which cancels), so float64 NumPy is the reference there.
+        reference = run_float64_reference if args.offset else run_reference
+        want = reference(layout, batches, lo, hi)
+        errors = {name: max(relative_error(g[i], w[i]) for g, w in zip(got, want))
+                  for i, name in enumerate(NAMES)}
+        worst = {k: v for k, v in errors.items() if v > args.tolerance}
+        failures += bool(worst)
+        summary = " ".join(f"{k}={v:.2e}" for k, v in errors.items())
+        print(f"exactness rank={rank}/{world_size} layout={layout} rows={hi - lo} "
+              f"reference={'float64' if args.offset else 'keras'} offset={args.offset:g} "
+              f"{'FAIL' if worst else 'ok'} {summary}", flush=True)
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            np.savez(os.path.join(args.out, f"rank{rank}.{layout}.npz"),
+                     **{f"{name}_{s}": g[i] for s, g in enumerate(got) for i, name in enumerate(NAMES)})
+    return 1 if failures else 0
+
+
+class _null_scope:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())
