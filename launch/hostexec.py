@@ -1,0 +1,102 @@
+""""Run this command on host H": one small abstraction, three implementations.
+
+A `HostRunner` turns `(argv, added_env, cwd)` into the argv and environment that
+the launcher hands to `subprocess.Popen` on this machine:
+
+- `LocalRunner`: runs the command here.
+- `SshRunner`: `ssh host 'cd CWD && exec env K=V ... CMD'`, as horovodrun does.
+- `NetnsRunner`: `ip netns exec NS CMD`, for `--simulate-hosts` (`ip netns exec`
+  execs in place, so the rank is still the launcher's direct child and inherits
+  its parent-death signal).
+"""
+
+import os
+import shlex
+
+SSH_OPTIONS = ("-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no")
+
+
+class HostRunner:
+    """Base class: how to start a command on one host."""
+
+    #: True if the command runs on this machine (signals reach the process itself).
+    is_local = True
+
+    def command(self, argv, added_env, cwd):
+        """Returns `(popen_argv, popen_env)` that run `argv` with `added_env` in `cwd`."""
+        raise NotImplementedError
+
+
+class LocalRunner(HostRunner):
+    """Runs on this machine, in the launcher's environment plus the rank's variables."""
+
+    def __init__(self, base_env=None):
+        self._base_env = base_env
+
+    def command(self, argv, added_env, cwd):
+        base = os.environ if self._base_env is None else self._base_env
+        return list(argv), {**base, **added_env}
+
+    def __repr__(self):
+        return "LocalRunner()"
+
+
+class NetnsRunner(LocalRunner):
+    """Runs on this machine inside network namespace `namespace`."""
+
+    def __init__(self, namespace, base_env=None):
+        super().__init__(base_env)
+        self.namespace = namespace
+
+    def command(self, argv, added_env, cwd):
+        argv, env = super().command(argv, added_env, cwd)
+        return ["ip", "netns", "exec", self.namespace, *argv], env
+
+    def __repr__(self):
+        return f"NetnsRunner({self.namespace!r})"
+
+
+class SshRunner(HostRunner):
+    """Runs on `host` over ssh; only the rank's variables (and `exported`) cross over.
+
+    Args:
+        host: ssh destination.
+        port: ssh port, or None for ssh's default.
+        identity_file: ssh `-i` file, or None.
+        exported: names of launcher environment variables to forward as well.
+        base_env: environment to read `exported` from (default: `os.environ`).
+
+    Example:
+        >>> SshRunner("node2").command(["python", "t.py"], {"RANK": "1"}, "/w")[0][-1]
+        'cd /w && exec env RANK=1 python t.py'
+    """
+
+    is_local = False
+
+    def __init__(self, host, port=None, identity_file=None, exported=(), base_env=None):
+        self.host = host
+        self.port = port
+        self.identity_file = identity_file
+        self.exported = tuple(exported)
+        self._base_env = base_env
+
+    def remote_shell_command(self, argv, added_env, cwd):
+        base = os.environ if self._base_env is None else self._base_env
+        env = {name: base[name] for name in self.exported if name in base}
+        env.update(added_env)
+        assignments = " ".join(f"{name}={shlex.quote(value)}" for name, value in env.items())
+        command = " ".join(shlex.quote(arg) for arg in argv)
+        return f"cd {shlex.quote(cwd)} && exec env {assignments} {command}"
+
+    def command(self, argv, added_env, cwd):
+        ssh = ["ssh", *SSH_OPTIONS]
+        if self.port is not None:
+            ssh += ["-p", str(self.port)]
+        if self.identity_file:
+            ssh += ["-i", self.identity_file]
+        ssh += [self.host, self.remote_shell_command(argv, added_env, cwd)]
+        base = os.environ if self._base_env is None else self._base_env
+        return ssh, dict(base)
+
+    def __repr__(self):
+        return f"SshRunner({self.host!r})"
