@@ -1,0 +1,270 @@
+"""Starts worker processes, prefixes their output, and stops all of them on the first failure.
+
+Process model (see STYLE.md, "Launcher"):
+
+- Each worker starts in its own session (so its process group can be signalled as a
+  whole) with a parent-death signal set through `prctl(PR_SET_PDEATHSIG)` between
+  fork and exec: if the launcher is SIGKILLed, the kernel signals the workers too.
+  All workers are started from the main thread, because Linux sends the parent-death
+  signal when the *thread* that forked the child exits.
+- The first worker that exits non-zero is reported (rank and exit code or signal);
+  every other worker gets its stop signal, a grace period, then SIGKILL.
+- SIGINT/SIGTERM/SIGHUP to the launcher stop every worker the same way.
+- `timeout` ends a job that runs too long (exit code 124, like coreutils' timeout).
+
+Output: each worker's stdout and stderr are merged; every line is written to the
+launcher's stdout as `[label] line` and, with `output_dir`, to `output_dir/rank.N.log`.
+"""
+
+import ctypes
+import dataclasses
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Callable, Optional
+
+logger = logging.getLogger("launch")
+
+PR_SET_PDEATHSIG = 1
+TIMEOUT_EXIT_CODE = 124
+_POLL_SECONDS = 0.05
+_PREFIXED = re.compile(rb"^\[(\d+)\] ?(.*)$", re.S)
+
+
+def _child_setup(death_signal, parent_pid):
+    """Runs in the child between fork and exec (async-signal-safe enough: no locks)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, int(death_signal), 0, 0, 0)
+    # The launcher may have died before prctl: then no signal will ever come.
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+@dataclasses.dataclass
+class WorkerSpec:
+    """One process to supervise.
+
+    Attributes:
+        label: how the worker is named in output and reports, e.g. "1" or "mpirun".
+        argv: the command, as given to `subprocess.Popen`.
+        env: its full environment.
+        rank: the rank whose log file gets the output, or None.
+        stop_signal: sent to the worker's process group to stop it.
+        death_signal: what the kernel sends the worker when the launcher dies.
+        demux_ranks: True if the worker's lines already carry `[N] ` rank prefixes
+            (mpirun with our rank wrapper); they are then routed to rank N's log.
+        describe_failure: optional function(lines, exit_code) -> message, for workers
+            (mpirun) that know better which rank failed.
+    """
+
+    label: str
+    argv: list
+    env: dict
+    rank: Optional[int] = None
+    cwd: Optional[str] = None
+    stop_signal: int = signal.SIGTERM
+    death_signal: int = signal.SIGKILL
+    demux_ranks: bool = False
+    describe_failure: Optional[Callable] = None
+
+
+class _Output:
+    """Writes prefixed lines to stdout and per-rank log files, one line at a time."""
+
+    def __init__(self, output_dir):
+        self._lock = threading.Lock()
+        self._dir = output_dir
+        self._logs = {}
+        if output_dir:
+            os.makedirs(output_dir, exist_ok=True)
+
+    def _log(self, name):
+        if not self._dir:
+            return None
+        if name not in self._logs:
+            self._logs[name] = open(os.path.join(self._dir, f"{name}.log"), "ab")
+        return self._logs[name]
+
+    def write(self, spec, line):
+        if not line.endswith(b"\n"):
+            line += b"\n"
+        match = _PREFIXED.match(line) if spec.demux_ranks else None
+        if match:
+            log_name, text, shown = f"rank.{int(match.group(1))}", match.group(2), line
+        else:
+            log_name = f"rank.{spec.rank}" if spec.rank is not None else spec.label
+            text, shown = line, b"[" + spec.label.encode() + b"] " + line
+        with self._lock:
+            sys.stdout.buffer.write(shown)
+            sys.stdout.buffer.flush()
+            log = self._log(log_name)
+            if log:
+                log.write(text)
+                log.flush()
+
+    def close(self):
+        with self._lock:
+            for log in self._logs.values():
+                log.close()
+            self._logs.clear()
+
+
+class _Worker:
+    def __init__(self, spec, process):
+        self.spec = spec
+        self.process = process
+        self.tail = []  # last lines, for describe_failure
+        self.reader = None
+
+
+def describe_exit(code):
+    """'exit code 3' or 'signal SIGKILL' for a `Popen.returncode`."""
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
+
+
+def shell_exit_code(code):
+    """A `Popen.returncode` as a shell exit status (death by signal N -> 128 + N)."""
+    return 128 - code if code < 0 else code
+
+
+class Supervisor:
+    """Runs `WorkerSpec`s to completion or first failure.
+
+    Args:
+        specs: the workers.
+        output_dir: directory for `rank.N.log` files, or None.
+        grace_period: seconds between the stop signal and SIGKILL.
+        timeout: seconds before the job is ended with exit code 124, or None.
+
+    Example:
+        >>> import sys
+        >>> Supervisor([WorkerSpec("0", [sys.executable, "-c", "pass"], {}, rank=0)]).run()
+        0
+    """
+
+    def __init__(self, specs, output_dir=None, grace_period=3.0, timeout=None):
+        self.specs = list(specs)
+        self.output = _Output(output_dir)
+        self.grace_period = grace_period
+        self.timeout = timeout
+        self._stop_signal = None
+
+    def _on_signal(self, signum, frame):
+        self._stop_signal = signum
+
+    def _start(self, spec):
+        parent = os.getpid()
+        process = subprocess.Popen(
+            spec.argv,
+            env=spec.env,
+            cwd=spec.cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=lambda: _child_setup(spec.death_signal, parent),
+        )
+        return _Worker(spec, process)
+
+    def _pump(self, worker):
+        for line in iter(worker.process.stdout.readline, b""):
+            worker.tail = (worker.tail + [line])[-40:]
+            self.output.write(worker.spec, line)
+        worker.process.stdout.close()
+
+    def _signal_group(self, worker, signum):
+        try:
+            os.killpg(worker.process.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _stop_all(self, workers):
+        live = [w for w in workers if w.process.poll() is None]
+        for worker in live:
+            self._signal_group(worker, worker.spec.stop_signal)
+        deadline = time.monotonic() + self.grace_period
+        while live and time.monotonic() < deadline:
+            time.sleep(_POLL_SECONDS)
+            live = [w for w in live if w.process.poll() is None]
+        for worker in live:
+            logger.warning("%s did not stop within %.1f s; sending SIGKILL",
+                           _name(worker.spec), self.grace_period)
+        # SIGKILL every group, even of exited leaders: stray children may remain in it.
+        for worker in workers:
+            self._signal_group(worker, signal.SIGKILL)
+        for worker in workers:
+            worker.process.wait()
+
+    def run(self):
+        """Starts every worker and supervises them. Returns the launcher's exit code."""
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                handlers[signum] = signal.signal(signum, self._on_signal)
+        workers = []
+        try:
+            for spec in self.specs:
+                if self._stop_signal is not None:
+                    break
+                workers.append(self._start(spec))
+            for worker in workers:
+                worker.reader = threading.Thread(target=self._pump, args=(worker,), daemon=True)
+                worker.reader.start()
+            return self._supervise(workers)
+        finally:
+            if workers:
+                self._stop_all(workers)
+                for worker in workers:
+                    if worker.reader:
+                        worker.reader.join(timeout=2.0)
+            self.output.close()
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+
+    def _supervise(self, workers):
+        started = time.monotonic()
+        running = list(workers)
+        while running:
+            if self._stop_signal is not None:
+                name = signal.Signals(self._stop_signal).name
+                logger.error("launcher received %s; stopping all ranks", name)
+                return 128 + self._stop_signal
+            if self.timeout is not None and time.monotonic() - started > self.timeout:
+                logger.error("job timed out after %g s (--timeout); stopping all ranks",
+                             self.timeout)
+                return TIMEOUT_EXIT_CODE
+            for worker in list(running):
+                code = worker.process.poll()
+                if code is None:
+                    continue
+                running.remove(worker)
+                if code != 0:
+                    return self._report_failure(worker, code)
+            time.sleep(_POLL_SECONDS)
+        logger.info("all %d processes exited with code 0", len(workers))
+        return 0
+
+    def _report_failure(self, worker, code):
+        if worker.reader:
+            worker.reader.join(timeout=2.0)  # its last lines may explain the failure
+        message = None
+        if worker.spec.describe_failure:
+            message = worker.spec.describe_failure(worker.tail, code)
+        if not message:
+            message = f"{_name(worker.spec)} failed first with {describe_exit(code)}"
+        logger.error("%s; stopping the other ranks", message)
+        return shell_exit_code(code)
+
+
+def _name(spec):
+    return f"rank {spec.rank}" if spec.rank is not None else spec.label
