@@ -1,0 +1,140 @@
+"""Open MPI: one `mpirun` that the supervisor treats as a single worker.
+
+Each rank passes through `python -m launch.mpi_rank -- CMD`, which sets the same
+`RANK`/`LOCAL_RANK`/threads/GPU variables as the other backends (from
+`OMPI_COMM_WORLD_*`), prefixes the rank's output lines with `[rank]`, and execs
+CMD (so the rank is still mpirun's own child and its exit status is exact).
+
+With `--simulate-hosts`, mpirun starts its remote daemons through
+`launch.netns_rsh` (`--mca plm_rsh_agent`), which runs them inside the namespace
+of the host address it is given; TCP traffic is pinned to the simulated subnet.
+
+Note: an mpi4py rank that exits non-zero through `sys.exit` first waits in
+`MPI_Finalize` for the other ranks. For fail-fast jobs run the script as
+`python -m mpi4py script.py` (which calls `MPI_Abort` on errors) or call
+`MPI.COMM_WORLD.Abort(code)`.
+"""
+
+import os
+import re
+import shutil
+import signal
+import stat
+import sys
+import tempfile
+
+from launch.supervisor import WorkerSpec
+
+FORWARDED = ("PATH", "PYTHONPATH", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "PYTHONUNBUFFERED",
+             "OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM")
+_PROCESS_NAME = re.compile(r"Process name:\s*\[\[\d+,\d+\],(\d+)\]")
+_EXIT_CODE = re.compile(r"Exit code:\s*(-?\d+)")
+_SIGNALLED = re.compile(r"process rank (\d+) with PID \d+ on node \S+ exited on signal (\d+)")
+
+
+def mpirun_command(placement, *, mpirun="mpirun", rsh_agent=None, is_root=False,
+                   python=sys.executable, job_env_names=()):
+    """The mpirun argv for `placement`. Pure.
+
+    Example:
+        >>> from launch.hosts import Host, assign_ranks
+        >>> from launch.backends import Placement
+        >>> hosts = [Host("localhost", 2)]
+        >>> p = Placement(assign_ranks(hosts, 2), hosts, {}, {}, "127.0.0.1", "lo",
+        ...               ["python", "t.py"], "/w", cpus=2)
+        >>> " ".join(mpirun_command(p, python="py"))  # doctest: +NORMALIZE_WHITESPACE
+        'mpirun -np 2 --host localhost:2 --map-by slot --bind-to none --oversubscribe
+         -x SYNCBN_LAUNCH_CPUS=2 -x SYNCBN_LAUNCH_GPU_IDS= -x SYNCBN_LAUNCH_SHARED_MACHINE=0
+         py -m launch.mpi_rank -- python t.py'
+    """
+    hosts = ",".join(f"{host.name}:{host.slots}" for host in placement.hosts)
+    argv = [mpirun, "-np", str(len(placement.slots)), "--host", hosts,
+            "--map-by", "slot", "--bind-to", "none", "--oversubscribe"]
+    if is_root:
+        argv.append("--allow-run-as-root")
+    if placement.network is not None:
+        subnet = str(placement.network.subnet)
+        argv += ["--mca", "plm_rsh_agent", rsh_agent,
+                 "--mca", "btl", "self,tcp",
+                 "--mca", "btl_tcp_if_include", subnet,
+                 "--mca", "oob_tcp_if_include", subnet]
+    elif placement.iface and placement.iface != "lo":
+        argv += ["--mca", "btl_tcp_if_include", placement.iface,
+                 "--mca", "oob_tcp_if_include", placement.iface]
+    job_vars = {
+        "SYNCBN_LAUNCH_CPUS": str(placement.cpus),
+        "SYNCBN_LAUNCH_GPU_IDS": ",".join(str(g) for g in placement.gpu_ids),
+        "SYNCBN_LAUNCH_SHARED_MACHINE": "1" if placement.shared_machine else "0",
+    }
+    for name, value in job_vars.items():
+        argv += ["-x", f"{name}={value}"]
+    for name in job_env_names:
+        argv += ["-x", name]
+    return argv + [python, "-m", "launch.mpi_rank", "--", *placement.command]
+
+
+def describe_mpirun_failure(lines, exit_code):
+    """Finds which rank mpirun blames in its closing message, e.g. 'rank 1 ... exit code 3'."""
+    text = b"".join(lines).decode(errors="replace")
+    name, code = _PROCESS_NAME.search(text), _EXIT_CODE.search(text)
+    if name and code:
+        return f"rank {name.group(1)} failed first with exit code {code.group(1)} (mpirun)"
+    signalled = _SIGNALLED.search(text)
+    if signalled:
+        signame = signal.Signals(int(signalled.group(2))).name
+        return f"rank {signalled.group(1)} failed first with signal {signame} (mpirun)"
+    return None
+
+
+class MpiBackend:
+    name = "mpi"
+
+    def __init__(self, options):
+        del options
+        self._tmpdir = None
+
+    def _write_rsh_agent(self):
+        # mpirun wants a program path for plm_rsh_agent: a two-line script of ours.
+        self._tmpdir = tempfile.mkdtemp(prefix="syncbn-launch-")
+        path = os.path.join(self._tmpdir, "netns-rsh")
+        with open(path, "w") as script:
+            script.write(f"#!/bin/sh\nexec {sys.executable} -m launch.netns_rsh \"$@\"\n")
+        os.chmod(path, stat.S_IRWXU)
+        return path
+
+    def workers(self, placement):
+        mpirun = shutil.which("mpirun")
+        if mpirun is None:
+            raise FileNotFoundError("`--backend mpi` needs Open MPI's `mpirun` on PATH")
+        env = dict(os.environ)
+        env["PYTHONUNBUFFERED"] = "1"
+        rsh_agent = None
+        if placement.network is not None:
+            rsh_agent = self._write_rsh_agent()
+            env["SYNCBN_LAUNCH_NETNS_MAP"] = ",".join(
+                f"{h.address}={h.namespace}" for h in placement.network.hosts)
+            # launch.netns_rsh must be importable in the daemons' namespaces too.
+            package_root = os.path.dirname(os.path.dirname(os.path.dirname(
+                os.path.abspath(__file__))))
+            env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (package_root, env.get("PYTHONPATH")) if p)
+        names = [n for n in (*FORWARDED, *placement.exported) if n in env]
+        argv = mpirun_command(placement, mpirun=mpirun, rsh_agent=rsh_agent,
+                              is_root=os.geteuid() == 0, job_env_names=names)
+        return [WorkerSpec(
+            label="mpirun",
+            argv=argv,
+            env=env,
+            cwd=placement.cwd,
+            # mpirun tears its job down (remote daemons included) on SIGTERM, so it
+            # gets SIGTERM both when we stop it and when the launcher dies.
+            stop_signal=signal.SIGTERM,
+            death_signal=signal.SIGTERM,
+            demux_ranks=True,
+            describe_failure=describe_mpirun_failure,
+        )]
+
+    def close(self):
+        if self._tmpdir:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
