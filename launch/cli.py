@@ -43,7 +43,7 @@ def build_parser():
     ranks.add_argument(
         "-np", "--num-proc", dest="num_proc", type=int,
         default=int(_env("NUM_PROC", "0")) or None,
-        help="number of ranks (required; env SYNCBN_LAUNCH_NUM_PROC)")
+        help="number of ranks (required, no default; env SYNCBN_LAUNCH_NUM_PROC)")
     where = ranks.add_mutually_exclusive_group()
     where.add_argument(
         "-H", "--hosts", default=_env("HOSTS"),

@@ -1,0 +1,336 @@
+"""Unit tests of the launcher's pure parts: hosts, ranks, environments, commands, arguments."""
+
+import ipaddress
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from launch import cli
+from launch.backends import Placement
+from launch.backends.mpi import describe_mpirun_failure, mpirun_command
+from launch.environment import build_rank_env, horovod_env, slot_from_mpi_env, tf_config
+from launch.hostexec import LocalRunner, NetnsRunner, SshRunner
+from launch.hosts import (Host, Slot, assign_ranks, is_local_host, parse_hosts,
+                          simulated_hosts_spec, validate_num_proc)
+from launch.netns import POOL, choose_subnet
+from launch.netns_rsh import parse_agent_args, parse_namespace_map
+from launch.supervisor import describe_exit, shell_exit_code
+
+
+# --- hosts -------------------------------------------------------------------------------
+
+def test_parse_hosts():
+    assert parse_hosts("a:2, b.example.com:1") == [Host("a", 2), Host("b.example.com", 1)]
+
+
+@pytest.mark.parametrize("spec", ["a:b", "a", "a:2,,b:1", "", "a:2:3", "a:-1", "a b:1"])
+def test_parse_hosts_rejects_bad_input_naming_argument_and_value(spec):
+    with pytest.raises(ValueError) as error:
+        parse_hosts(spec)
+    assert "`-H`" in str(error.value)
+    assert f"Received: {spec!r}" in str(error.value)
+
+
+def test_parse_hosts_rejects_zero_slots_and_duplicates():
+    with pytest.raises(ValueError, match="at least 1 slot.*Received: 'a:0'"):
+        parse_hosts("a:0")
+    with pytest.raises(ValueError, match="twice.*Received: 'a:1,a:2'"):
+        parse_hosts("a:1,a:2")
+
+
+def test_parse_hosts_rejects_non_string():
+    with pytest.raises(TypeError, match="`-H`.*Received: 4"):
+        parse_hosts(4)
+
+
+@pytest.mark.parametrize("num_proc,message", [
+    (0, "must be >= 1. Received: -np=0"),
+    (-2, "must be >= 1. Received: -np=-2"),
+    (5, r"more processes than there are slots \(4 in 'a:2,b:2'\). Received: -np=5"),
+])
+def test_validate_num_proc(num_proc, message):
+    with pytest.raises(ValueError, match=message):
+        validate_num_proc(num_proc, [Host("a", 2), Host("b", 2)])
+
+
+@pytest.mark.parametrize("num_proc", ["2", 2.0, True, None])
+def test_validate_num_proc_type(num_proc):
+    with pytest.raises(TypeError, match="`-np` must be an integer"):
+        validate_num_proc(num_proc, [Host("a", 4)])
+
+
+def test_assign_ranks_fills_hosts_in_order():
+    slots = assign_ranks([Host("a", 2), Host("b", 2), Host("c", 2)], 5)
+    assert slots == [
+        # Only a and b have a local rank 1, so its cross size is 2.
+        Slot("a", 0, 0, 0, 5, 2, 3), Slot("a", 1, 1, 0, 5, 2, 2),
+        Slot("b", 2, 0, 1, 5, 2, 3), Slot("b", 3, 1, 1, 5, 2, 2),
+        Slot("c", 4, 0, 2, 5, 1, 3),
+    ]
+
+
+@pytest.mark.parametrize("spec,num_proc", [
+    ("a:1", 1), ("a:4", 3), ("a:2,b:2", 4), ("a:2,b:2,c:2", 5), ("a:3,b:1,c:2", 6), ("a:1,b:3", 2),
+])
+def test_assign_ranks_matches_horovod(spec, num_proc):
+    from launch.backends.horovod import horovod_plan
+
+    _, horovod_slots = horovod_plan(parse_hosts(spec), num_proc)
+    assert assign_ranks(parse_hosts(spec), num_proc) == horovod_slots
+
+
+def test_simulated_hosts_spec():
+    assert simulated_hosts_spec(4, 2) == [2, 2]
+    assert simulated_hosts_spec(5, 2) == [3, 2]
+    with pytest.raises(ValueError, match="must not exceed `-np` \\(2\\).*Received: --simulate-hosts=3"):
+        simulated_hosts_spec(2, 3)
+    with pytest.raises(ValueError, match="Received: --simulate-hosts=0"):
+        simulated_hosts_spec(2, 0)
+
+
+def test_is_local_host():
+    assert is_local_host("localhost") and is_local_host("127.0.0.1")
+    assert not is_local_host("node-17.invalid")
+
+
+# --- environments ------------------------------------------------------------------------
+
+def test_rank_env_divides_cpu_threads_among_local_ranks():
+    env = build_rank_env(Slot("a", 3, 1, 1, 4, 2, 2), cpus=2)
+    assert env["RANK"] == "3" and env["LOCAL_RANK"] == "1"
+    assert env["WORLD_SIZE"] == "4" and env["LOCAL_WORLD_SIZE"] == "2"
+    assert env["TF_NUM_INTRAOP_THREADS"] == env["OMP_NUM_THREADS"] == "1"
+    assert env["TF_NUM_INTEROP_THREADS"] == "1"
+    assert "CUDA_VISIBLE_DEVICES" not in env
+    big = build_rank_env(Slot("a", 0, 0, 0, 2, 2, 1), cpus=16)
+    assert (big["TF_NUM_INTRAOP_THREADS"], big["TF_NUM_INTEROP_THREADS"]) == ("8", "4")
+
+
+def test_rank_env_simulated_hosts_share_the_machine():
+    env = build_rank_env(Slot("a", 0, 0, 0, 4, 2, 2), cpus=8, shared_machine=True)
+    assert env["TF_NUM_INTRAOP_THREADS"] == "2"  # 8 cores / 4 ranks, not / 2 local ranks
+
+
+def test_rank_env_keeps_user_thread_settings():
+    env = build_rank_env(Slot("a", 0, 0, 0, 2, 2, 1), cpus=2,
+                         base_env={"OMP_NUM_THREADS": "7"})
+    assert env["OMP_NUM_THREADS"] == "7"
+
+
+def test_rank_env_one_gpu_per_local_rank():
+    env = build_rank_env(Slot("a", 3, 1, 1, 4, 2, 2), cpus=2, gpu_ids=("4", "5"))
+    assert env["CUDA_VISIBLE_DEVICES"] == "5"
+    assert "TF_NUM_INTRAOP_THREADS" not in env
+    shared = build_rank_env(Slot("a", 3, 1, 1, 4, 2, 2), cpus=2, gpu_ids=range(4),
+                            shared_machine=True)
+    assert shared["CUDA_VISIBLE_DEVICES"] == "3"
+    with pytest.raises(ValueError, match="3 ranks share a machine with 2 GPUs"):
+        build_rank_env(Slot("a", 0, 0, 0, 3, 3, 1), cpus=2, gpu_ids=("0", "1"))
+
+
+def test_horovod_env():
+    env = horovod_env(Slot("h1", 2, 0, 1, 4, 2, 2), rendezvous_addr="198.18.0.1",
+                      rendezvous_port=4242, iface="sbn0", cycle_time_ms=2.5)
+    assert env == {
+        "HOROVOD_HOSTNAME": "h1", "HOROVOD_RANK": "2", "HOROVOD_SIZE": "4",
+        "HOROVOD_LOCAL_RANK": "0", "HOROVOD_LOCAL_SIZE": "2", "HOROVOD_CROSS_RANK": "1",
+        "HOROVOD_CROSS_SIZE": "2", "HOROVOD_GLOO_RENDEZVOUS_ADDR": "198.18.0.1",
+        "HOROVOD_GLOO_RENDEZVOUS_PORT": "4242", "HOROVOD_CONTROLLER": "gloo",
+        "HOROVOD_CPU_OPERATIONS": "gloo", "HOROVOD_GLOO_IFACE": "sbn0",
+        "NCCL_SOCKET_IFNAME": "sbn0", "HOROVOD_CYCLE_TIME": "2.5",
+    }
+    default = horovod_env(Slot("h", 0, 0, 0, 1, 1, 1), rendezvous_addr="127.0.0.1",
+                          rendezvous_port=1, iface="lo")
+    assert "HOROVOD_CYCLE_TIME" not in default  # Horovod's own default unless asked
+
+
+def test_tf_config():
+    config = json.loads(tf_config(1, ["10.0.0.1:5000", "10.0.0.2:5000"]))
+    assert config == {"cluster": {"worker": ["10.0.0.1:5000", "10.0.0.2:5000"]},
+                      "task": {"type": "worker", "index": 1}}
+
+
+def test_slot_from_mpi_env():
+    environ = {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4",
+               "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
+    assert slot_from_mpi_env(environ) == Slot("", 3, 1, 1, 4, 2, 2)
+    assert slot_from_mpi_env({}) is None
+
+
+# --- "run this command on host H" ---------------------------------------------------------
+
+def test_local_runner():
+    argv, env = LocalRunner(base_env={"A": "1"}).command(["python", "t.py"], {"RANK": "0"}, "/w")
+    assert argv == ["python", "t.py"] and env == {"A": "1", "RANK": "0"}
+
+
+def test_netns_runner():
+    argv, env = NetnsRunner("sbn-1-h0", base_env={}).command(["python", "t.py"], {"RANK": "1"}, "/")
+    assert argv == ["ip", "netns", "exec", "sbn-1-h0", "python", "t.py"]
+    assert env == {"RANK": "1"}
+
+
+def test_ssh_runner_quotes_cwd_env_and_command():
+    runner = SshRunner("node2", port=2222, identity_file="/k", exported=["FOO", "MISSING"],
+                       base_env={"FOO": "a b"})
+    argv, _ = runner.command(["python", "train.py", "--name", "it's"],
+                             {"RANK": "1", "TF_CONFIG": '{"a": 1}'}, "/data/my dir")
+    assert argv[:-2] == ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+                         "-p", "2222", "-i", "/k"]
+    assert argv[-2] == "node2"
+    remote = argv[-1]
+    assert remote.startswith("cd '/data/my dir' && exec env ")
+    words = shlex.split(remote)
+    assert words[words.index("env") + 1:] == [
+        "FOO=a b", "RANK=1", 'TF_CONFIG={"a": 1}', "python", "train.py", "--name", "it's"]
+
+
+# --- mpirun and its rsh agent --------------------------------------------------------------
+
+def _placement(**kw):
+    hosts = kw.pop("hosts", [Host("localhost", 2)])
+    defaults = dict(slots=assign_ranks(hosts, sum(h.slots for h in hosts)), hosts=hosts,
+                    runners={}, addresses={}, launcher_address="127.0.0.1", iface="lo",
+                    command=["python", "t.py"], cwd="/w", cpus=2)
+    defaults.update(kw)
+    return Placement(**defaults)
+
+
+def test_mpirun_command_local():
+    argv = mpirun_command(_placement(), python="py", is_root=True, job_env_names=["PATH"])
+    assert argv[:5] == ["mpirun", "-np", "2", "--host", "localhost:2"]
+    for flag in ("--bind-to", "--oversubscribe", "--allow-run-as-root"):
+        assert flag in argv
+    assert argv[argv.index("--bind-to") + 1] == "none"
+    assert "plm_rsh_agent" not in argv
+    assert ["-x", "PATH"] == argv[argv.index("PATH") - 1:argv.index("PATH") + 1]
+    assert argv[-6:] == ["py", "-m", "launch.mpi_rank", "--", "python", "t.py"]
+    assert "--allow-run-as-root" not in mpirun_command(_placement(), is_root=False)
+
+
+def test_mpirun_command_simulated_hosts():
+    class Network:
+        subnet = ipaddress.ip_network("198.18.7.0/24")
+
+    hosts = [Host("198.18.7.2", 2), Host("198.18.7.3", 2)]
+    argv = mpirun_command(_placement(hosts=hosts, network=Network(), shared_machine=True),
+                          rsh_agent="/tmp/agent")
+    joined = " ".join(argv)
+    assert "--host 198.18.7.2:2,198.18.7.3:2" in joined
+    assert "--mca plm_rsh_agent /tmp/agent" in joined
+    assert "--mca btl_tcp_if_include 198.18.7.0/24" in joined
+    assert "--mca oob_tcp_if_include 198.18.7.0/24" in joined
+    assert "-x SYNCBN_LAUNCH_SHARED_MACHINE=1" in joined
+
+
+def test_rsh_agent_argument_parsing():
+    assert parse_agent_args(["198.18.0.2", "orted", "-mca", "x", "y"]) == (
+        "198.18.0.2", "orted -mca x y")
+    assert parse_agent_args(["-x", "h", "cmd"]) == ("h", "cmd")
+    with pytest.raises(ValueError, match="Received"):
+        parse_agent_args(["h"])
+    assert parse_namespace_map("a=ns1,b=ns2") == {"a": "ns1", "b": "ns2"}
+
+
+def test_describe_mpirun_failure():
+    lines = [b"mpirun detected that one or more processes exited with non-zero status\n",
+             b"  Process name: [[32692,1],1]\n", b"  Exit code:    3\n"]
+    assert describe_mpirun_failure(lines, 3) == "rank 1 failed first with exit code 3 (mpirun)"
+    signalled = [b"mpirun noticed that process rank 2 with PID 7 on node h exited on signal 11 "
+                 b"(Segmentation fault).\n"]
+    assert describe_mpirun_failure(signalled, 139) == (
+        "rank 2 failed first with signal SIGSEGV (mpirun)")
+    assert describe_mpirun_failure([b"nothing\n"], 1) is None
+
+
+def test_exit_descriptions():
+    assert describe_exit(3) == "exit code 3" and describe_exit(-9) == "signal SIGKILL"
+    assert shell_exit_code(-15) == 143 and shell_exit_code(3) == 3
+
+
+# --- simulated network address choice ------------------------------------------------------
+
+def test_choose_subnet_avoids_used_networks():
+    used = [ipaddress.ip_network("198.18.0.0/16"), ipaddress.ip_network("198.19.0.0/24")]
+    subnet = choose_subnet(used, seed=0)
+    assert subnet.subnet_of(POOL) and subnet.prefixlen == 24
+    assert not any(subnet.overlaps(n) for n in used)
+    with pytest.raises(RuntimeError, match="no free /24"):
+        choose_subnet([POOL], seed=0)
+
+
+# --- command line --------------------------------------------------------------------------
+
+def _args(argv):
+    return cli.validate(cli.build_parser().parse_args(argv))
+
+
+def test_cli_defaults_and_command():
+    args = _args(["-np", "2", "--", "python", "t.py", "--flag"])
+    assert args.command == ["python", "t.py", "--flag"]
+    assert args.backend is None and args.timeout is None and args.grace_period == 3.0
+    assert args.horovod_cycle_time is None and args.simulate_hosts is None
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["-np", "2"], "No command given"),
+    (["-np", "0", "--", "x"], "Received: -np=0"),
+    (["--", "x"], "`-np` is required"),
+    (["-np", "5", "-H", "a:2,b:2", "--", "x"], "Received: -np=5"),
+    (["-np", "2", "-H", "a:b", "--", "x"], "Received: 'a:b'"),
+    (["-np", "2", "--simulate-hosts", "3", "--", "x"], "Received: --simulate-hosts=3"),
+    (["-np", "2", "--timeout", "0", "--", "x"], "Received: --timeout=0"),
+    (["-np", "2", "--gpus-per-host", "two", "--", "x"], "Received: 'two'"),
+])
+def test_cli_validation_names_argument_and_value(argv, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        _args(argv)
+
+
+def test_cli_hosts_and_simulate_hosts_are_exclusive(capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["-np", "2", "-H", "a:2", "--simulate-hosts", "2", "--", "x"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_cli_environment_fallbacks(monkeypatch):
+    monkeypatch.setenv("SYNCBN_LAUNCH_BACKEND", "mpi")
+    monkeypatch.setenv("SYNCBN_LAUNCH_TIMEOUT", "12.5")
+    monkeypatch.setenv("SYNCBN_LAUNCH_NUM_PROC", "3")
+    monkeypatch.setenv("SYNCBN_LAUNCH_HOROVOD_CYCLE_TIME", "1")
+    monkeypatch.setenv("SYNCBN_LAUNCH_EXPORT", "A,B")
+    args = _args(["--", "x"])
+    assert (args.backend, args.timeout, args.num_proc) == ("mpi", 12.5, 3)
+    assert args.horovod_cycle_time == 1.0 and args.export == ["A", "B"]
+    assert _args(["--backend", "tf", "--", "x"]).backend == "tf"  # command line wins
+
+
+def test_cli_help_documents_default_and_env_for_every_option():
+    parser = cli.build_parser()
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            assert "default" in action.help and "SYNCBN_LAUNCH_" in action.help, action.dest
+
+
+def test_gpus_per_host(tmp_path):
+    assert cli.parse_gpus_per_host("auto", {"CUDA_VISIBLE_DEVICES": "2,3"}) == ("2", "3")
+    assert cli.parse_gpus_per_host("auto", {"CUDA_VISIBLE_DEVICES": ""}) == ()
+    assert cli.parse_gpus_per_host("2", {}) == ("0", "1")
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'GPU 0: A100 (UUID: x)'\necho 'GPU 1: A100 (UUID: y)'\n")
+    fake.chmod(0o755)
+    assert cli.parse_gpus_per_host("auto", {}, nvidia_smi=str(fake)) == ("0", "1")
+    with pytest.raises(ValueError, match="Received: -1"):
+        cli.parse_gpus_per_host("-1", {})
+
+
+def test_launcher_imports_neither_tensorflow_nor_horovod():
+    code = ("import sys, launch.cli, launch.supervisor, launch.netns, launch.backends.mpi; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'horovod', 'keras')]; "
+            "sys.exit(str(bad) if bad else 0)")
+    subprocess.run([sys.executable, "-c", code], check=True,
+                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
