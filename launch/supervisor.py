@@ -251,7 +251,7 @@ class Supervisor:
                 if code != 0:
                     return self._report_failure(worker, code)
             time.sleep(_POLL_SECONDS)
-        logger.info("all %d processes exited with code 0", len(workers))
+        logger.info("job finished: every process exited with code 0")
         return 0
 
     def _report_failure(self, worker, code):
