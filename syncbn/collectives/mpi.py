@@ -11,11 +11,13 @@ Two safety nets, because plain MPI cannot match calls by name:
   of its square disagree and every rank raises instead of silently mixing
   the statistics of different layers;
 * the all-reduce is non-blocking and polled against
-  `SYNCBN_COLLECTIVE_TIMEOUT`, so a rank that never arrives makes the others
-  fail with `TimeoutError` instead of hanging.
+  `SYNCBN_COLLECTIVE_TIMEOUT`; when a rank never arrives, the waiting rank
+  says which collective timed out and aborts the MPI job (exit code 124)
+  instead of hanging.
 """
 
 import functools
+import sys
 import time
 import zlib
 
@@ -25,6 +27,7 @@ import tensorflow as tf
 from syncbn.collectives.base import Communicator, collective_timeout_seconds, consecutive_groups
 
 _POLL_SECONDS = 2e-5
+TIMEOUT_EXIT_CODE = 124
 
 
 def _fingerprint(name):
@@ -59,6 +62,17 @@ class MPICommunicator(Communicator):
     def num_replicas(self):
         return self._comm.Get_size()
 
+    def _abort(self, name):
+        # The pending request cannot be cancelled, and MPI_Finalize at exit would
+        # wait for it forever, so a timed-out collective ends the whole job.
+        sys.stderr.write(
+            f"syncbn: MPI all-reduce '{name}' waited more than "
+            f"{collective_timeout_seconds():.0f} s (SYNCBN_COLLECTIVE_TIMEOUT) for the "
+            "other ranks; one of them has died or is stuck. Aborting the MPI job.\n"
+        )
+        sys.stderr.flush()
+        self._comm.Abort(TIMEOUT_EXIT_CODE)
+
     def _sum_numpy(self, array, fingerprint, name):
         from mpi4py import MPI
 
@@ -69,17 +83,13 @@ class MPICommunicator(Communicator):
         deadline = time.monotonic() + collective_timeout_seconds()
         while not request.Test():
             if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"syncbn: MPI all-reduce '{name.decode()}' waited more than "
-                    f"{collective_timeout_seconds():.0f} s (SYNCBN_COLLECTIVE_TIMEOUT) "
-                    "for the other ranks; one of them has died or is stuck."
-                )
+                self._abort(name)
             time.sleep(_POLL_SECONDS)
         size = self._comm.Get_size()
         if received[0] != size * fingerprint or received[1] != size * fingerprint**2:
             raise RuntimeError(
                 f"syncbn: ranks reached different sync BN layers: this rank was at "
-                f"'{name.decode()}'. Every rank must call the layers in the same "
+                f"'{name}'. Every rank must call the layers in the same "
                 "order and the same number of times."
             )
         return received[2:].reshape(array.shape)
@@ -87,8 +97,8 @@ class MPICommunicator(Communicator):
     def all_sum(self, tensor, name):
         tensor = tf.convert_to_tensor(tensor)
         summed = tf.numpy_function(
-            self._sum_numpy,
-            [tensor, tf.constant(_fingerprint(name), tensor.dtype), tf.constant(name)],
+            functools.partial(self._sum_numpy, fingerprint=_fingerprint(name), name=name),
+            [tensor],
             Tout=tensor.dtype,
             stateful=True,
             name="syncbn_mpi_all_sum",

@@ -231,13 +231,20 @@ def main(argv=None):
         worst = {k: v for k, v in errors.items() if v > args.tolerance}
         failures += bool(worst)
         summary = " ".join(f"{k}={v:.2e}" for k, v in errors.items())
-        print(f"exactness rank={rank}/{world_size} layout={layout} rows={hi - lo} "
-              f"reference={'float64' if args.offset else 'keras'} offset={args.offset:g} "
-              f"{'FAIL' if worst else 'ok'} {summary}", flush=True)
+        # One write per line, so that lines of different ranks do not interleave.
+        sys.stdout.write(f"exactness rank={rank}/{world_size} layout={layout} rows={hi - lo} "
+                         f"reference={'float64' if args.offset else 'keras'} offset={args.offset:g} "
+                         f"{'FAIL' if worst else 'ok'} {summary}\n")
+        sys.stdout.flush()
         if args.out:
             os.makedirs(args.out, exist_ok=True)
             np.savez(os.path.join(args.out, f"rank{rank}.{layout}.npz"),
                      **{f"{name}_{s}": g[i] for s, g in enumerate(got) for i, name in enumerate(NAMES)})
+    hvd = sys.modules.get("horovod.tensorflow")
+    if hvd is not None and hvd.is_initialized():
+        # A group that finishes first must not shut Horovod down (at exit) while
+        # another group is still using its process set.
+        hvd.allreduce(np.zeros(1, np.float32), name="exactness_done")
     return 1 if failures else 0
 
 

@@ -1,0 +1,31 @@
+"""Misbehaving MPI ranks, to check that syncbn fails loudly instead of hanging.
+
+    mpirun -np 2 python tests/jobs/mismatch.py order    # ranks call two layers in opposite orders
+    mpirun -np 2 python tests/jobs/mismatch.py absent   # rank 1 never calls the layer
+"""
+
+import sys
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+import syncbn
+
+mode = sys.argv[1]
+rank = MPI.COMM_WORLD.Get_rank()
+first = syncbn.SyncBatchNormalization(communicator="mpi", name="first")
+second = syncbn.SyncBatchNormalization(communicator="mpi", name="second")
+x = np.random.default_rng(rank).normal(size=(4, 3)).astype(np.float32)
+if mode == "order":
+    layers = [first, second] if rank == 0 else [second, first]
+    for layer in layers:
+        layer(x, training=True)
+elif mode == "absent":
+    if rank == 0:
+        first(x, training=True)
+    else:
+        time.sleep(120)
+else:
+    raise ValueError(f"Argument `mode` must be 'order' or 'absent'. Received: {mode!r}")
+print(f"rank {rank} finished without an error", flush=True)

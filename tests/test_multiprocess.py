@@ -1,0 +1,173 @@
+"""Real processes on every backend: horovodrun (Gloo), mpirun (mpi4py) and
+MultiWorkerMirroredStrategy workers, each running tests/jobs/exactness.py.
+
+The job checks its own slice on every rank and exits non-zero on a
+mismatch; the tests here also add up the per-rank gamma/beta gradients and
+compare them with one Keras BatchNormalization on the global batch, which no
+single rank can do.
+"""
+
+import json
+import re
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jobs import exactness
+from reference import relative_error
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+EXACTNESS = os.path.join(TESTS_DIR, "jobs", "exactness.py")
+JOB_TIMEOUT = 300
+
+
+def _env(**extra):
+    env = dict(os.environ)
+    env.update({"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": TESTS_DIR, **extra})
+    if os.geteuid() == 0:
+        env.update({"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"})
+    return env
+
+
+def _horovodrun(np_, args, **env):
+    command = ["horovodrun", "-np", str(np_), "--gloo", sys.executable, EXACTNESS] + args
+    return subprocess.run(command, capture_output=True, text=True, timeout=JOB_TIMEOUT, env=_env(**env))
+
+
+def _mpirun(np_, args, script=EXACTNESS, **env):
+    command = ["mpirun", "-np", str(np_), "--oversubscribe", "--bind-to", "none",
+               sys.executable, script] + args
+    return subprocess.run(command, capture_output=True, text=True, timeout=JOB_TIMEOUT, env=_env(**env))
+
+
+def _free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _tf_workers(np_, args):
+    workers = [f"127.0.0.1:{port}" for port in _free_ports(np_)]
+    processes = []
+    for index in range(np_):
+        tf_config = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+        processes.append(subprocess.Popen(
+            [sys.executable, EXACTNESS] + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, env=_env(TF_CONFIG=tf_config),
+        ))
+    outputs, codes = [], []
+    try:
+        for process in processes:
+            out, _ = process.communicate(timeout=JOB_TIMEOUT)
+            outputs.append(out)
+            codes.append(process.returncode)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    return subprocess.CompletedProcess([], max(codes, key=abs), "".join(outputs), "")
+
+
+def _run(backend, np_, args, **env):
+    if backend == "horovod":
+        return _horovodrun(np_, args, **env)
+    if backend == "mpi":
+        return _mpirun(np_, args, **env)
+    return _tf_workers(np_, args)
+
+
+def _result_lines(result):
+    output = result.stdout + result.stderr
+    return re.findall(r"exactness rank=\d+/\d+ .*? (?:ok|FAIL) ", output)
+
+
+def _check_job(result, expected_lines):
+    lines = _result_lines(result)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert len(lines) == expected_lines, lines
+    assert all(" ok " in line for line in lines), lines
+    return lines
+
+
+def _check_summed_parameter_gradients(out_dir, counts, layouts, steps, offset=0.0):
+    """Summed over ranks, dgamma/dbeta equal Keras's on the global batch."""
+    import keras
+    import tensorflow as tf
+
+    for layout in layouts:
+        feature_shape, axis = exactness.LAYOUTS[layout]
+        reference = keras.layers.BatchNormalization(axis=axis, momentum=exactness.MOMENTUM,
+                                                    epsilon=exactness.EPSILON)
+        reference.build((None,) + feature_shape)
+        reference.set_weights(exactness.initial_weights(layout))
+        per_rank = [np.load(os.path.join(out_dir, f"rank{r}.{layout}.npz")) for r in range(len(counts))]
+        for step, (x, dy) in enumerate(exactness.global_batches(layout, counts, steps, offset)):
+            x = tf.constant(x)
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                loss = tf.reduce_sum(reference(x, training=True) * dy)
+            dgamma, dbeta = tape.gradient(loss, [reference.gamma, reference.beta])
+            summed_dgamma = sum(r[f"dgamma_{step}"] for r in per_rank)
+            summed_dbeta = sum(r[f"dbeta_{step}"] for r in per_rank)
+            assert relative_error(summed_dgamma, dgamma.numpy()) < 2e-4, (layout, step)
+            assert relative_error(summed_dbeta, dbeta.numpy()) < 2e-4, (layout, step)
+        for r in per_rank:
+            assert relative_error(r[f"moving_variance_{steps - 1}"], reference.moving_variance.numpy()) < 2e-4
+
+
+@pytest.mark.parametrize("backend", ["horovod", "mpi", "tf"])
+def test_three_ranks_uneven_with_empty_rank_match_global_batch(backend, tmp_path):
+    counts, layouts, steps = [4, 0, 7], ["2d", "nhwc", "ncw"], 3
+    result = _run(backend, 3, ["--backend", backend, "--counts", "4,0,7", "--steps", str(steps),
+                               "--out", str(tmp_path)])
+    lines = _check_job(result, expected_lines=3 * len(layouts))
+    assert sum("rows=0 " in line for line in lines) == len(layouts)  # the empty rank took part
+    _check_summed_parameter_gradients(str(tmp_path), counts, layouts, steps)
+
+
+@pytest.mark.parametrize("backend", ["horovod", "mpi"])
+@pytest.mark.parametrize("offset", [1e4, 1e5])
+def test_large_offset_across_ranks(backend, offset):
+    result = _run(backend, 2, ["--backend", backend, "--counts", "300,500", "--layouts", "2d",
+                               "--offset", str(offset), "--tolerance", "1e-3"])
+    lines = _check_job(result, expected_lines=2)
+    assert all("reference=float64" in line for line in lines)
+
+
+@pytest.mark.parametrize("backend", ["horovod", "mpi"])
+def test_group_size_syncs_within_consecutive_groups(backend):
+    result = _run(backend, 4, ["--backend", backend, "--counts", "3,2,0,5", "--layouts", "2d,nhwc",
+                               "--group-size", "2"])
+    _check_job(result, expected_lines=8)
+
+
+@pytest.mark.parametrize("backend", ["horovod", "mpi"])
+def test_auto_communicator_detects_the_launcher(backend):
+    # --backend auto builds the layers with communicator="auto".
+    result = _run(backend, 2, ["--backend", "auto", "--counts", "3,5", "--layouts", "2d"])
+    _check_job(result, expected_lines=2)
+
+
+MISMATCH_JOB = os.path.join(TESTS_DIR, "jobs", "mismatch.py")
+
+
+def test_mpi_detects_ranks_calling_layers_in_different_orders():
+    result = _mpirun(2, ["order"], script=MISMATCH_JOB)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "ranks reached different sync BN layers" in output, output[-3000:]
+
+
+def test_mpi_rank_that_never_arrives_times_out_instead_of_hanging():
+    result = _mpirun(2, ["absent"], script=MISMATCH_JOB, SYNCBN_COLLECTIVE_TIMEOUT="3")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "SYNCBN_COLLECTIVE_TIMEOUT" in output, output[-3000:]
