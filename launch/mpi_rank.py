@@ -5,6 +5,9 @@
 2. Forks a small prefixer that copies the rank's stdout and stderr to the real
    stdout as `[rank] line`, one whole line per write (so lines of different ranks
    do not interleave in mpirun's output).
+   The prefixer also watches the launcher (`SYNCBN_LAUNCH_PID`, set when every
+   host shares this machine's PID namespace) and kills the rank if the launcher
+   dies and mpirun has not ended the job.
 3. Execs CMD, so the rank stays mpirun's direct child with its own exit status.
 """
 
@@ -16,12 +19,28 @@ import sys
 from launch.environment import build_rank_env, slot_from_mpi_env
 
 
-def _prefix_lines(read_fd, write_fd, prefix, rank_pid):
+def _alive(pid):
+    """True if `pid` exists and is not a zombie (read from /proc, Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _prefix_lines(read_fd, write_fd, prefix, rank_pid, launcher_pid=None):
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)  # drain to EOF; the rank decides when to stop
     buffer = b""
     idle_while_orphaned = 0
     while True:
+        if launcher_pid and not _alive(launcher_pid):
+            # The launcher is gone and mpirun did not end the job: end this rank.
+            try:
+                os.kill(rank_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            launcher_pid = None
         ready, _, _ = select.select([read_fd], [], [], 0.5)
         if not ready:
             # The rank died but something (a child of it) keeps the pipe open: give up.
@@ -64,7 +83,8 @@ def main(argv=None):
     rank_pid = os.getpid()
     if os.fork() == 0:
         os.close(write_fd)
-        _prefix_lines(read_fd, stdout_fd, f"[{slot.rank}] ".encode(), rank_pid)
+        launcher_pid = int(os.environ.get("SYNCBN_LAUNCH_PID") or 0) or None
+        _prefix_lines(read_fd, stdout_fd, f"[{slot.rank}] ".encode(), rank_pid, launcher_pid)
     os.close(read_fd)
     os.close(stdout_fd)
     os.dup2(write_fd, 1)

@@ -20,3 +20,7 @@ _cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(
     _cpu, [tf.config.LogicalDeviceConfiguration()] * NUM_VIRTUAL_CPUS
 )
+
+# Job scripts run inside launched processes; they are not for import by pytest
+# (tests/run.sh collects doctests with --doctest-modules).
+collect_ignore = ["jobs", "launch_jobs"]

@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source .ci/bootstrap.sh
-exec python -m pytest tests "$@"
+exec python -m pytest --doctest-modules tests syncbn launch "$@"

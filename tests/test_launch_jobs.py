@@ -25,6 +25,12 @@ BACKENDS = ("horovod", "mpi", "tf")
 JOB_SCRIPTS = {
     "collective_check": lambda backend, num_proc: [
         sys.executable, os.path.join(JOBS_DIR, "collective_check.py"), backend],
+    # SyncBatchNormalization against Keras BN on the global batch, uneven counts
+    # with an empty rank, checked on every rank.
+    "exactness": lambda backend, num_proc: [
+        sys.executable, os.path.join(REPO, "tests", "jobs", "exactness.py"), "--backend", backend,
+        "--counts", ",".join(str((4, 0, 7, 2)[r % 4]) for r in range(num_proc)),
+        "--layouts", "2d,nhwc", "--steps", "2"],
 }
 
 TOPOLOGIES = {
@@ -118,6 +124,9 @@ def test_job_succeeds(job, backend, topology, tmp_path):
             assert f"rank={rank} size={num_proc}" in log
             # Simulated hosts: each rank sees only its namespace's interfaces.
             assert ("ifaces=lo,sbn0" in log) == (topology == "2-simulated-hosts"), log
+        if job == "exactness":
+            assert f"exactness rank={rank}/{num_proc} " in log, log
+            assert log.count(" ok ") == 2 and "FAIL" not in log, log
     assert not any(line and not line.startswith("[") for line in result.stdout.splitlines()), (
         "every output line must carry a [rank] prefix")
 

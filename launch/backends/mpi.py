@@ -42,14 +42,18 @@ def mpirun_command(placement, *, mpirun="mpirun", rsh_agent=None, is_root=False,
         >>> hosts = [Host("localhost", 2)]
         >>> p = Placement(assign_ranks(hosts, 2), hosts, {}, {}, "127.0.0.1", "lo",
         ...               ["python", "t.py"], "/w", cpus=2)
-        >>> " ".join(mpirun_command(p, python="py"))  # doctest: +NORMALIZE_WHITESPACE
+        >>> " ".join(mpirun_command(p, python="py"))  # doctest: +NORMALIZE_WHITESPACE +ELLIPSIS
         'mpirun -np 2 --host localhost:2 --map-by slot --bind-to none --oversubscribe
-         -x SYNCBN_LAUNCH_CPUS=2 -x SYNCBN_LAUNCH_GPU_IDS= -x SYNCBN_LAUNCH_SHARED_MACHINE=0
+         --mca rtc_hwloc_vmhole none -x SYNCBN_LAUNCH_PID=... -x SYNCBN_LAUNCH_CPUS=2 -x SYNCBN_LAUNCH_GPU_IDS= -x SYNCBN_LAUNCH_SHARED_MACHINE=0
          py -m launch.mpi_rank -- python t.py'
     """
     hosts = ",".join(f"{host.name}:{host.slots}" for host in placement.hosts)
     argv = [mpirun, "-np", str(len(placement.slots)), "--host", hosts,
-            "--map-by", "slot", "--bind-to", "none", "--oversubscribe"]
+            "--map-by", "slot", "--bind-to", "none", "--oversubscribe",
+            # Open MPI 4.1's daemons share the hwloc topology through a shared-memory
+            # segment mapped at a guessed address hole; under load that segfaults
+            # orted (hwloc_shmem_topology_write). The topology is cheap to rediscover.
+            "--mca", "rtc_hwloc_vmhole", "none"]
     if is_root:
         argv.append("--allow-run-as-root")
     if placement.network is not None:
@@ -62,6 +66,10 @@ def mpirun_command(placement, *, mpirun="mpirun", rsh_agent=None, is_root=False,
         argv += ["--mca", "btl_tcp_if_include", placement.iface,
                  "--mca", "oob_tcp_if_include", placement.iface]
     job_vars = {
+        # Lets launch.mpi_rank stop the rank if the launcher dies and mpirun does not
+        # act on its SIGTERM (it can miss one that arrives while it is starting the job).
+        # Only meaningful where the ranks share the launcher's PID namespace.
+        "SYNCBN_LAUNCH_PID": str(os.getpid()) if _all_hosts_on_this_machine(placement) else "",
         "SYNCBN_LAUNCH_CPUS": str(placement.cpus),
         "SYNCBN_LAUNCH_GPU_IDS": ",".join(str(g) for g in placement.gpu_ids),
         "SYNCBN_LAUNCH_SHARED_MACHINE": "1" if placement.shared_machine else "0",
@@ -71,6 +79,12 @@ def mpirun_command(placement, *, mpirun="mpirun", rsh_agent=None, is_root=False,
     for name in job_env_names:
         argv += ["-x", name]
     return argv + [python, "-m", "launch.mpi_rank", "--", *placement.command]
+
+
+def _all_hosts_on_this_machine(placement):
+    from launch.hostexec import LocalRunner, NetnsRunner
+
+    return all(isinstance(runner, (LocalRunner, NetnsRunner)) for runner in placement.runners.values())
 
 
 def describe_mpirun_failure(lines, exit_code):
