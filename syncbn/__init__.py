@@ -10,6 +10,7 @@ the rule that picks one.
 from syncbn.collectives import Communicator, LocalCommunicator, detect
 from syncbn.collectives.horovod import init_horovod
 from syncbn.layers import SyncBatchNormalization
+from syncbn import horovod_keras
 
 __version__ = "0.1.0"
 
@@ -18,5 +19,6 @@ __all__ = [
     "LocalCommunicator",
     "SyncBatchNormalization",
     "detect",
+    "horovod_keras",
     "init_horovod",
 ]
