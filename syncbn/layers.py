@@ -252,16 +252,26 @@ class SyncBatchNormalization(keras.layers.Layer):
     def _call_training(self, inputs, mask):
         communicator = collectives.resolve(self.communicator, self.group_size)
         gamma, beta = self._gamma_beta()
-        outputs, mean, variance, count = ops.sync_batch_norm(
-            inputs,
-            gamma,
-            beta,
-            axis=self._channel_axis,
-            epsilon=self.epsilon,
-            all_sum=communicator.all_sum,
-            name=f"syncbn/{self.path}",
-            mask=mask,
-        )
+        rank = len(inputs.shape)
+        # The one fallback rule: a single replica communicates nothing and, where
+        # the layout allows, runs TensorFlow's fused training kernel as it is.
+        if communicator.num_replicas == 1 and ops.fused_kernels_apply(
+            rank, self._channel_axis, mask
+        ):
+            outputs, mean, variance, count = ops.local_batch_norm(
+                inputs, gamma, beta, epsilon=self.epsilon
+            )
+        else:
+            outputs, mean, variance, count = ops.sync_batch_norm(
+                inputs,
+                gamma,
+                beta,
+                axis=self._channel_axis,
+                epsilon=self.epsilon,
+                all_sum=communicator.all_sum,
+                name=f"syncbn/{self.name}",
+                mask=mask,
+            )
         # With no sample on any replica there is nothing to average in.
         decay = tf.where(count > 0, 1.0 - self.momentum, 0.0)
         self.moving_mean.assign_sub((self.moving_mean - mean) * decay)

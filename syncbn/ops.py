@@ -19,11 +19,31 @@ With global count `N`, selection weights `w` (1 without a mask),
 where both sums run over every element of every replica. `dgamma` and `dbeta`
 are this replica's local sums: summing them over replicas, as a gradient
 all-reduce does, gives the gradient of the global batch.
+
+Speed. The element-wise work runs in TensorFlow's fused batch-norm kernels
+(`FusedBatchNormV3` and its gradient) wherever they apply (channels-last
+data without a mask, reshaped to `[P, 1, 1, C]`): local moments, normalization
+with the global statistics, and the two gradient sums plus `dy * gamma *
+inv_std` all come from one kernel call each; the global correction of `dx` is
+one more per-channel affine pass. With one replica the layer's own fused
+path (`local_batch_norm`) is a single training-mode kernel call each way.
+
+Accuracy. Those kernels work in float32 throughout, which is exact enough
+until |mean| / std passes about 1e3 (then the float32 sum behind the mean,
+and `x * scale + (beta - mean * scale)`, start losing digits). Each replica
+checks its kernel's statistics and, where a channel is that far from zero,
+recomputes its moments with a shifted two-pass sum; the normalization and
+gradient then take the exact path when the *global* statistics are that far
+from zero, a decision that every replica makes identically. So the exactness
+guarantees hold at any offset and the fast path costs nothing extra.
 """
 
 import tensorflow as tf
 
 from syncbn import stats
+
+# |mean| / std beyond which the float32 fused kernels are not trusted (see above).
+FAR_FROM_ZERO = 1e3
 
 
 def _as_vector(value, num_channels, fill):
@@ -32,7 +52,83 @@ def _as_vector(value, num_channels, fill):
     return tf.cast(value, tf.float32)
 
 
-def sync_batch_norm(x, gamma, beta, *, axis, epsilon, all_sum, name, mask=None):
+def fused_kernels_apply(rank, axis, mask):
+    """True if the layout can use the fused kernels: channels last, no mask."""
+    return mask is None and axis == rank - 1
+
+
+def _channels_last_4d(x):
+    # [..., C] -> [P, 1, 1, C]: the fused kernels reduce over the first three axes.
+    return tf.reshape(x, [-1, 1, 1, x.shape[-1]])
+
+
+def _far_from_zero(mean, variance):
+    """Scalar bool: some channel's |mean| exceeds FAR_FROM_ZERO standard deviations."""
+    mean = tf.cast(mean, tf.float32)
+    return tf.reduce_any(tf.abs(mean) > FAR_FROM_ZERO * tf.sqrt(variance))
+
+
+def _fused_train(x4, epsilon, gamma=None, beta=None):
+    """Training-mode kernel: `(y, mean, biased variance)` of a `[P, 1, 1, C]` batch."""
+    num_channels = x4.shape[-1]
+    empty = tf.zeros([0], tf.float32)
+    y, mean, unbiased, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+        x=x4,
+        scale=_as_vector(gamma, num_channels, 1.0),
+        offset=_as_vector(beta, num_channels, 0.0),
+        mean=empty,
+        variance=empty,
+        epsilon=epsilon,
+        is_training=True,
+    )
+    # The kernel's variance output carries Bessel's correction; undo it.
+    count = tf.cast(tf.shape(x4)[0], tf.float32)
+    return y, mean, unbiased * (count - 1.0) / tf.maximum(count, 1.0)
+
+
+def _fused_affine(x4, scale, offset):
+    """`x * scale + offset` per channel, in one pass of the inference kernel."""
+    num_channels = x4.shape[-1]
+    return tf.raw_ops.FusedBatchNormV3(
+        x=x4,
+        scale=scale,
+        offset=offset,
+        mean=tf.zeros([num_channels]),
+        variance=tf.fill([num_channels], 1.0 - 1e-6),
+        epsilon=1e-6,
+        is_training=False,
+    )[0]
+
+
+def local_batch_norm(x, gamma, beta, *, epsilon):
+    """One replica, channels last, no mask: the fused training kernel and its gradient.
+
+    Returns `(y, mean, variance, count)` like `sync_batch_norm`. Empty or
+    one-sample batches and data far from zero take the exact path instead.
+    """
+    shape = tf.shape(x)
+    x4 = _channels_last_4d(tf.cast(x, tf.float32))
+    count = tf.cast(tf.shape(x4)[0], tf.float32)
+    y4, mean, variance = _fused_train(x4, epsilon, gamma, beta)
+    use_exact = tf.logical_or(count < 2.0, _far_from_zero(mean, variance))
+
+    def exact():
+        y, mean_, variance_, _ = sync_batch_norm(
+            x, gamma, beta, axis=x.shape.rank - 1, epsilon=epsilon,
+            all_sum=lambda t, name: t, name="local", fused=False,
+        )
+        return tf.reshape(y, tf.shape(y4)), mean_, variance_
+
+    y4, mean, variance = tf.cond(use_exact, exact, lambda: (y4, mean, variance))
+    return (
+        tf.reshape(y4, shape),
+        tf.stop_gradient(mean),
+        tf.stop_gradient(variance),
+        count,
+    )
+
+
+def sync_batch_norm(x, gamma, beta, *, axis, epsilon, all_sum, name, mask=None, fused=True):
     """Batch-normalizes `x` with statistics of the global batch.
 
     Args:
@@ -47,6 +143,8 @@ def sync_batch_norm(x, gamma, beta, *, axis, epsilon, all_sum, name, mask=None):
         mask: optional boolean tensor shaped like `x` without `axis`; masked
             positions are left out of the (global) statistics but still
             normalized.
+        fused: use the fused kernels where the layout allows (see the module
+            docstring); False forces the exact element-wise path.
 
     Returns:
         `(y, mean, variance, count)`: `y` in float32, shaped like `x`; the
@@ -61,42 +159,112 @@ def sync_batch_norm(x, gamma, beta, *, axis, epsilon, all_sum, name, mask=None):
     gamma = _as_vector(gamma, num_channels, 1.0)
     beta = _as_vector(beta, num_channels, 0.0)
     selection = stats.mask_weights(mask, x, axis) if mask is not None else None
+    use_kernels = fused and fused_kernels_apply(rank, axis, mask)
     channel_shape = [1] * rank
     channel_shape[axis] = num_channels
 
+    def local_moments_exact():
+        return stats.local_moments(x, axes, selection)
+
+    def local_moments():
+        if not use_kernels:
+            return local_moments_exact()
+        x4 = _channels_last_4d(x)
+        count = tf.cast(tf.shape(x4)[0], tf.float32)
+
+        def from_kernel():
+            _, mean, variance = _fused_train(x4, epsilon)
+            return tf.cond(
+                _far_from_zero(mean, variance),
+                local_moments_exact,
+                lambda: (count, tf.cast(mean, stats.STATS_DTYPE), variance * count),
+            )
+
+        return tf.cond(count < 2.0, local_moments_exact, from_kernel)
+
     @tf.custom_gradient
     def normalize(x, gamma, beta):
-        global_count, mean, variance = stats.global_moments(
-            x, axes, num_channels, lambda t: all_sum(t, name + "/forward"), selection
+        count, local_mean, m2 = local_moments()
+        global_count, mean, variance = stats.unpack_moments(
+            all_sum(stats.pack_moments(count, local_mean, m2), name + "/forward"), num_channels
         )
         inv_std = tf.math.rsqrt(variance + epsilon)
         scale = gamma * inv_std
         mean_high, mean_low = stats.split_mean(mean)
+        # Identical on every replica: it depends on global statistics only.
+        exact_path = _far_from_zero(mean_high, variance) if use_kernels else None
+
+        def choose(exact_fn, fused_fn):
+            if not use_kernels:
+                return exact_fn()
+            return tf.cond(exact_path, exact_fn, fused_fn)
 
         def centre(x):
             # Not x * scale + (beta - mean * scale): that cancels when |mean| >> std.
             return (x - tf.reshape(mean_high, channel_shape)) - tf.reshape(mean_low, channel_shape)
 
-        y = centre(x) * tf.reshape(scale, channel_shape) + tf.reshape(beta, channel_shape)
+        def normalize_exact():
+            return centre(x) * tf.reshape(scale, channel_shape) + tf.reshape(beta, channel_shape)
+
+        def normalize_fused():
+            y4 = _fused_affine(_channels_last_4d(x), scale, beta - mean_high * scale)
+            return tf.reshape(y4, tf.shape(x))
+
+        y = choose(normalize_exact, normalize_fused)
 
         def grad(dy, d_mean, d_variance, d_count):
             del d_mean, d_variance, d_count  # Statistics are not differentiable.
             dy = tf.cast(dy, tf.float32)
-            x_hat = centre(x) * tf.reshape(inv_std, channel_shape)
-            sum_dy = tf.reduce_sum(dy, axis=axes)
-            sum_dy_xhat = tf.reduce_sum(dy * x_hat, axis=axes)
+
+            def sums_exact():
+                x_hat = centre(x) * tf.reshape(inv_std, channel_shape)
+                return (
+                    tf.reduce_sum(dy, axis=axes),
+                    tf.reduce_sum(dy * x_hat, axis=axes),
+                    dy * tf.reshape(scale, channel_shape),
+                )
+
+            def sums_fused():
+                # Inference-mode gradient kernel: dy * gamma * inv_std and both sums.
+                dx_partial, sum_dy_xhat, sum_dy, _, _ = tf.raw_ops.FusedBatchNormGradV3(
+                    y_backprop=_channels_last_4d(dy),
+                    x=_channels_last_4d(x),
+                    scale=gamma,
+                    reserve_space_1=mean_high,
+                    reserve_space_2=variance,
+                    reserve_space_3=tf.zeros([0]),
+                    epsilon=epsilon,
+                    is_training=False,
+                )
+                return sum_dy, sum_dy_xhat, tf.reshape(dx_partial, tf.shape(x))
+
+            sum_dy, sum_dy_xhat, dx_partial = choose(sums_exact, sums_fused)
             global_sum_dy, global_sum_dy_xhat = stats.unpack_grad_sums(
                 all_sum(stats.pack_grad_sums(sum_dy, sum_dy_xhat), name + "/backward"),
                 num_channels,
             )
             inv_count = 1.0 / tf.maximum(global_count, 1.0)
-            correction = (
-                tf.reshape(global_sum_dy * inv_count, channel_shape)
-                + x_hat * tf.reshape(global_sum_dy_xhat * inv_count, channel_shape)
-            )
-            if selection is not None:
-                correction = correction * selection[0]
-            dx = tf.reshape(scale, channel_shape) * (dy - correction)
+            # dx = dx_partial - scale * w / N * (sum dy + x_hat * sum dy x_hat)
+            #    = dx_partial + w * (x_hat * slope + intercept), per channel.
+            slope = -scale * global_sum_dy_xhat * inv_count
+            intercept = -scale * global_sum_dy * inv_count
+
+            def dx_exact():
+                x_hat = centre(x) * tf.reshape(inv_std, channel_shape)
+                correction = x_hat * tf.reshape(slope, channel_shape) + tf.reshape(
+                    intercept, channel_shape
+                )
+                if selection is not None:
+                    correction = correction * selection[0]
+                return dx_partial + correction
+
+            def dx_fused():
+                # x_hat * slope + intercept == x * (slope * inv_std) + (intercept - mean * ...)
+                per_x = slope * inv_std
+                correction = _fused_affine(_channels_last_4d(x), per_x, intercept - mean_high * per_x)
+                return dx_partial + tf.reshape(correction, tf.shape(x))
+
+            dx = choose(dx_exact, dx_fused)
             return dx, sum_dy_xhat, sum_dy
 
         stat_outputs = (tf.cast(mean, tf.float32), tf.identity(variance), tf.identity(global_count))

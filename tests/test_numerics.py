@@ -12,7 +12,7 @@ import tensorflow as tf
 
 import reference
 from reference import relative_error
-from syncbn import SyncBatchNormalization
+from syncbn import SyncBatchNormalization, ops
 
 SHAPES_AND_AXES = [
     ((12, 5), -1),
@@ -26,6 +26,15 @@ SHAPES_AND_AXES = [
 # dtype policy -> tolerance on relative error (output is cast to the compute dtype).
 POLICIES = {"float32": 2e-5, "mixed_float16": 2e-3, "mixed_bfloat16": 2e-2}
 CASES = list(itertools.product(SHAPES_AND_AXES, POLICIES, [False, True]))
+# "kernels": fused kernels wherever the layout allows; "exact": the element-wise
+# path that data far from zero takes (forced by a zero threshold).
+PATHS = {"kernels": ops.FAR_FROM_ZERO, "exact": 0.0}
+
+
+@pytest.fixture(params=sorted(PATHS))
+def kernel_path(request, monkeypatch):
+    monkeypatch.setattr(ops, "FAR_FROM_ZERO", PATHS[request.param])
+    return request.param
 
 
 def test_parametrization_covers_every_case():
@@ -49,7 +58,7 @@ def _run_steps(layer, xs, dys, masks):
 
 
 @pytest.mark.parametrize("shape_axis,policy,masked", CASES)
-def test_matches_float64_reference(shape_axis, policy, masked):
+def test_matches_float64_reference(shape_axis, policy, masked, kernel_path):
     shape, axis = shape_axis
     tolerance = POLICIES[policy]
     rng = np.random.default_rng(abs(hash((shape, axis, policy, masked))) % 2**32)
@@ -122,10 +131,39 @@ def test_inference_uses_moving_statistics():
     np.testing.assert_array_equal(layer.moving_mean.numpy(), [1.0, 2.0, 3.0])
 
 
-def test_large_offset_moving_variance_single_replica():
+@pytest.mark.parametrize("shape,axis", [((2048, 4), -1), ((2048, 4, 1), 1)])
+def test_large_offset_single_replica(shape, axis):
+    # Far from zero the fused kernels are bypassed: output and moving variance
+    # stay exact against float64 (Keras's own layer loses ~1e-3 here).
     rng = np.random.default_rng(5)
-    x = (1e4 + rng.normal(size=(2048, 4))).astype(np.float32)
-    layer = SyncBatchNormalization(momentum=0.0, communicator="local")
-    layer(x, training=True)
-    truth = x.astype(np.float64).var(0)
-    assert relative_error(layer.moving_variance.numpy(), truth) <= 1e-3
+    x = (1e4 + rng.normal(size=shape)).astype(np.float32)
+    dy = rng.normal(size=shape)
+    layer = SyncBatchNormalization(axis=axis, momentum=0.0, communicator="local")
+    layer.build(shape)
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        y = layer(xt, training=True)
+        loss = tf.reduce_sum(y * dy)
+    want = reference.batch_norm(x, np.ones(4), np.zeros(4), dy, axis, 1e-3)
+    assert relative_error(y, want["y"]) < 1e-5
+    assert relative_error(tape.gradient(loss, xt), want["dx"]) < 1e-4
+    assert relative_error(layer.moving_variance.numpy(), want["variance"]) <= 1e-5
+
+
+def test_empty_and_single_sample_batches_on_the_fused_path():
+    layer = SyncBatchNormalization(momentum=0.5, communicator="local")
+    layer.build((None, 3))
+    x = tf.zeros((0, 3))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x, training=True)
+    grads = tape.gradient(y, [x, layer.gamma, layer.beta])
+    assert y.shape == (0, 3)
+    for g in grads[1:]:
+        np.testing.assert_array_equal(g.numpy(), 0.0)
+    one = tf.constant([[1.0, 2.0, 3.0]])
+    np.testing.assert_allclose(layer(one, training=True).numpy(), 0.0, atol=1e-6)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), [0.5, 1.0, 1.5])
+    np.testing.assert_allclose(layer.moving_variance.numpy(), 0.5)
+

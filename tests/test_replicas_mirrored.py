@@ -12,13 +12,21 @@ import tensorflow as tf
 
 from conftest import NUM_VIRTUAL_CPUS
 from reference import relative_error
-from syncbn import SyncBatchNormalization
+from syncbn import SyncBatchNormalization, ops
 
 COUNTS = [5, 0, 11, 3]
 LAYOUTS = {"2d": ((7,), -1), "nhwc": ((3, 3, 4), -1), "ncw": ((4, 6), 1)}
 STEPS = 3
 TOLERANCE = 2e-4
 MOMENTUM = 0.8
+
+
+@pytest.fixture(params=["kernels", "exact"])
+def kernel_path(request, monkeypatch):
+    # "exact" forces the element-wise path that data far from zero takes.
+    if request.param == "exact":
+        monkeypatch.setattr(ops, "FAR_FROM_ZERO", 0.0)
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +107,7 @@ def _make_layer(strategy, feature_shape, axis, **kwargs):
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_uneven_replicas_match_keras_on_global_batch(strategy, layout):
+def test_uneven_replicas_match_keras_on_global_batch(strategy, layout, kernel_path):
     feature_shape, axis = LAYOUTS[layout]
     layer = _make_layer(strategy, feature_shape, axis)
     batches = _global_batches(feature_shape, seed=len(layout))
