@@ -9,6 +9,7 @@ the rule that picks one.
 
 from syncbn.collectives import Communicator, LocalCommunicator, detect
 from syncbn.collectives.horovod import init_horovod
+from syncbn.convert import convert
 from syncbn.layers import SyncBatchNormalization
 from syncbn import horovod_keras
 
@@ -18,6 +19,7 @@ __all__ = [
     "Communicator",
     "LocalCommunicator",
     "SyncBatchNormalization",
+    "convert",
     "detect",
     "horovod_keras",
     "init_horovod",
