@@ -1,23 +1,24 @@
 """Horovod glue for Keras 3: broadcast, gradient and metric averaging, chief-only output.
 
 Horovod 0.28's Keras helpers are written for Keras 2 and fail on Keras 3
-(measured with TF 2.18 / Keras 3): `horovod.tensorflow.keras` imports the
-Keras 2 API; `hvd.broadcast_variables` calls `.assign` on what Keras 3 hands
-it inside a graph ("'SymbolicTensor' object has no attribute 'assign'");
-`hvd.DistributedGradientTape` calls `.ref()`, which Keras 3 variables lack;
-and a gradient taken through `hvd.allreduce` comes back None. This module
-replaces them using only Horovod's core ops (`hvd.grouped_allreduce`,
-`hvd.allreduce`, `hvd.broadcast`, `hvd.rank`, `hvd.size`) on plain tensors,
-never on Keras variables:
+(measured with TF 2.18 / Keras 3.15): `horovod.tensorflow.keras` needs the
+Keras 2 API; `hvd.broadcast_variables` fails with "'SymbolicTensor' object
+has no attribute 'assign'"; `hvd.DistributedGradientTape` fails with
+"'Variable' object has no attribute 'ref'" (Keras 3 variables are not
+`tf.Variable`s); and a gradient taken *through* `hvd.allreduce` comes back
+None, so gradients are reduced after differentiation, never inside the loss.
+This module replaces those helpers using only Horovod's core ops
+(`hvd.grouped_allreduce`, `hvd.allreduce`, `hvd.broadcast`, `hvd.rank`,
+`hvd.size`) on plain tensors, never on Keras variables:
 
-| Horovod helper (Keras 2)                              | here                                      |
-| ----------------------------------------------------- | ----------------------------------------- |
-| `hvd.broadcast_variables`                             | `broadcast_variables(variables, root_rank)` |
-| `hvd.callbacks.BroadcastGlobalVariablesCallback`      | `BroadcastInitialState(root_rank)`         |
-| `hvd.DistributedOptimizer` (Keras)                    | `DistributedOptimizer(optimizer)`          |
-| `hvd.DistributedGradientTape`                         | `allreduce_gradients(grads, op)` after `tape.gradient` |
-| `hvd.callbacks.MetricAverageCallback`                 | `MetricAverage()`                          |
-| `if hvd.rank() == 0:` around callbacks and printing   | `rank()`, `size()`, `is_chief()`, `chief_only(*callbacks)` |
+* `hvd.broadcast_variables` -> `broadcast_variables(variables, root_rank)`.
+* `hvd.callbacks.BroadcastGlobalVariablesCallback` -> `BroadcastInitialState(root_rank)`,
+  which also builds and broadcasts the optimizer's state (Keras 3 creates it lazily).
+* `hvd.DistributedOptimizer` (Keras) -> `DistributedOptimizer(optimizer)`.
+* `hvd.DistributedGradientTape` -> `allreduce_gradients(grads, op)` after `tape.gradient`.
+* `hvd.callbacks.MetricAverageCallback` -> `MetricAverage()`.
+* `if hvd.rank() == 0:` around callbacks and printing -> `rank()`, `size()`,
+  `is_chief()`, `chief_only(*callbacks)`.
 
 Gradient convention (Horovod's): each rank's loss is the mean over its own
 batch, and every parameter gradient is averaged over the ranks. With
@@ -81,7 +82,9 @@ def _hvd():
 
 def _check_root_rank(root_rank):
     if isinstance(root_rank, bool) or not isinstance(root_rank, int):
-        raise TypeError(f"Argument `root_rank` must be an integer. Received: root_rank={root_rank!r}")
+        raise TypeError(
+            f"Argument `root_rank` must be an integer. Received: root_rank={root_rank!r}"
+        )
     if root_rank < 0:
         raise ValueError(f"Argument `root_rank` must be >= 0. Received: root_rank={root_rank!r}")
     return root_rank
@@ -233,7 +236,8 @@ def broadcast_variables(variables, root_rank=0):
     for dtype in sorted(by_dtype, key=lambda d: d.name):
         group = by_dtype[dtype]
         values = [tf.convert_to_tensor(variable) for variable in group]
-        packed = tf.concat([tf.reshape(value, [-1]) for value in values], axis=0)  # [n_i] -> [sum n_i]
+        # [n_1], [n_2], ... -> [sum n_i]
+        packed = tf.concat([tf.reshape(value, [-1]) for value in values], axis=0)
         packed = hvd.broadcast(packed, root_rank, name=f"syncbn_broadcast_variables_{dtype.name}")
         sizes = [value.shape.num_elements() for value in values]
         for variable, value, flat in zip(group, values, tf.split(packed, sizes)):  # -> [n_i]
