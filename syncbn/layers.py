@@ -249,29 +249,43 @@ class SyncBatchNormalization(keras.layers.Layer):
             epsilon=self.epsilon,
         )
 
+    def _check_channels(self, inputs):
+        # The statistics vector that every replica all-reduces has 2C + 1
+        # entries: a tensor with another channel count at run time would make
+        # the collective fail (or hang) with an obscure shape mismatch.
+        num_channels = self.moving_mean.shape[0]
+        check = tf.debugging.assert_equal(
+            tf.shape(inputs)[self._channel_axis],
+            num_channels,
+            message=(
+                f"SyncBatchNormalization '{self.name}' expects {num_channels} channels on "
+                f"axis {self.axis} at run time. (TensorFlow 2.18's oneDNN CPU kernels "
+                "return wrongly shaped tensors for empty batches, e.g. from Conv2D; "
+                "set TF_ENABLE_ONEDNN_OPTS=0 when ranks can have empty batches.)"
+            ),
+        )
+        with tf.control_dependencies([check]):
+            static_shape = inputs.shape.as_list()
+            static_shape[self._channel_axis] = num_channels
+            return tf.ensure_shape(tf.identity(inputs), static_shape)
+
     def _call_training(self, inputs, mask):
         communicator = collectives.resolve(self.communicator, self.group_size)
+        inputs = self._check_channels(inputs)
         gamma, beta = self._gamma_beta()
-        rank = len(inputs.shape)
-        # The one fallback rule: a single replica communicates nothing and, where
-        # the layout allows, runs TensorFlow's fused training kernel as it is.
-        if communicator.num_replicas == 1 and ops.fused_kernels_apply(
-            rank, self._channel_axis, mask
-        ):
-            outputs, mean, variance, count = ops.local_batch_norm(
-                inputs, gamma, beta, epsilon=self.epsilon
-            )
-        else:
-            outputs, mean, variance, count = ops.sync_batch_norm(
-                inputs,
-                gamma,
-                beta,
-                axis=self._channel_axis,
-                epsilon=self.epsilon,
-                all_sum=communicator.all_sum,
-                name=f"syncbn/{self.name}",
-                mask=mask,
-            )
+        # The one fallback rule: a single replica communicates nothing (and runs
+        # TensorFlow's fused training kernel where the layout allows).
+        outputs, mean, variance, count = ops.sync_batch_norm(
+            inputs,
+            gamma,
+            beta,
+            axis=self._channel_axis,
+            epsilon=self.epsilon,
+            all_sum=communicator.all_sum,
+            name=f"syncbn/{self.name}",
+            mask=mask,
+            single_replica=communicator.num_replicas == 1,
+        )
         # With no sample on any replica there is nothing to average in.
         decay = tf.where(count > 0, 1.0 - self.momentum, 0.0)
         self.moving_mean.assign_sub((self.moving_mean - mean) * decay)

@@ -25,8 +25,8 @@ Speed. The element-wise work runs in TensorFlow's fused batch-norm kernels
 data without a mask, reshaped to `[P, 1, 1, C]`): local moments, normalization
 with the global statistics, and the two gradient sums plus `dy * gamma *
 inv_std` all come from one kernel call each; the global correction of `dx` is
-one more per-channel affine pass. With one replica the layer's own fused
-path (`local_batch_norm`) is a single training-mode kernel call each way.
+one more per-channel affine pass. With one replica (`single_replica=True`)
+the training-mode kernel and its gradient do all of it, one call each way.
 
 Accuracy. Those kernels work in float32 throughout, which is exact enough
 until |mean| / std passes about 1e3 (then the float32 sum behind the mean,
@@ -100,35 +100,9 @@ def _fused_affine(x4, scale, offset):
     )[0]
 
 
-def local_batch_norm(x, gamma, beta, *, epsilon):
-    """One replica, channels last, no mask: the fused training kernel and its gradient.
-
-    Returns `(y, mean, variance, count)` like `sync_batch_norm`. Empty or
-    one-sample batches and data far from zero take the exact path instead.
-    """
-    shape = tf.shape(x)
-    x4 = _channels_last_4d(tf.cast(x, tf.float32))
-    count = tf.cast(tf.shape(x4)[0], tf.float32)
-    y4, mean, variance = _fused_train(x4, epsilon, gamma, beta)
-    use_exact = tf.logical_or(count < 2.0, _far_from_zero(mean, variance))
-
-    def exact():
-        y, mean_, variance_, _ = sync_batch_norm(
-            x, gamma, beta, axis=x.shape.rank - 1, epsilon=epsilon,
-            all_sum=lambda t, name: t, name="local", fused=False,
-        )
-        return tf.reshape(y, tf.shape(y4)), mean_, variance_
-
-    y4, mean, variance = tf.cond(use_exact, exact, lambda: (y4, mean, variance))
-    return (
-        tf.reshape(y4, shape),
-        tf.stop_gradient(mean),
-        tf.stop_gradient(variance),
-        count,
-    )
-
-
-def sync_batch_norm(x, gamma, beta, *, axis, epsilon, all_sum, name, mask=None, fused=True):
+def sync_batch_norm(
+    x, gamma, beta, *, axis, epsilon, all_sum, name, mask=None, fused=True, single_replica=False
+):
     """Batch-normalizes `x` with statistics of the global batch.
 
     Args:
@@ -145,6 +119,9 @@ def sync_batch_norm(x, gamma, beta, *, axis, epsilon, all_sum, name, mask=None, 
             normalized.
         fused: use the fused kernels where the layout allows (see the module
             docstring); False forces the exact element-wise path.
+        single_replica: True when `all_sum` is the identity (one replica): the
+            fused training kernel and its gradient then do everything, and
+            `all_sum` is not called.
 
     Returns:
         `(y, mean, variance, count)`: `y` in float32, shaped like `x`; the
@@ -182,17 +159,39 @@ def sync_batch_norm(x, gamma, beta, *, axis, epsilon, all_sum, name, mask=None, 
 
         return tf.cond(count < 2.0, local_moments_exact, from_kernel)
 
+    fused_single = single_replica and use_kernels
+
     @tf.custom_gradient
     def normalize(x, gamma, beta):
-        count, local_mean, m2 = local_moments()
-        global_count, mean, variance = stats.unpack_moments(
-            all_sum(stats.pack_moments(count, local_mean, m2), name + "/forward"), num_channels
-        )
+        if fused_single:
+            # One replica: the training kernel's own statistics are the global ones.
+            x4 = _channels_last_4d(x)
+            count = tf.cast(tf.shape(x4)[0], tf.float32)
+            y4, batch_mean, unbiased, *reserve = tf.raw_ops.FusedBatchNormV3(
+                x=x4, scale=gamma, offset=beta, mean=tf.zeros([0]), variance=tf.zeros([0]),
+                epsilon=epsilon, is_training=True,
+            )
+            batch_variance = unbiased * (count - 1.0) / tf.maximum(count, 1.0)
+            exact_path = tf.logical_or(count < 2.0, _far_from_zero(batch_mean, batch_variance))
+            global_count, mean, variance = tf.cond(
+                exact_path,
+                lambda: stats.unpack_moments(
+                    stats.pack_moments(*local_moments_exact()), num_channels
+                ),
+                lambda: (count, tf.cast(batch_mean, stats.STATS_DTYPE), batch_variance),
+            )
+        else:
+            count, local_mean, m2 = local_moments()
+            global_count, mean, variance = stats.unpack_moments(
+                all_sum(stats.pack_moments(count, local_mean, m2), name + "/forward"),
+                num_channels,
+            )
         inv_std = tf.math.rsqrt(variance + epsilon)
         scale = gamma * inv_std
         mean_high, mean_low = stats.split_mean(mean)
-        # Identical on every replica: it depends on global statistics only.
-        exact_path = _far_from_zero(mean_high, variance) if use_kernels else None
+        if use_kernels and not fused_single:
+            # Identical on every replica: it depends on global statistics only.
+            exact_path = _far_from_zero(mean_high, variance)
 
         def choose(exact_fn, fused_fn):
             if not use_kernels:
@@ -207,65 +206,98 @@ def sync_batch_norm(x, gamma, beta, *, axis, epsilon, all_sum, name, mask=None, 
             return centre(x) * tf.reshape(scale, channel_shape) + tf.reshape(beta, channel_shape)
 
         def normalize_fused():
-            y4 = _fused_affine(_channels_last_4d(x), scale, beta - mean_high * scale)
-            return tf.reshape(y4, tf.shape(x))
+            if fused_single:
+                return tf.reshape(y4, tf.shape(x))
+            y4_global = _fused_affine(_channels_last_4d(x), scale, beta - mean_high * scale)
+            return tf.reshape(y4_global, tf.shape(x))
 
         y = choose(normalize_exact, normalize_fused)
+
+        def sums_exact(dy):
+            x_hat = centre(x) * tf.reshape(inv_std, channel_shape)
+            return (
+                tf.reduce_sum(dy, axis=axes),
+                tf.reduce_sum(dy * x_hat, axis=axes),
+                dy * tf.reshape(scale, channel_shape),
+            )
+
+        def sums_fused(dy):
+            # Inference-mode gradient kernel: dy * gamma * inv_std and both sums.
+            dx_partial, sum_dy_xhat, sum_dy, _, _ = tf.raw_ops.FusedBatchNormGradV3(
+                y_backprop=_channels_last_4d(dy),
+                x=_channels_last_4d(x),
+                scale=gamma,
+                reserve_space_1=mean_high,
+                reserve_space_2=variance,
+                reserve_space_3=tf.zeros([0]),
+                epsilon=epsilon,
+                is_training=False,
+            )
+            return sum_dy, sum_dy_xhat, tf.reshape(dx_partial, tf.shape(x))
+
+        def corrections(global_sum_dy, global_sum_dy_xhat):
+            # dx = dx_partial - scale * w / N * (sum dy + x_hat * sum dy x_hat)
+            #    = dx_partial + w * (x_hat * slope + intercept), per channel.
+            inv_count = 1.0 / tf.maximum(global_count, 1.0)
+            return -scale * global_sum_dy_xhat * inv_count, -scale * global_sum_dy * inv_count
+
+        def dx_exact(dx_partial, slope, intercept):
+            x_hat = centre(x) * tf.reshape(inv_std, channel_shape)
+            correction = x_hat * tf.reshape(slope, channel_shape) + tf.reshape(
+                intercept, channel_shape
+            )
+            if selection is not None:
+                correction = correction * selection[0]
+            return dx_partial + correction
+
+        def dx_fused(dx_partial, slope, intercept):
+            # x_hat * slope + intercept == x * (slope * inv_std) + (intercept - mean * ...)
+            per_x = slope * inv_std
+            correction = _fused_affine(_channels_last_4d(x), per_x, intercept - mean_high * per_x)
+            return dx_partial + tf.reshape(correction, tf.shape(x))
+
+        def synced_grad(dy):
+            sum_dy, sum_dy_xhat, dx_partial = choose(
+                lambda: sums_exact(dy), lambda: sums_fused(dy)
+            )
+            global_sums = stats.unpack_grad_sums(
+                all_sum(stats.pack_grad_sums(sum_dy, sum_dy_xhat), name + "/backward"),
+                num_channels,
+            )
+            slope, intercept = corrections(*global_sums)
+            dx = choose(
+                lambda: dx_exact(dx_partial, slope, intercept),
+                lambda: dx_fused(dx_partial, slope, intercept),
+            )
+            return dx, sum_dy_xhat, sum_dy
+
+        def single_exact_grad(dy):
+            # One replica far from zero, or with < 2 samples: no collective at all.
+            sum_dy, sum_dy_xhat, dx_partial = sums_exact(dy)
+            slope, intercept = corrections(sum_dy, sum_dy_xhat)
+            return dx_exact(dx_partial, slope, intercept), sum_dy_xhat, sum_dy
+
+        def single_fused_grad(dy):
+            dx4, dgamma, dbeta, _, _ = tf.raw_ops.FusedBatchNormGradV3(
+                y_backprop=_channels_last_4d(dy),
+                x=_channels_last_4d(x),
+                scale=gamma,
+                reserve_space_1=reserve[0],
+                reserve_space_2=reserve[1],
+                reserve_space_3=reserve[2],
+                epsilon=epsilon,
+                is_training=True,
+            )
+            return tf.reshape(dx4, tf.shape(x)), dgamma, dbeta
 
         def grad(dy, d_mean, d_variance, d_count):
             del d_mean, d_variance, d_count  # Statistics are not differentiable.
             dy = tf.cast(dy, tf.float32)
-
-            def sums_exact():
-                x_hat = centre(x) * tf.reshape(inv_std, channel_shape)
-                return (
-                    tf.reduce_sum(dy, axis=axes),
-                    tf.reduce_sum(dy * x_hat, axis=axes),
-                    dy * tf.reshape(scale, channel_shape),
+            if fused_single:
+                return tf.cond(
+                    exact_path, lambda: single_exact_grad(dy), lambda: single_fused_grad(dy)
                 )
-
-            def sums_fused():
-                # Inference-mode gradient kernel: dy * gamma * inv_std and both sums.
-                dx_partial, sum_dy_xhat, sum_dy, _, _ = tf.raw_ops.FusedBatchNormGradV3(
-                    y_backprop=_channels_last_4d(dy),
-                    x=_channels_last_4d(x),
-                    scale=gamma,
-                    reserve_space_1=mean_high,
-                    reserve_space_2=variance,
-                    reserve_space_3=tf.zeros([0]),
-                    epsilon=epsilon,
-                    is_training=False,
-                )
-                return sum_dy, sum_dy_xhat, tf.reshape(dx_partial, tf.shape(x))
-
-            sum_dy, sum_dy_xhat, dx_partial = choose(sums_exact, sums_fused)
-            global_sum_dy, global_sum_dy_xhat = stats.unpack_grad_sums(
-                all_sum(stats.pack_grad_sums(sum_dy, sum_dy_xhat), name + "/backward"),
-                num_channels,
-            )
-            inv_count = 1.0 / tf.maximum(global_count, 1.0)
-            # dx = dx_partial - scale * w / N * (sum dy + x_hat * sum dy x_hat)
-            #    = dx_partial + w * (x_hat * slope + intercept), per channel.
-            slope = -scale * global_sum_dy_xhat * inv_count
-            intercept = -scale * global_sum_dy * inv_count
-
-            def dx_exact():
-                x_hat = centre(x) * tf.reshape(inv_std, channel_shape)
-                correction = x_hat * tf.reshape(slope, channel_shape) + tf.reshape(
-                    intercept, channel_shape
-                )
-                if selection is not None:
-                    correction = correction * selection[0]
-                return dx_partial + correction
-
-            def dx_fused():
-                # x_hat * slope + intercept == x * (slope * inv_std) + (intercept - mean * ...)
-                per_x = slope * inv_std
-                correction = _fused_affine(_channels_last_4d(x), per_x, intercept - mean_high * per_x)
-                return dx_partial + tf.reshape(correction, tf.shape(x))
-
-            dx = choose(dx_exact, dx_fused)
-            return dx, sum_dy_xhat, sum_dy
+            return synced_grad(dy)
 
         stat_outputs = (tf.cast(mean, tf.float32), tf.identity(variance), tf.identity(global_count))
         return (y,) + stat_outputs, grad

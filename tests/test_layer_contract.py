@@ -181,6 +181,33 @@ def test_training_flag_as_variable_inside_one_tf_function():
     assert len(traces) == 1  # one trace served both modes
 
 
+@pytest.mark.parametrize("shape,axis", [((8, 4), -1), ((8, 4, 3), 1)])
+def test_gradient_with_training_flag_variable_inside_tf_function(shape, axis):
+    # A tensor training flag puts the layer inside tf.cond; its gradient must
+    # still flow on the fused (channels-last) and the exact path.
+    layer = SyncBatchNormalization(axis=axis, communicator="local")
+    model = keras.Sequential([keras.Input(shape[1:]), layer])
+    flag = tf.Variable(True)
+    x = tf.constant(np.random.default_rng(6).normal(size=shape).astype(np.float32))
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(model(x, training=flag) ** 3)
+        return tape.gradient(loss, [x] + model.trainable_variables)
+
+    grads = step(x)
+    eager_layer = SyncBatchNormalization(axis=axis, communicator="local")
+    eager_layer.build(shape)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = tf.reduce_sum(eager_layer(x, training=True) ** 3)
+    expected = tape.gradient(loss, [x] + eager_layer.trainable_variables)
+    for got, want in zip(grads, expected):
+        assert relative_error(got, want) < 1e-5
+
+
 def test_training_flag_as_tensor_eagerly():
     layer = SyncBatchNormalization(momentum=0.0)
     x = np.random.default_rng(3).normal(2.0, 1.0, (32, 2)).astype(np.float32)
@@ -223,3 +250,15 @@ def test_unavailable_communicator_says_why():
     layer = SyncBatchNormalization(communicator="local", group_size=2)
     with pytest.raises(ValueError, match="group_size=2"):
         layer(np.zeros((2, 3), np.float32), training=True)
+
+
+def test_wrong_channel_count_at_run_time_is_a_clear_error():
+    layer = SyncBatchNormalization(communicator="local")
+    layer.build((None, 5, 6))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 5, None])])
+    def call(x):
+        return layer(x, training=True)
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match="expects 6 channels"):
+        call(tf.zeros((0, 5, 3)))
