@@ -24,6 +24,8 @@ from launch.supervisor import Supervisor
 
 logger = logging.getLogger("launch")
 ENV_PREFIX = "SYNCBN_LAUNCH_"
+# Measured with bench/sync_step.py; see the README's performance section.
+DEFAULT_HOROVOD_CYCLE_TIME_MS = 0.1
 
 
 def _env(name, default=None):
@@ -74,9 +76,14 @@ def build_parser():
              "installed, else mpi; env SYNCBN_LAUNCH_BACKEND)")
     backend.add_argument(
         "--horovod-cycle-time", type=float, metavar="MS",
-        default=float(_env("HOROVOD_CYCLE_TIME")) if _env("HOROVOD_CYCLE_TIME") else None,
-        help="HOROVOD_CYCLE_TIME for the ranks, in ms (default: Horovod's own; "
-             "env SYNCBN_LAUNCH_HOROVOD_CYCLE_TIME)")
+        default=float(_env("HOROVOD_CYCLE_TIME") or os.environ.get("HOROVOD_CYCLE_TIME")
+                      or DEFAULT_HOROVOD_CYCLE_TIME_MS),
+        help="HOROVOD_CYCLE_TIME for the ranks, in ms. Sync BN adds small collectives "
+             "that run one after another, so their cost is Horovod's cycle latency, not "
+             "bandwidth; a short cycle keeps it near zero, and gradients still travel "
+             f"fused when they are all-reduced as a group (default: "
+             f"{DEFAULT_HOROVOD_CYCLE_TIME_MS}, or HOROVOD_CYCLE_TIME if set; Horovod's own "
+             "default is 1; env SYNCBN_LAUNCH_HOROVOD_CYCLE_TIME)")
     backend.add_argument(
         "--network-interface", default=_env("NETWORK_INTERFACE"), metavar="IFACE",
         help="interface the ranks talk over (Gloo iface, mpirun btl/oob); needed only "

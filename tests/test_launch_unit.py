@@ -269,11 +269,19 @@ def _args(argv):
     return cli.validate(cli.build_parser().parse_args(argv))
 
 
-def test_cli_defaults_and_command():
+def test_cli_defaults_and_command(monkeypatch):
+    monkeypatch.delenv("HOROVOD_CYCLE_TIME", raising=False)
     args = _args(["-np", "2", "--", "python", "t.py", "--flag"])
     assert args.command == ["python", "t.py", "--flag"]
     assert args.backend is None and args.timeout is None and args.grace_period == 3.0
-    assert args.horovod_cycle_time is None and args.simulate_hosts is None
+    assert args.horovod_cycle_time == 0.1 and args.simulate_hosts is None
+
+
+def test_cli_keeps_a_users_horovod_cycle_time(monkeypatch):
+    monkeypatch.setenv("HOROVOD_CYCLE_TIME", "2")
+    assert _args(["-np", "2", "--", "python", "t.py"]).horovod_cycle_time == 2.0
+    monkeypatch.setenv("SYNCBN_LAUNCH_HOROVOD_CYCLE_TIME", "0.5")
+    assert _args(["-np", "2", "--", "python", "t.py"]).horovod_cycle_time == 0.5
 
 
 @pytest.mark.parametrize("argv,message", [
