@@ -1,0 +1,431 @@
+"""Training step of a small CNN on 2 ranks: sync BN against local BN, per backend.
+
+Run it under the launcher, one backend at a time:
+
+    python -m launch -np 2 --backend horovod -- python bench/sync_step.py
+    python -m launch -np 2 --backend mpi -- python bench/sync_step.py
+    python -m launch -np 2 --backend tf -- python bench/sync_step.py
+
+The model: 3 conv blocks of 2 x (3x3 Conv2D, BN, ReLU) and a max-pool, so 6
+BN layers (16, 16, 32, 32, 64, 64 channels), then global average pooling and
+a Dense(10); 32x32x3 inputs, 16 samples per rank. The step is forward,
+backward, the gradient all-reduce (average) as a real job does it on that
+backend, and an SGD update; its loss is fetched with `.numpy()`.
+
+* horovod: `hvd.grouped_allreduce(grads, op=hvd.Average)`;
+* mpi: one mpi4py `Allreduce` of the flattened gradients in a
+  `tf.numpy_function`;
+* tf: MultiWorkerMirroredStrategy; Keras's optimizer all-reduces the
+  gradients itself (replica context `all_reduce(SUM, grads)`, per-replica loss
+  scaled by 1 / replicas).
+
+Variants (same seed, same initial weights):
+
+* `sync`: `syncbn.SyncBatchNormalization()` (communicator "auto": the
+  backend's);
+* `local`: `keras.layers.BatchNormalization()`, no BN sync, same gradient
+  all-reduce;
+* `keras-sync` (tf only): `keras.layers.BatchNormalization(synchronized=True)`.
+
+Besides the step, the gradient all-reduce alone is timed on each variant's
+gradients (same mechanism as in its step), to show that sync BN's extra
+collectives did not slow the gradient all-reduce down.
+
+Variants run interleaved round-robin in the same job, every rank in the same
+order; each sample starts after a barrier and averages `--repeat` steps.
+Rank 0 prints medians over `--rounds` rounds and the median of per-round
+ratios. HOROVOD_CYCLE_TIME / HOROVOD_FUSION_THRESHOLD are printed as in
+effect (Horovod's own defaults: 1 ms and 128 MiB since Horovod 0.21; the
+launcher and `syncbn.init_horovod` set 0.1 ms unless told otherwise).
+
+`--sweep-cycle-time 0.1,1,5` is a driver mode: it runs the launcher itself
+(horovod backend) once per value, with `--horovod-cycle-time`, and prints
+one table of the results.
+
+    python bench/sync_step.py --sweep-cycle-time 0.1,1,5
+"""
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+PER_RANK_BATCH = 16
+NUM_CLASSES = 10
+FILTERS = (16, 32, 64)
+HOROVOD_DEFAULT_CYCLE_TIME_MS = 1.0
+HOROVOD_DEFAULT_FUSION_THRESHOLD = 128 * 1024 * 1024
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", choices=["auto", "horovod", "mpi", "tf"], default="auto",
+                        help="auto (default): from the launcher's environment (TF_CONFIG: tf, "
+                             "HOROVOD_RANK: horovod, OMPI_COMM_WORLD_SIZE/PMI_SIZE: mpi)")
+    parser.add_argument("--rounds", type=int, default=20,
+                        help="round-robin rounds (default 20)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="steps per sample, averaged (default 3)")
+    parser.add_argument("--json", metavar="PATH", help="rank 0 also writes the results as JSON")
+    parser.add_argument("--sweep-cycle-time", metavar="MS,MS,...",
+                        help="driver mode: run the horovod job once per HOROVOD_CYCLE_TIME "
+                             "value through the launcher and tabulate (default: off)")
+    parser.add_argument("-np", "--num-proc", type=int, default=2,
+                        help="ranks for --sweep-cycle-time (default 2)")
+    return parser.parse_args(argv)
+
+
+def detect_backend():
+    if "TF_CONFIG" in os.environ:
+        return "tf"
+    if "HOROVOD_RANK" in os.environ:
+        return "horovod"
+    if "OMPI_COMM_WORLD_SIZE" in os.environ or "PMI_SIZE" in os.environ:
+        return "mpi"
+    raise RuntimeError(
+        "bench/sync_step.py runs under the launcher, e.g. `python -m launch -np 2 "
+        "--backend horovod -- python bench/sync_step.py`; no TF_CONFIG, HOROVOD_RANK "
+        "or MPI environment was found. Pass --backend to override.")
+
+
+class Backend:
+    """Rank, size, barrier, and the gradient all-reduce of one backend."""
+
+    name = None
+    strategy = None
+
+    def scope(self):
+        return self.strategy.scope() if self.strategy is not None else _NullScope()
+
+    def settings(self):
+        return {}
+
+
+class _NullScope:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class HorovodBackend(Backend):
+    name = "horovod"
+
+    def __init__(self):
+        import syncbn
+
+        self.hvd = syncbn.init_horovod()  # sets HOROVOD_CYCLE_TIME unless set
+        self.rank, self.size = self.hvd.rank(), self.hvd.size()
+
+    def barrier(self):
+        import tensorflow as tf
+
+        self.hvd.allreduce(tf.zeros([1]), op=self.hvd.Sum, name="bench_barrier").numpy()
+
+    def average_gradients(self, grads):
+        return self.hvd.grouped_allreduce(grads, op=self.hvd.Average)
+
+    def settings(self):
+        cycle = os.environ.get("HOROVOD_CYCLE_TIME")
+        fusion = os.environ.get("HOROVOD_FUSION_THRESHOLD")
+        return {
+            "HOROVOD_CYCLE_TIME": cycle or f"unset (Horovod default {HOROVOD_DEFAULT_CYCLE_TIME_MS:g} ms)",
+            "HOROVOD_FUSION_THRESHOLD": fusion
+            or f"unset (Horovod default {HOROVOD_DEFAULT_FUSION_THRESHOLD} bytes)",
+            "HOROVOD_CPU_OPERATIONS": os.environ.get("HOROVOD_CPU_OPERATIONS", "unset"),
+        }
+
+
+class MPIBackend(Backend):
+    name = "mpi"
+
+    def __init__(self):
+        from mpi4py import MPI
+
+        self.MPI = MPI
+        self.comm = MPI.COMM_WORLD
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+
+    def barrier(self):
+        self.comm.Barrier()
+
+    def _allreduce_mean(self, flat):
+        summed = np.empty_like(flat)
+        self.comm.Allreduce(flat, summed, op=self.MPI.SUM)
+        summed /= self.size
+        return summed
+
+    def average_gradients(self, grads):
+        import tensorflow as tf
+
+        sizes = [g.shape.num_elements() for g in grads]
+        # [*shape_i] for each gradient -> [sum of sizes]: one Allreduce for all.
+        flat = tf.concat([tf.reshape(g, [-1]) for g in grads], axis=0)
+        averaged = tf.numpy_function(self._allreduce_mean, [flat], tf.float32, stateful=True,
+                                     name="bench_grad_allreduce")
+        averaged.set_shape(flat.shape)
+        return [tf.reshape(part, g.shape) for part, g in zip(tf.split(averaged, sizes), grads)]
+
+
+class TFBackend(Backend):
+    name = "tf"
+
+    def __init__(self):
+        import tensorflow as tf
+
+        self.strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        resolver = self.strategy.cluster_resolver
+        self.rank = resolver.task_id
+        self.size = self.strategy.num_replicas_in_sync
+
+        @tf.function(autograph=False)
+        def barrier():
+            return self.strategy.run(lambda: tf.distribute.get_replica_context().all_reduce(
+                tf.distribute.ReduceOp.SUM, tf.zeros([1])))
+
+        self._barrier = barrier
+
+    def barrier(self):
+        self.strategy.experimental_local_results(self._barrier())[0].numpy()
+
+    def average_gradients(self, grads):
+        # What Keras's optimizer does under a strategy; the loss carries 1 / replicas.
+        import tensorflow as tf
+
+        return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
+
+
+BACKENDS = {"horovod": HorovodBackend, "mpi": MPIBackend, "tf": TFBackend}
+
+
+def build_model(make_bn):
+    import keras
+
+    layers = keras.layers
+    model_layers = [keras.Input((32, 32, 3))]
+    for filters in FILTERS:
+        for _ in range(2):
+            model_layers += [layers.Conv2D(filters, 3, padding="same", use_bias=False),
+                             make_bn(), layers.ReLU()]
+        model_layers.append(layers.MaxPooling2D())
+    model_layers += [layers.GlobalAveragePooling2D(), layers.Dense(NUM_CLASSES)]
+    return keras.Sequential(model_layers)
+
+
+def make_variant(backend, make_bn):
+    """(train_step, grad_allreduce_alone), both zero-argument, both fetch a result."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(1234)  # same weights on every rank and in every variant
+    with backend.scope():
+        model = build_model(make_bn)
+        optimizer = keras.optimizers.SGD(0.01)
+        optimizer.build(model.trainable_variables)
+    rng = np.random.default_rng(backend.rank)
+    x = tf.constant(rng.normal(size=(PER_RANK_BATCH, 32, 32, 3)).astype(np.float32))
+    y = tf.constant(rng.integers(0, NUM_CLASSES, size=(PER_RANK_BATCH,)))
+    loss_scale = 1.0 / backend.size if backend.strategy is not None else 1.0
+
+    def gradients():
+        with tf.GradientTape() as tape:
+            logits = model(x, training=True)
+            loss = tf.reduce_mean(
+                keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
+            scaled_loss = loss * loss_scale
+        return loss, tape.gradient(scaled_loss, model.trainable_variables)
+
+    def replica_step():
+        loss, grads = gradients()
+        if backend.strategy is None:
+            grads = backend.average_gradients(grads)
+        # Under a strategy, apply_gradients all-reduces (sums) the gradients itself.
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    def replica_allreduce(grads):
+        return tf.add_n([tf.reduce_sum(g) for g in backend.average_gradients(grads)])
+
+    # No autograph: the step has no Python control flow to convert, and autograph's
+    # rewrite of hvd.grouped_allreduce fails ("'NoneType' object has no attribute 'name'").
+    if backend.strategy is None:
+        step_fn = tf.function(autograph=False)(replica_step)
+        allreduce_fn = tf.function(autograph=False)(replica_allreduce)
+        grads = tf.function(autograph=False)(gradients)()[1]
+
+        def step():
+            return step_fn().numpy()
+
+        def allreduce():
+            return allreduce_fn(grads).numpy()
+    else:
+        strategy = backend.strategy
+        step_fn = tf.function(autograph=False)(lambda: strategy.run(replica_step))
+        grads_fn = tf.function(autograph=False)(lambda: strategy.run(lambda: gradients()[1]))
+        # This worker's gradients as plain tensors, captured by the all-reduce function.
+        grads = [tf.constant(strategy.experimental_local_results(g)[0]) for g in grads_fn()]
+        allreduce_fn = tf.function(autograph=False)(
+            lambda: strategy.run(lambda: replica_allreduce(grads)))
+
+        def step():
+            return strategy.experimental_local_results(step_fn())[0].numpy()
+
+        def allreduce():
+            return strategy.experimental_local_results(allreduce_fn())[0].numpy()
+
+    return step, allreduce
+
+
+def variants_for(backend):
+    import keras
+
+    import syncbn
+
+    variants = {
+        "sync": lambda: syncbn.SyncBatchNormalization(),
+        "local": lambda: keras.layers.BatchNormalization(),
+    }
+    if backend.name == "tf":
+        variants["keras-sync"] = lambda: keras.layers.BatchNormalization(synchronized=True)
+    return variants
+
+
+def time_round_robin(backend, functions, rounds, repeat, warmup=3):
+    """(variant, kind) -> per-round seconds per call; every rank runs the same order."""
+    for function in functions.values():
+        for _ in range(warmup):
+            function()
+    samples = {key: [] for key in functions}
+    keys = list(functions)
+    for round_index in range(rounds):
+        shift = round_index % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            backend.barrier()
+            start = time.perf_counter()
+            for _ in range(repeat):
+                functions[key]()
+            samples[key].append((time.perf_counter() - start) / repeat)
+    return samples
+
+
+def summarize(samples, variants):
+    ms = {f"{v}/{k}": np.array(s) * 1e3 for (v, k), s in samples.items()}
+    result = {"median_ms": {k: float(np.median(v)) for k, v in ms.items()},
+              "iqr_ms": {k: float(np.subtract(*np.percentile(v, [75, 25]))) for k, v in ms.items()},
+              "ratios": {}}
+    for variant in variants:
+        if variant == "local":
+            continue
+        for kind in ("step", "grad-allreduce"):
+            ratio = np.median(ms[f"{variant}/{kind}"] / ms[f"local/{kind}"])
+            result["ratios"][f"{variant}/local {kind}"] = float(ratio)
+    return result
+
+
+def markdown(result, variants):
+    med, iqr, ratios = result["median_ms"], result["iqr_ms"], result["ratios"]
+    lines = ["| variant | step ms | grad all-reduce alone ms | step / local step "
+             "| all-reduce / local all-reduce |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for variant in variants:
+        step, allreduce = f"{variant}/step", f"{variant}/grad-allreduce"
+        if variant == "local":
+            step_ratio = allreduce_ratio = "1"
+        else:
+            step_ratio = f"{ratios[f'{variant}/local step']:.2f}"
+            allreduce_ratio = f"{ratios[f'{variant}/local grad-allreduce']:.2f}"
+        lines.append(f"| {variant} | {med[step]:.2f} ±{iqr[step] / 2:.2f} "
+                     f"| {med[allreduce]:.2f} ±{iqr[allreduce] / 2:.2f} "
+                     f"| {step_ratio} | {allreduce_ratio} |")
+    return "\n".join(lines)
+
+
+def run_job(args):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    name = detect_backend() if args.backend == "auto" else args.backend
+    backend = BACKENDS[name]()  # MultiWorkerMirroredStrategy must come before other TF work
+    import tensorflow as tf
+
+    variants = variants_for(backend)
+    functions = {}
+    for variant, make_bn in variants.items():
+        step, allreduce = make_variant(backend, make_bn)
+        functions[(variant, "step")] = step
+        functions[(variant, "grad-allreduce")] = allreduce
+    samples = time_round_robin(backend, functions, args.rounds, args.repeat)
+    result = summarize(samples, variants)
+    if backend.rank != 0:
+        return 0
+    command = (f"python -m launch -np {backend.size} --backend {name} -- python "
+               + shlex.join(sys.argv))
+    print("command: " + command)
+    print(f"backend: {name}, {backend.size} ranks, {PER_RANK_BATCH} samples per rank, "
+          f"6 BN layers, {os.cpu_count()} CPU cores, TensorFlow {tf.__version__}; "
+          f"{args.rounds} rounds x {args.repeat} steps, medians (±half IQR) on rank 0, "
+          "ratios are medians of per-round ratios")
+    for key, value in backend.settings().items():
+        print(f"{key}: {value}")
+    print()
+    print(markdown(result, variants))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"command": command, "backend": name, "ranks": backend.size,
+                       "settings": backend.settings(), "rounds": args.rounds,
+                       "repeat": args.repeat, **result}, handle, indent=2)
+    return 0
+
+
+def sweep_cycle_time(args):
+    """Driver: one horovod job per HOROVOD_CYCLE_TIME value, results in one table."""
+    try:
+        values = [float(v) for v in args.sweep_cycle_time.split(",")]
+    except ValueError:
+        raise ValueError("Argument `--sweep-cycle-time` must be comma-separated milliseconds. "
+                         f"Received: --sweep-cycle-time={args.sweep_cycle_time!r}") from None
+    print("command: python " + shlex.join(sys.argv), flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for value in values:
+            path = os.path.join(scratch, f"cycle_{value:g}.json")
+            command = [sys.executable, "-m", "launch", "-np", str(args.num_proc),
+                       "--backend", "horovod", "--horovod-cycle-time", f"{value:g}", "--",
+                       sys.executable, os.path.abspath(__file__), "--rounds", str(args.rounds),
+                       "--repeat", str(args.repeat), "--json", path]
+            print(f"running: {shlex.join(command)}", file=sys.stderr, flush=True)
+            subprocess.run(command, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+            with open(path) as handle:
+                result = json.load(handle)
+            rows.append((value, result))
+    print()
+    print("| HOROVOD_CYCLE_TIME ms | sync step ms | local step ms | sync/local step "
+          "| sync grad all-reduce ms | local grad all-reduce ms |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    for value, result in rows:
+        med, ratios = result["median_ms"], result["ratios"]
+        print(f"| {value:g} | {med['sync/step']:.2f} | {med['local/step']:.2f} "
+              f"| {ratios['sync/local step']:.2f} | {med['sync/grad-allreduce']:.2f} "
+              f"| {med['local/grad-allreduce']:.2f} |")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"command": sys.argv,
+                       "runs": [{"cycle_time_ms": v, **r} for v, r in rows]}, handle, indent=2)
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.sweep_cycle_time:
+        return sweep_cycle_time(args)
+    return run_job(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
