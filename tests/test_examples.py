@@ -1,0 +1,69 @@
+"""Every example runs, in its short mode, through our launcher (`python -m launch`,
+the `syncbn-launch` command), and says what it should.
+
+The Horovod examples (`horovodrun_fit.py`, `horovodrun_custom_loop.py`) run in
+tests/test_horovod_keras.py, with one process and with two.
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT = 600
+
+
+def _run(command):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT, env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    return output
+
+
+def _launch(backend, num_proc, script, *args):
+    return _run([sys.executable, "-m", "launch", "-np", str(num_proc), "--backend", backend,
+                 "--timeout", str(TIMEOUT - 60), "--",
+                 sys.executable, os.path.join(REPO, "examples", script), *args])
+
+
+def test_multiworker_mirrored_example_keeps_workers_identical():
+    output = _launch("tf", 2, "multiworker_mirrored.py", "--epochs", "1")
+    checksums = re.findall(r"worker (\d): replicas in sync 2, .* weight checksum ([\d.]+)", output)
+    assert sorted(index for index, _ in checksums) == ["0", "1"], output[-3000:]
+    assert checksums[0][1] == checksums[1][1]
+
+
+def test_mpirun_example_keeps_ranks_identical():
+    output = _launch("mpi", 2, "mpirun_train.py", "--steps", "20")
+    checksums = re.findall(r"rank (\d): communicator mpi, .* weight checksum ([\d.]+)", output)
+    assert sorted(rank for rank, _ in checksums) == ["0", "1"], output[-3000:]
+    assert checksums[0][1] == checksums[1][1]
+
+
+def test_train_validate_test_example(tmp_path):
+    output = _launch("horovod", 2, "train_validate_test.py", "--epochs", "3", "--out", str(tmp_path))
+    match = re.search(r"2 rank\(s\): best checkpoint val accuracy ([\d.]+), test accuracy ([\d.]+)", output)
+    assert match, output[-3000:]
+    # Ten classes: chance is 0.1. Broken moving statistics land there.
+    assert float(match.group(2)) > 0.6, output[-3000:]
+    assert len(re.findall(r"moving variance off by", output)) == 2
+    assert (tmp_path / "best.keras").exists()
+
+
+def test_convert_resnet50_example():
+    output = _launch("horovod", 2, "convert_resnet50.py", "--steps", "1")
+    assert "step 1/1" in output and "(2 process(es))" in output, output[-3000:]
+    assert "exported 53 layers back to BatchNormalization" in output, output[-3000:]
+
+
+def test_demo_quick_mode(tmp_path):
+    output = _run([sys.executable, os.path.join(REPO, "examples", "demo.py"), "--epochs", "1",
+                   "--out", str(tmp_path)])
+    rows = re.findall(r"^\| (local|syncbn|single) \| (\d) x (\d) \|", output, re.M)
+    assert rows == [("local", "2", "4"), ("syncbn", "2", "4"), ("single", "1", "8")], output[-3000:]
+    gaps = dict(re.findall(r"^  (syncbn|local): ([\d.e+-]+)$", output, re.M))
+    # syncbn computes what one process computes; local BN does not.
+    assert float(gaps["syncbn"]) < 1e-4 < float(gaps["local"]), gaps
+    assert (tmp_path / "val_accuracy.png").stat().st_size > 10_000
