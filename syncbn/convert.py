@@ -36,13 +36,7 @@ def _check_arguments(model, group_size, communicator, to):
         )
     if not isinstance(to, str) or to not in TARGETS:
         raise ValueError(f"Argument `to` must be one of {TARGETS}. Received: to={to!r}")
-    if group_size is not None and (
-        isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
-    ):
-        raise ValueError(
-            "Argument `group_size` must be a positive integer or None. "
-            f"Received: group_size={group_size!r}"
-        )
+    collectives.validate_group_size(group_size)
     collectives.validate_spec(communicator)
     if to == "local" and (group_size is not None or communicator != "auto"):
         raise ValueError(

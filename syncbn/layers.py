@@ -144,13 +144,7 @@ class SyncBatchNormalization(keras.layers.Layer):
         self.beta_constraint = constraints.get(beta_constraint)
         self.gamma_constraint = constraints.get(gamma_constraint)
         self.communicator = collectives.validate_spec(communicator)
-        if group_size is not None and (
-            isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
-        ):
-            raise ValueError(
-                "Argument `group_size` must be a positive integer or None. "
-                f"Received: group_size={group_size!r}"
-            )
+        collectives.validate_group_size(group_size)
         self.group_size = group_size
         _check_bool("synchronized", synchronized)
         if renorm:

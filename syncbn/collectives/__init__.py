@@ -49,6 +49,18 @@ def validate_spec(communicator):
     return communicator
 
 
+def validate_group_size(group_size):
+    """Checks the `group_size` argument: None or a positive integer."""
+    if group_size is not None and (
+        isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
+    ):
+        raise ValueError(
+            "Argument `group_size` must be a positive integer or None. "
+            f"Received: group_size={group_size!r}"
+        )
+    return group_size
+
+
 def _tf_distribute_replicas():
     import tensorflow as tf
 
@@ -122,5 +134,6 @@ __all__ = [
     "consecutive_groups",
     "detect",
     "resolve",
+    "validate_group_size",
     "validate_spec",
 ]
