@@ -44,13 +44,14 @@ GPU_COUNTS = [8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 
 
 def resnet50_bn_channels():
-    """The 53 BN layers' channel counts, in call order."""
+    """The 53 BN layers' channel counts, in the order of Keras's `model.layers`."""
     channels = [64]  # conv1_bn
     for filters, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
         for block in range(blocks):
+            channels += [filters, filters]  # _1_bn, _2_bn
             if block == 0:
-                channels.append(4 * filters)  # the projection shortcut's BN (conv_block's _0_bn)
-            channels += [filters, filters, 4 * filters]
+                channels.append(4 * filters)  # _0_bn, the projection shortcut's
+            channels.append(4 * filters)  # _3_bn
     return channels
 
 
