@@ -39,10 +39,12 @@ effect (Horovod's own defaults: 1 ms and 128 MiB since Horovod 0.21; the
 launcher and `syncbn.init_horovod` set 0.1 ms unless told otherwise).
 
 `--sweep-cycle-time 0.1,1,5` is a driver mode: it runs the launcher itself
-(horovod backend) once per value, with `--horovod-cycle-time`, and prints
-one table of the results.
+(horovod backend) `--sweep-repeats` times per value, values interleaved, with
+`--horovod-cycle-time`, and prints one table of the results. Jobs are
+separate processes, so this comparison is across jobs, not within one: repeat
+it (`--sweep-repeats 3`) on a shared machine.
 
-    python bench/sync_step.py --sweep-cycle-time 0.1,1,5
+    python bench/sync_step.py --sweep-cycle-time 0.1,1,5 --sweep-repeats 3
 """
 
 import argparse
@@ -77,6 +79,8 @@ def parse_args(argv=None):
     parser.add_argument("--sweep-cycle-time", metavar="MS,MS,...",
                         help="driver mode: run the horovod job once per HOROVOD_CYCLE_TIME "
                              "value through the launcher and tabulate (default: off)")
+    parser.add_argument("--sweep-repeats", type=int, default=1,
+                        help="jobs per value for --sweep-cycle-time, interleaved (default 1)")
     parser.add_argument("-np", "--num-proc", type=int, default=2,
                         help="ranks for --sweep-cycle-time (default 2)")
     return parser.parse_args(argv)
@@ -384,39 +388,47 @@ def run_job(args):
 
 
 def sweep_cycle_time(args):
-    """Driver: one horovod job per HOROVOD_CYCLE_TIME value, results in one table."""
+    """Driver: horovod jobs per HOROVOD_CYCLE_TIME value, interleaved, in one table."""
     try:
         values = [float(v) for v in args.sweep_cycle_time.split(",")]
     except ValueError:
         raise ValueError("Argument `--sweep-cycle-time` must be comma-separated milliseconds. "
                          f"Received: --sweep-cycle-time={args.sweep_cycle_time!r}") from None
     print("command: python " + shlex.join(sys.argv), flush=True)
-    rows = []
+    runs = {value: [] for value in values}
     with tempfile.TemporaryDirectory() as scratch:
-        for value in values:
-            path = os.path.join(scratch, f"cycle_{value:g}.json")
-            command = [sys.executable, "-m", "launch", "-np", str(args.num_proc),
-                       "--backend", "horovod", "--horovod-cycle-time", f"{value:g}", "--",
-                       sys.executable, os.path.abspath(__file__), "--rounds", str(args.rounds),
-                       "--repeat", str(args.repeat), "--json", path]
-            print(f"running: {shlex.join(command)}", file=sys.stderr, flush=True)
-            subprocess.run(command, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
-            with open(path) as handle:
-                result = json.load(handle)
-            rows.append((value, result))
+        # Jobs for different values alternate, so a burst of load hits all values alike.
+        for repeat in range(args.sweep_repeats):
+            for value in values:
+                path = os.path.join(scratch, f"cycle_{value:g}_{repeat}.json")
+                command = [sys.executable, "-m", "launch", "-np", str(args.num_proc),
+                           "--backend", "horovod", "--horovod-cycle-time", f"{value:g}", "--",
+                           sys.executable, os.path.abspath(__file__),
+                           "--rounds", str(args.rounds), "--repeat", str(args.repeat),
+                           "--json", path]
+                print(f"running: {shlex.join(command)}", file=sys.stderr, flush=True)
+                subprocess.run(command, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+                with open(path) as handle:
+                    runs[value].append(json.load(handle))
+    print(f"{args.sweep_repeats} job(s) per value, interleaved; each cell is the median over the "
+          "jobs of the job's own medians (ratios: of the job's median per-round ratio)")
     print()
     print("| HOROVOD_CYCLE_TIME ms | sync step ms | local step ms | sync/local step "
-          "| sync grad all-reduce ms | local grad all-reduce ms |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
-    for value, result in rows:
-        med, ratios = result["median_ms"], result["ratios"]
-        print(f"| {value:g} | {med['sync/step']:.2f} | {med['local/step']:.2f} "
-              f"| {ratios['sync/local step']:.2f} | {med['sync/grad-allreduce']:.2f} "
-              f"| {med['local/grad-allreduce']:.2f} |")
+          "| sync/local per job | sync grad all-reduce ms | local grad all-reduce ms |")
+    print("| ---: | ---: | ---: | ---: | --- | ---: | ---: |")
+    for value, results in runs.items():
+        def median(key, table="median_ms"):
+            return float(np.median([r[table][key] for r in results]))
+
+        per_job = ", ".join(f"{r['ratios']['sync/local step']:.2f}" for r in results)
+        print(f"| {value:g} | {median('sync/step'):.2f} | {median('local/step'):.2f} "
+              f"| {median('sync/local step', 'ratios'):.2f} | {per_job} "
+              f"| {median('sync/grad-allreduce'):.2f} | {median('local/grad-allreduce'):.2f} |")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"command": sys.argv,
-                       "runs": [{"cycle_time_ms": v, **r} for v, r in rows]}, handle, indent=2)
+                       "runs": [{"cycle_time_ms": v, **r} for v, rs in runs.items() for r in rs]},
+                      handle, indent=2)
     return 0
 
 
