@@ -143,8 +143,9 @@ def main(argv=None):
     group = args.gpus_per_node
 
     print("command: python " + shlex.join(sys.argv))
-    print(f"ResNet-50: {len(channels)} BN layers, {sum(channels)} channels in all "
-          f"({'checked against keras.applications.ResNet50' if args.check_keras else 'hard-coded from the architecture'}); "
+    source = ("checked against keras.applications.ResNet50" if args.check_keras
+              else "hard-coded from the architecture")
+    print(f"ResNet-50: {len(channels)} BN layers, {sum(channels)} channels in all ({source}); "
           f"{len(sizes)} sequential all-reduces and {sum(sizes):,} bytes per step per GPU")
     print(f"assumptions: NVLink alpha {args.alpha_nvlink_us:g} us, {args.bandwidth_nvlink_gbs:g} GB/s; "
           f"InfiniBand HDR alpha {args.alpha_ib_us:g} us, {args.bandwidth_ib_gbs:g} GB/s; "
