@@ -21,57 +21,16 @@ gradient sums, `2C` float32 = `8C` bytes) and 0 at inference.
 """
 
 import argparse
-import collections
 import json
 import os
 import shlex
 import sys
-import threading
 
 import numpy as np
 
+from syncbn.collectives.counting import CountingCommunicator
+
 BATCH = 4
-
-
-class CountingCommunicator:
-    """Records executed `all_sum` calls and payload bytes; delegates the sum."""
-
-    def __init__(self, num_replicas=2, make_delegate=None):
-        self.num_replicas = num_replicas
-        self._make_delegate = make_delegate
-        self._delegate = None
-        self._lock = threading.Lock()
-        self.calls = collections.Counter()
-        self.bytes = collections.Counter()
-
-    def _get_delegate(self):
-        with self._lock:  # MirroredStrategy traces replicas in parallel threads.
-            if self._delegate is None and self._make_delegate is not None:
-                self._delegate = self._make_delegate()
-            return self._delegate
-
-    def _record(self, name, num_bytes):
-        with self._lock:
-            self.calls[name] += 1
-            self.bytes[name] += num_bytes
-        return np.int32(0)
-
-    def all_sum(self, tensor, name):
-        import tensorflow as tf
-
-        num_bytes = tensor.shape.num_elements() * tensor.dtype.size
-        executed = tf.py_function(lambda: self._record(name, num_bytes), [], tf.int32)
-        delegate = self._get_delegate()
-        with tf.control_dependencies([executed]):
-            return tf.identity(tensor if delegate is None else delegate.all_sum(tensor, name))
-
-    def take(self):
-        """(calls, bytes) since the last take."""
-        with self._lock:
-            result = (sum(self.calls.values()), sum(self.bytes.values()))
-            self.calls.clear()
-            self.bytes.clear()
-        return result
 
 
 def small_cnn(communicator):

@@ -1,6 +1,6 @@
 """Collectives per step: exactly two per BN layer in training, none at inference.
 
-The communicator below counts `all_sum` calls that *run*: each call adds a
+`syncbn.collectives.counting.CountingCommunicator` counts `all_sum` calls that *run*: each call adds a
 `tf.py_function` whose side effect increments a Python counter, tied to the
 returned sum by a control dependency. A call that is only traced (e.g. the
 training branch of a `tf.cond` on a `training` tensor that is False) does not
@@ -12,9 +12,6 @@ communication altogether; the counting communicator then says it has 2
 replicas and returns its input unchanged, so the synchronized path runs.
 """
 
-import collections
-import threading
-
 import keras
 import numpy as np
 import pytest
@@ -22,61 +19,11 @@ import tensorflow as tf
 
 from conftest import NUM_VIRTUAL_CPUS
 from syncbn import SyncBatchNormalization, ops
+from syncbn.collectives.counting import CountingCommunicator
 
 NUM_BN = 3
 BATCH = 8
 IMAGE_SHAPE = (6, 6, 3)
-
-
-class CountingCommunicator:
-    """Counts executed `all_sum` calls per call-site name; delegates the sum.
-
-    Args:
-        num_replicas: what the layer is told.
-        make_delegate: None to sum nothing (pretend replicas), or a
-            zero-argument callable returning the real communicator. It is
-            called at the first `all_sum`, because `TFDistributeCommunicator`
-            can only be created in a replica context (and the layer's
-            constructor already reads `num_replicas`).
-    """
-
-    def __init__(self, num_replicas=2, make_delegate=None):
-        self.num_replicas = num_replicas
-        self._make_delegate = make_delegate
-        self._delegate = None
-        self._lock = threading.Lock()
-        self.calls = collections.Counter()
-
-    def _get_delegate(self):
-        # MirroredStrategy traces its replicas in parallel threads.
-        with self._lock:
-            if self._delegate is None and self._make_delegate is not None:
-                self._delegate = self._make_delegate()
-                if self._delegate.num_replicas != self.num_replicas:
-                    raise ValueError(
-                        f"The delegate has {self._delegate.num_replicas} replicas, the "
-                        f"counter was told {self.num_replicas}."
-                    )
-            return self._delegate
-
-    def _record(self, name):
-        with self._lock:
-            self.calls[name] += 1
-        return np.int32(0)
-
-    def all_sum(self, tensor, name):
-        executed = tf.py_function(lambda: self._record(name), [], tf.int32)
-        delegate = self._get_delegate()
-        with tf.control_dependencies([executed]):
-            summed = tensor if delegate is None else delegate.all_sum(tensor, name)
-            return tf.identity(summed)
-
-    @property
-    def total(self):
-        return sum(self.calls.values())
-
-    def reset(self):
-        self.calls.clear()
 
 
 def make_model(communicator):
