@@ -207,11 +207,11 @@ def convert(model, group_size=None, communicator="auto", to="sync"):
     >>> model = keras.Sequential([
     ...     keras.Input((8, 8, 3)),
     ...     keras.layers.Conv2D(4, 3),
-    ...     keras.layers.BatchNormalization(),
+    ...     keras.layers.BatchNormalization(name="bn"),
     ... ])
     >>> synced = syncbn.convert(model)
     >>> type(synced.layers[1]).__name__, synced.syncbn_converted_layers
-    ('SyncBatchNormalization', ['batch_normalization'])
+    ('SyncBatchNormalization', ['bn'])
     >>> x = np.ones((2, 8, 8, 3), "float32")
     >>> bool(np.allclose(model(x), synced(x)))
     True

@@ -14,12 +14,25 @@ sys.path.insert(0, TESTS_DIR)
 
 NUM_VIRTUAL_CPUS = 4
 
+import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 _cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(
     _cpu, [tf.config.LogicalDeviceConfiguration()] * NUM_VIRTUAL_CPUS
 )
+
+
+@pytest.fixture(scope="session")
+def mirrored_strategy():
+    """The one MirroredStrategy over the virtual CPUs that every test shares.
+
+    TF 2.18 gives the collectives of two strategies on the same devices
+    colliding instance keys ("Shape mismatch in the collective instance"),
+    so no test module may create its own.
+    """
+    return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(NUM_VIRTUAL_CPUS)])
+
 
 # Job scripts run inside launched processes; they are not for import by pytest
 # (tests/run.sh collects doctests with --doctest-modules).

@@ -154,9 +154,9 @@ def test_counter_sees_an_extra_collective(monkeypatch):
     assert counter.total == 3 * NUM_BN
 
 
-@pytest.fixture(scope="module")
-def strategy():
-    return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(NUM_VIRTUAL_CPUS)])
+@pytest.fixture
+def strategy(mirrored_strategy):
+    return mirrored_strategy
 
 
 def _tf_distribute_counter():

@@ -29,10 +29,9 @@ def kernel_path(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(scope="module")
-def strategy():
-    devices = [f"/cpu:{i}" for i in range(NUM_VIRTUAL_CPUS)]
-    return tf.distribute.MirroredStrategy(devices)
+@pytest.fixture
+def strategy(mirrored_strategy):
+    return mirrored_strategy
 
 
 def _global_batches(feature_shape, seed):
