@@ -21,6 +21,7 @@ gradient sums, `2C` float32 = `8C` bytes) and 0 at inference.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -84,7 +85,7 @@ def measure(model_name, strategy=None, steps=2):
     from syncbn.collectives.tf_distribute import TFDistributeCommunicator
 
     replicas = 1 if strategy is None else strategy.num_replicas_in_sync
-    scope = strategy.scope() if strategy is not None else _null_scope()
+    scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
     with scope:
         if strategy is None:
             counter = CountingCommunicator()
@@ -143,14 +144,6 @@ def measure(model_name, strategy=None, steps=2):
     model.evaluate(x, y, batch_size=global_batch, verbose=0)
     row("model.evaluate", steps)
     return rows
-
-
-class _null_scope:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def markdown(rows):

@@ -48,6 +48,7 @@ it (`--sweep-repeats 3`) on a shared machine.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -106,18 +107,10 @@ class Backend:
     strategy = None
 
     def scope(self):
-        return self.strategy.scope() if self.strategy is not None else _NullScope()
+        return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
 
     def settings(self):
         return {}
-
-
-class _NullScope:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 class HorovodBackend(Backend):

@@ -19,6 +19,7 @@ if any exceeds `--tolerance`. With `--out DIR` it also saves its results as
 """
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -213,7 +214,7 @@ def main(argv=None):
         batches = global_batches(layout, counts, args.steps, args.offset)
         group_rows = slice(sum(counts[:group_start]), sum(counts[:group_start + group]))
         batches = [(x[group_rows], dy[group_rows]) for x, dy in batches]
-        scope = strategy.scope() if strategy is not None else _null_scope()
+        scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
         with scope:
             layer = syncbn.SyncBatchNormalization(
                 axis=axis, momentum=MOMENTUM, epsilon=EPSILON,
@@ -246,14 +247,6 @@ def main(argv=None):
         # another group is still using its process set.
         hvd.allreduce(np.zeros(1, np.float32), name="exactness_done")
     return 1 if failures else 0
-
-
-class _null_scope:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 if __name__ == "__main__":
