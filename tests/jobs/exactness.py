@@ -93,16 +93,24 @@ def setup_backend(backend, group_size):
     return resolver.task_id, strategy.num_replicas_in_sync, communicator, strategy
 
 
-def run_synced(layer, batches, lo, hi, strategy):
+def layer_gradients(layer, x, dy):
+    """`y` and the gradients of `sum(y * dy)` w.r.t. `x`, gamma and beta, in training mode."""
     import tensorflow as tf
 
-    def step(x, dy):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y = layer(x, training=True)
-            loss = tf.reduce_sum(y * dy)
-        dx, dgamma, dbeta = tape.gradient(loss, [x, layer.gamma, layer.beta])
-        return y, dx, dgamma, dbeta
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x, training=True)
+        loss = tf.reduce_sum(y * dy)
+    dx, dgamma, dbeta = tape.gradient(loss, [x, layer.gamma, layer.beta])
+    return y, dx, dgamma, dbeta
+
+
+def run_synced(layer, batches, lo, hi, strategy):
+    import functools
+
+    import tensorflow as tf
+
+    step = functools.partial(layer_gradients, layer)
 
     if strategy is not None:
         compiled = tf.function(lambda x, dy: strategy.run(step, args=(x, dy)))
