@@ -68,22 +68,20 @@ def _far_from_zero(mean, variance):
     return tf.reduce_any(tf.abs(mean) > FAR_FROM_ZERO * tf.sqrt(variance))
 
 
-def _fused_train(x4, epsilon, gamma=None, beta=None):
-    """Training-mode kernel: `(y, mean, biased variance)` of a `[P, 1, 1, C]` batch."""
-    num_channels = x4.shape[-1]
+def _fused_train(x4, gamma, beta, epsilon):
+    """Training-mode kernel on a `[P, 1, 1, C]` batch.
+
+    Returns `(y, mean, biased variance, reserve)`; `reserve` is the kernel's
+    three reserve-space outputs, which its gradient kernel takes back.
+    """
     empty = tf.zeros([0], tf.float32)
-    y, mean, unbiased, _, _, _ = tf.raw_ops.FusedBatchNormV3(
-        x=x4,
-        scale=_as_vector(gamma, num_channels, 1.0),
-        offset=_as_vector(beta, num_channels, 0.0),
-        mean=empty,
-        variance=empty,
-        epsilon=epsilon,
-        is_training=True,
+    y, mean, unbiased, *reserve = tf.raw_ops.FusedBatchNormV3(
+        x=x4, scale=gamma, offset=beta, mean=empty, variance=empty,
+        epsilon=epsilon, is_training=True,
     )
     # The kernel's variance output carries Bessel's correction; undo it.
     count = tf.cast(tf.shape(x4)[0], tf.float32)
-    return y, mean, unbiased * (count - 1.0) / tf.maximum(count, 1.0)
+    return y, mean, unbiased * (count - 1.0) / tf.maximum(count, 1.0), reserve
 
 
 def _fused_affine(x4, scale, offset):
@@ -100,9 +98,7 @@ def _fused_affine(x4, scale, offset):
     )[0]
 
 
-def sync_batch_norm(
-    x, gamma, beta, *, axis, epsilon, all_sum, name, mask=None, fused=True, single_replica=False
-):
+def sync_batch_norm(x, gamma, beta, *, axis, epsilon, all_sum, name, mask=None, single_replica=False):
     """Batch-normalizes `x` with statistics of the global batch.
 
     Args:
@@ -117,8 +113,6 @@ def sync_batch_norm(
         mask: optional boolean tensor shaped like `x` without `axis`; masked
             positions are left out of the (global) statistics but still
             normalized.
-        fused: use the fused kernels where the layout allows (see the module
-            docstring); False forces the exact element-wise path.
         single_replica: True when `all_sum` is the identity (one replica): the
             fused training kernel and its gradient then do everything, and
             `all_sum` is not called.
@@ -136,7 +130,7 @@ def sync_batch_norm(
     gamma = _as_vector(gamma, num_channels, 1.0)
     beta = _as_vector(beta, num_channels, 0.0)
     selection = stats.mask_weights(mask, x, axis) if mask is not None else None
-    use_kernels = fused and fused_kernels_apply(rank, axis, mask)
+    use_kernels = fused_kernels_apply(rank, axis, mask)
     channel_shape = [1] * rank
     channel_shape[axis] = num_channels
 
@@ -150,7 +144,7 @@ def sync_batch_norm(
         count = tf.cast(tf.shape(x4)[0], tf.float32)
 
         def from_kernel():
-            _, mean, variance = _fused_train(x4, epsilon)
+            _, mean, variance, _ = _fused_train(x4, gamma, beta, epsilon)
             return tf.cond(
                 _far_from_zero(mean, variance),
                 local_moments_exact,
@@ -167,11 +161,7 @@ def sync_batch_norm(
             # One replica: the training kernel's own statistics are the global ones.
             x4 = _channels_last_4d(x)
             count = tf.cast(tf.shape(x4)[0], tf.float32)
-            y4, batch_mean, unbiased, *reserve = tf.raw_ops.FusedBatchNormV3(
-                x=x4, scale=gamma, offset=beta, mean=tf.zeros([0]), variance=tf.zeros([0]),
-                epsilon=epsilon, is_training=True,
-            )
-            batch_variance = unbiased * (count - 1.0) / tf.maximum(count, 1.0)
+            y4, batch_mean, batch_variance, reserve = _fused_train(x4, gamma, beta, epsilon)
             exact_path = tf.logical_or(count < 2.0, _far_from_zero(batch_mean, batch_variance))
             global_count, mean, variance = tf.cond(
                 exact_path,
