@@ -140,12 +140,6 @@ def unpack_moments(packed_sums, num_channels):
     return tf.cast(global_count, tf.float32), mean, tf.cast(variance, tf.float32)
 
 
-def global_moments(x, axes, num_channels, all_sum, mask=None):
-    """Moments of the global batch: one `all_sum` of a `[2C + 1]` float64 vector."""
-    count, mean, m2 = local_moments(x, axes, mask)
-    return unpack_moments(all_sum(pack_moments(count, mean, m2)), num_channels)
-
-
 def pack_grad_sums(sum_dy, sum_dy_xhat):
     """`[C], [C] -> [2C]`: the two per-channel sums the backward pass all-reduces."""
     return tf.concat([sum_dy, sum_dy_xhat], axis=0)
