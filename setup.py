@@ -18,6 +18,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["syncbn", "syncbn.*", "launch", "launch.*"]),
+    # The MPI kernel's source; it is compiled on first use against the installed TensorFlow.
+    package_data={"syncbn.collectives": ["mpi_all_sum.cc"]},
     install_requires=["numpy"],
     extras_require={
         "tf": ["tensorflow-cpu==2.18.1"],

@@ -78,6 +78,8 @@ bootstrap() {
   "$VENV/bin/pip" install --quiet --no-deps "$WHEELHOUSE"/horovod-"$HOROVOD_VERSION"-*.whl
   "$VENV/bin/pip" install --quiet --no-deps -e "$SYNCBN_ROOT"
   "$VENV/bin/python" -c "import horovod.tensorflow as hvd; assert hvd.gloo_built() and hvd.mpi_built()"
+  # The MPI communicator's kernel builds on first use; build it now, not in every rank at once.
+  log "MPI all-sum kernel: $("$VENV/bin/python" -m syncbn.collectives.mpi_op)"
   stamp_value > "$VENV/.bootstrap-stamp"
   log "environment ready in $((SECONDS - started)) s"
 }

@@ -119,13 +119,23 @@ def _check_summed_parameter_gradients(out_dir, counts, layouts, steps, offset=0.
             assert relative_error(r[f"moving_variance_{steps - 1}"], reference.moving_variance.numpy()) < 2e-4
 
 
-@pytest.mark.parametrize("backend", ["horovod", "mpi", "tf"])
-def test_three_ranks_uneven_with_empty_rank_match_global_batch(backend, tmp_path):
+# The MPI communicator has two kernels; the default (compiled) runs in every MPI
+# test, and these pin each one (SYNCBN_MPI_KERNEL=compiled fails rather than fall back).
+BACKEND_KERNELS = [("horovod", None), ("mpi", "compiled"), ("mpi", "numpy_function"), ("tf", None)]
+
+
+def _kernel_env(kernel):
+    return {"SYNCBN_MPI_KERNEL": kernel} if kernel else {}
+
+
+@pytest.mark.parametrize("backend,kernel", BACKEND_KERNELS)
+def test_three_ranks_uneven_with_empty_rank_match_global_batch(backend, kernel, tmp_path):
     counts, layouts, steps = [4, 0, 7], ["2d", "nhwc", "ncw"], 3
     result = _run(backend, 3, ["--backend", backend, "--counts", "4,0,7", "--steps", str(steps),
-                               "--out", str(tmp_path)])
+                               "--out", str(tmp_path)], **_kernel_env(kernel))
     lines = _check_job(result, expected_lines=3 * len(layouts))
     assert sum("rows=0 " in line for line in lines) == len(layouts)  # the empty rank took part
+    assert all(f"kernel={kernel or '-'} " in line for line in lines), lines
     _check_summed_parameter_gradients(str(tmp_path), counts, layouts, steps)
 
 
@@ -155,15 +165,21 @@ def test_auto_communicator_detects_the_launcher(backend):
 MISMATCH_JOB = os.path.join(TESTS_DIR, "jobs", "mismatch.py")
 
 
-def test_mpi_detects_ranks_calling_layers_in_different_orders():
-    result = _mpirun(2, ["order"], script=MISMATCH_JOB)
+MPI_KERNELS = ["compiled", "numpy_function"]
+
+
+@pytest.mark.parametrize("kernel", MPI_KERNELS)
+def test_mpi_detects_ranks_calling_layers_in_different_orders(kernel):
+    result = _mpirun(2, ["order"], script=MISMATCH_JOB, SYNCBN_MPI_KERNEL=kernel)
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert "ranks reached different sync BN layers" in output, output[-3000:]
 
 
-def test_mpi_rank_that_never_arrives_times_out_instead_of_hanging():
-    result = _mpirun(2, ["absent"], script=MISMATCH_JOB, SYNCBN_COLLECTIVE_TIMEOUT="3")
+@pytest.mark.parametrize("kernel", MPI_KERNELS)
+def test_mpi_rank_that_never_arrives_times_out_instead_of_hanging(kernel):
+    result = _mpirun(2, ["absent"], script=MISMATCH_JOB, SYNCBN_COLLECTIVE_TIMEOUT="3",
+                     SYNCBN_MPI_KERNEL=kernel)
     output = result.stdout + result.stderr
-    assert result.returncode != 0
-    assert "SYNCBN_COLLECTIVE_TIMEOUT" in output, output[-3000:]
+    assert result.returncode == 124, output[-3000:]  # the waiting rank's MPI_Abort code
+    assert "waited more than 3 s (SYNCBN_COLLECTIVE_TIMEOUT)" in output, output[-3000:]

@@ -1,8 +1,12 @@
 """MPI through mpi4py, for jobs started with `mpirun` and no Horovod.
 
-The sum runs in `tf.numpy_function`, so it works eagerly and inside
-`tf.function`. The op is stateful, so within one `tf.function` TensorFlow
-runs the calls in program order, which is the same on every rank.
+mpi4py sets MPI up and splits the communicator; the sum itself runs in a
+small compiled TensorFlow kernel (`mpi_all_sum.cc`, built on first use and
+cached, see `syncbn.collectives.mpi_op`) that calls MPI directly. Without a
+compiler it runs mpi4py from `tf.numpy_function` instead: same results, about
+50 us more per collective. Either op works eagerly and inside `tf.function`,
+and is stateful, so within one `tf.function` TensorFlow runs the calls in
+program order, which is the same on every rank.
 
 Two safety nets, because plain MPI cannot match calls by name:
 
@@ -24,10 +28,12 @@ import zlib
 import numpy as np
 import tensorflow as tf
 
+from syncbn.collectives import mpi_op
 from syncbn.collectives.base import Communicator, collective_timeout_seconds, consecutive_groups
 
 # Spin on MPI_Test this long before yielding the core between polls: the
 # other ranks usually arrive within microseconds, and a sleep costs ~60 us.
+# mpi_all_sum.cc uses the same values.
 _SPIN_SECONDS = 2e-3
 _POLL_SECONDS = 1e-4
 TIMEOUT_EXIT_CODE = 124
@@ -58,12 +64,21 @@ class MPICommunicator(Communicator):
 
     name = "mpi"
 
-    def __init__(self, comm):
+    def __init__(self, comm, op_library=None):
         self._comm = comm
+        self._ops = op_library
 
     @property
     def num_replicas(self):
         return self._comm.Get_size()
+
+    @property
+    def kernel(self):
+        """`"compiled"` or `"numpy_function"`: what runs the sum."""
+        return "numpy_function" if self._ops is None else "compiled"
+
+    def __repr__(self):
+        return f"<MPICommunicator num_replicas={self.num_replicas} kernel={self.kernel}>"
 
     def _abort(self, name):
         # The pending request cannot be cancelled, and MPI_Finalize at exit would
@@ -102,6 +117,15 @@ class MPICommunicator(Communicator):
 
     def all_sum(self, tensor, name):
         tensor = tf.convert_to_tensor(tensor)
+        if self._ops is not None:
+            from mpi4py import MPI
+
+            # The kernel is CPU-only; on a GPU job the small payload is copied over.
+            with tf.device("/CPU:0"):
+                return self._ops.syncbn_mpi_all_sum(
+                    tensor, comm=MPI._handleof(self._comm), fingerprint=_fingerprint(name),
+                    timeout_seconds=collective_timeout_seconds(), call_name=name,
+                    name="syncbn_mpi_all_sum")
         summed = tf.numpy_function(
             functools.partial(self._sum_numpy, fingerprint=_fingerprint(name), name=name),
             [tensor],
@@ -114,4 +138,4 @@ class MPICommunicator(Communicator):
 
 
 def mpi_communicator(group_size=None):
-    return MPICommunicator(_group_comm(group_size))
+    return MPICommunicator(_group_comm(group_size), mpi_op.load())

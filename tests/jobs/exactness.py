@@ -201,7 +201,12 @@ def main(argv=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     rank, world_size, communicator, strategy = setup_backend(args.backend, args.group_size)
     import syncbn
+    from syncbn import collectives
 
+    # The MPI communicator reports which kernel sums (compiled or numpy_function).
+    kernel = "-"
+    if args.backend == "mpi" or (args.backend == "auto" and collectives.detect() == "mpi"):
+        kernel = collectives.resolve(communicator, args.group_size).kernel
     counts = [int(c) for c in args.counts.split(",")] if args.counts else [(4, 0, 7)[i % 3] for i in range(world_size)]
     if len(counts) != world_size:
         raise ValueError(f"Argument `--counts` needs one entry per rank ({world_size}). Received: --counts={args.counts}")
@@ -238,6 +243,7 @@ def main(argv=None):
         # One write per line, so that lines of different ranks do not interleave.
         sys.stdout.write(f"exactness rank={rank}/{world_size} layout={layout} rows={hi - lo} "
                          f"reference={'float64' if args.offset else 'keras'} offset={args.offset:g} "
+                         f"kernel={kernel} "
                          f"{'FAIL' if worst else 'ok'} {summary}\n")
         sys.stdout.flush()
         if args.out:
