@@ -25,7 +25,10 @@ Variants (same seed, same initial weights):
   backend's);
 * `local`: `keras.layers.BatchNormalization()`, no BN sync, same gradient
   all-reduce;
-* `keras-sync` (tf only): `keras.layers.BatchNormalization(synchronized=True)`.
+* `keras-sync` (tf only): `keras.layers.BatchNormalization(synchronized=True)`;
+* `sync-numpy_function` (mpi only): syncbn with the MPI communicator's
+  fallback kernel (mpi4py from `tf.numpy_function`) instead of its compiled
+  kernel, to show what the compiled kernel saves.
 
 Besides the step, the gradient all-reduce alone is timed on each variant's
 gradients (same mechanism as in its step), to show that sync BN's extra
@@ -153,6 +156,11 @@ class MPIBackend(Backend):
 
     def barrier(self):
         self.comm.Barrier()
+
+    def settings(self):
+        from syncbn.collectives.mpi import mpi_communicator
+
+        return {"sync's MPI kernel": mpi_communicator().kernel}
 
     def _allreduce_mean(self, flat):
         summed = np.empty_like(flat)
@@ -292,6 +300,12 @@ def variants_for(backend):
     }
     if backend.name == "tf":
         variants["keras-sync"] = lambda: keras.layers.BatchNormalization(synchronized=True)
+    if backend.name == "mpi":
+        from syncbn.collectives.mpi import MPICommunicator
+
+        # The same MPI protocol with mpi4py called from tf.numpy_function.
+        variants["sync-numpy_function"] = lambda: syncbn.SyncBatchNormalization(
+            communicator=MPICommunicator(backend.comm))
     return variants
 
 
