@@ -122,7 +122,11 @@ class MpiAllSumOp : public OpKernel {
         std::fflush(stderr);
         MPI_Abort(comm_, kTimeoutExitCode);
       }
-      if (now > spin_until) std::this_thread::sleep_for(kPollInterval);
+      if (now > spin_until) {
+        std::this_thread::sleep_for(kPollInterval);
+      } else {
+        std::this_thread::yield();
+      }
       MPI_Test(request, &done, MPI_STATUS_IGNORE);
     }
   }
