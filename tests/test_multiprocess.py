@@ -119,23 +119,42 @@ def _check_summed_parameter_gradients(out_dir, counts, layouts, steps, offset=0.
             assert relative_error(r[f"moving_variance_{steps - 1}"], reference.moving_variance.numpy()) < 2e-4
 
 
-# The MPI communicator has two kernels; the default (compiled) runs in every MPI
-# test, and these pin each one (SYNCBN_MPI_KERNEL=compiled fails rather than fall back).
-BACKEND_KERNELS = [("horovod", None), ("mpi", "compiled"), ("mpi", "numpy_function"), ("tf", None)]
+# How each communicator sums: the MPI communicator has two kernels, and under
+# mpirun the Horovod communicator sums over MPI directly unless told not to.
+# (launcher, --backend, extra environment, the `kernel=` every line must show);
+# SYNCBN_MPI_KERNEL=compiled fails rather than fall back.
+SUM_PATHS = {
+    "horovod-gloo": ("horovodrun", "horovod", {}, "hvd.allreduce"),
+    "horovod-mpi": ("mpirun", "horovod", {}, "mpi-direct"),
+    "horovod-mpi-queue": ("mpirun", "horovod", {"SYNCBN_HOROVOD_DIRECT_MPI": "0"}, "hvd.allreduce"),
+    "mpi-compiled": ("mpirun", "mpi", {"SYNCBN_MPI_KERNEL": "compiled"}, "compiled"),
+    "mpi-numpy_function": ("mpirun", "mpi", {"SYNCBN_MPI_KERNEL": "numpy_function"}, "numpy_function"),
+    "tf": ("tf", "tf", {}, "-"),
+}
 
 
-def _kernel_env(kernel):
-    return {"SYNCBN_MPI_KERNEL": kernel} if kernel else {}
+def _run_path(path, np_, args):
+    launcher, backend, env, _ = SUM_PATHS[path]
+    args = ["--backend", backend] + args
+    if launcher == "horovodrun":
+        return _horovodrun(np_, args, **env)
+    if launcher == "mpirun":
+        return _mpirun(np_, args, **env)
+    return _tf_workers(np_, args)
 
 
-@pytest.mark.parametrize("backend,kernel", BACKEND_KERNELS)
-def test_three_ranks_uneven_with_empty_rank_match_global_batch(backend, kernel, tmp_path):
+def _check_sum_path(path, lines):
+    kernel = SUM_PATHS[path][3]
+    assert all(f"kernel={kernel} " in line for line in lines), lines
+
+
+@pytest.mark.parametrize("path", list(SUM_PATHS))
+def test_three_ranks_uneven_with_empty_rank_match_global_batch(path, tmp_path):
     counts, layouts, steps = [4, 0, 7], ["2d", "nhwc", "ncw"], 3
-    result = _run(backend, 3, ["--backend", backend, "--counts", "4,0,7", "--steps", str(steps),
-                               "--out", str(tmp_path)], **_kernel_env(kernel))
+    result = _run_path(path, 3, ["--counts", "4,0,7", "--steps", str(steps), "--out", str(tmp_path)])
     lines = _check_job(result, expected_lines=3 * len(layouts))
     assert sum("rows=0 " in line for line in lines) == len(layouts)  # the empty rank took part
-    assert all(f"kernel={kernel or '-'} " in line for line in lines), lines
+    _check_sum_path(path, lines)
     _check_summed_parameter_gradients(str(tmp_path), counts, layouts, steps)
 
 
@@ -148,11 +167,10 @@ def test_large_offset_across_ranks(backend, offset):
     assert all("reference=float64" in line for line in lines)
 
 
-@pytest.mark.parametrize("backend", ["horovod", "mpi"])
-def test_group_size_syncs_within_consecutive_groups(backend):
-    result = _run(backend, 4, ["--backend", backend, "--counts", "3,2,0,5", "--layouts", "2d,nhwc",
-                               "--group-size", "2"])
-    _check_job(result, expected_lines=8)
+@pytest.mark.parametrize("path", ["horovod-gloo", "horovod-mpi", "mpi-compiled"])
+def test_group_size_syncs_within_consecutive_groups(path):
+    result = _run_path(path, 4, ["--counts", "3,2,0,5", "--layouts", "2d,nhwc", "--group-size", "2"])
+    _check_sum_path(path, _check_job(result, expected_lines=8))
 
 
 @pytest.mark.parametrize("backend", ["horovod", "mpi"])

@@ -7,13 +7,27 @@ Horovod matches collectives by name, so the ranks may reach the layers in
 different orders without mixing statistics; a rank that never reaches one
 stalls the job. `init_horovod` sets Horovod's stall shutdown so such a job
 fails after `SYNCBN_COLLECTIVE_TIMEOUT` seconds instead of hanging forever.
+
+Latency. Sync BN's sums are small and strictly sequential, and each
+`hvd.allreduce` waits for Horovod's background cycle (1 ms by default) and
+its negotiation. So when Horovod runs on MPI (under `mpirun`, or
+`horovodrun` without `--gloo`), the sums bypass Horovod's queue: the MPI
+communicator's compiled kernel sums them on an MPI communicator with the
+same ranks, microseconds instead of a cycle, while Horovod keeps the gradient
+all-reduce. That needs MPI_THREAD_MULTIPLE (Horovod asks for it), mpi4py,
+and the kernel (built on first use); every rank must be able to take that
+path, or they all use `hvd.allreduce`. `SYNCBN_HOROVOD_DIRECT_MPI=0` turns
+it off. Under Gloo, where there is no MPI, `init_horovod` shortens Horovod's
+cycle to 0.1 ms instead.
 """
 
+import functools
 import os
+import warnings
 
 from syncbn.collectives.base import Communicator, collective_timeout_seconds, consecutive_groups
 
-DEFAULT_CYCLE_TIME_MS = 0.1
+DEFAULT_GLOO_CYCLE_TIME_MS = 0.1
 
 
 def _hvd():
@@ -49,9 +63,14 @@ def init_horovod(group_size=None):
 
     It also sets, unless already set, `HOROVOD_STALL_SHUTDOWN_TIME_SECONDS`
     to the collective timeout, so a rank that never joins a collective fails
-    the job rather than hanging it, and `HOROVOD_CYCLE_TIME` to 0.1 ms, so
-    that the small sequential collectives of sync BN are not each delayed by
-    Horovod's default 1 ms cycle.
+    the job rather than hanging it, and, when Horovod's controller is Gloo
+    (`HOROVOD_CONTROLLER=gloo`, as `horovodrun --gloo` and `syncbn-launch
+    --horovod-controller gloo` set), `HOROVOD_CYCLE_TIME` to 0.1 ms, so that
+    the small sequential collectives of sync BN are not each delayed by
+    Horovod's default 1 ms cycle. On MPI the BN sums bypass Horovod's cycle
+    (see the module docstring) and Horovod's default is kept: a 0.1 ms cycle
+    keeps Horovod's background thread polling, which costs compute where
+    ranks share cores.
 
     Args:
         group_size: the `group_size` your SyncBatchNormalization layers use,
@@ -65,9 +84,10 @@ def init_horovod(group_size=None):
     os.environ.setdefault(
         "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(int(collective_timeout_seconds()))
     )
-    # Sync BN's collectives are small and sequential: their cost is Horovod's
-    # cycle latency (1 ms by default), so a short cycle keeps them cheap.
-    os.environ.setdefault("HOROVOD_CYCLE_TIME", str(DEFAULT_CYCLE_TIME_MS))
+    if os.environ.get("HOROVOD_CONTROLLER", "").lower() == "gloo":
+        # On Gloo sync BN's small sequential collectives go through Horovod's
+        # cycle (1 ms by default), so a short cycle keeps them cheap.
+        os.environ.setdefault("HOROVOD_CYCLE_TIME", str(DEFAULT_GLOO_CYCLE_TIME_MS))
     if hvd.is_initialized():
         return hvd
     world_size = int(os.environ.get("HOROVOD_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE", "1")))
@@ -77,13 +97,18 @@ def init_horovod(group_size=None):
 
 
 class HorovodCommunicator(Communicator):
-    """Sums with `hvd.allreduce(op=hvd.Sum)`, optionally within a process set."""
+    """Sums with `hvd.allreduce(op=hvd.Sum)`, optionally within a process set.
+
+    With `direct` (an `MPICommunicator` over the same ranks), sums go through
+    it instead of Horovod's queue.
+    """
 
     name = "horovod"
 
-    def __init__(self, hvd, process_set=None):
+    def __init__(self, hvd, process_set=None, direct=None):
         self._hvd = hvd
         self._process_set = process_set
+        self._direct = direct
 
     @property
     def num_replicas(self):
@@ -91,11 +116,82 @@ class HorovodCommunicator(Communicator):
             return self._hvd.size()
         return len(self._process_set.ranks)
 
+    @property
+    def kernel(self):
+        """`"mpi-direct"` or `"hvd.allreduce"`: what runs the sum."""
+        return "hvd.allreduce" if self._direct is None else "mpi-direct"
+
+    def __repr__(self):
+        return f"<HorovodCommunicator num_replicas={self.num_replicas} kernel={self.kernel}>"
+
     def all_sum(self, tensor, name):
+        if self._direct is not None:
+            return self._direct.all_sum(tensor, name)
         kwargs = {"op": self._hvd.Sum, "name": name.replace("/", "_")}
         if self._process_set is not None:
             kwargs["process_set"] = self._process_set
         return self._hvd.allreduce(tensor, **kwargs)
+
+
+def _direct_mpi_wanted():
+    value = os.environ.get("SYNCBN_HOROVOD_DIRECT_MPI", "auto")
+    if value not in ("auto", "0"):
+        raise ValueError(
+            "Environment variable `SYNCBN_HOROVOD_DIRECT_MPI` must be 'auto' or '0'. "
+            f"Received: SYNCBN_HOROVOD_DIRECT_MPI={value!r}"
+        )
+    return value == "auto"
+
+
+def _direct_mpi_obstacle(hvd):
+    """Why this rank cannot sum over MPI beside Horovod, or None if it can."""
+    if not hvd.mpi_enabled():
+        return "Horovod does not run on MPI"
+    try:
+        from mpi4py import MPI
+    except ImportError as error:
+        return f"mpi4py is missing ({error})"
+    world = MPI.COMM_WORLD
+    if (world.Get_size(), world.Get_rank()) != (hvd.size(), hvd.rank()):
+        return "Horovod's ranks are not MPI_COMM_WORLD's"
+    if MPI.Query_thread() != MPI.THREAD_MULTIPLE:
+        return "MPI was not initialized with MPI_THREAD_MULTIPLE"
+    from syncbn.collectives import mpi_op
+
+    if mpi_op.requested_kernel() == "numpy_function":
+        return "SYNCBN_MPI_KERNEL=numpy_function"
+    try:
+        mpi_op.build()
+    except mpi_op.BuildError as error:
+        return f"the compiled MPI kernel is unavailable: {error}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _direct_mpi(group_size):
+    """The MPICommunicator that replaces hvd.allreduce for BN sums, or None.
+
+    Every rank takes part in one MPI all-reduce (the first time a layer
+    resolves its communicator, at the same point on every rank), so that
+    either all of them use MPI directly or none does.
+    """
+    hvd = _hvd()
+    if not _direct_mpi_wanted() or not hvd.mpi_enabled():
+        return None  # the same answer on every rank: no collective needed
+    obstacle = _direct_mpi_obstacle(hvd)
+    from mpi4py import MPI
+
+    if not MPI.COMM_WORLD.allreduce(obstacle is None, op=MPI.LAND):
+        warnings.warn(
+            "syncbn: Horovod runs on MPI, but BN sums go through hvd.allreduce (one "
+            "Horovod cycle each) because a rank cannot sum over MPI directly; this "
+            f"rank: {obstacle or 'can; another cannot'}.", RuntimeWarning, stacklevel=2,
+        )
+        return None
+    from syncbn.collectives import mpi_op
+    from syncbn.collectives.mpi import MPICommunicator, _group_comm
+
+    return MPICommunicator(_group_comm(group_size), mpi_op.load())
 
 
 def _find_process_set(hvd, ranks):
@@ -113,8 +209,9 @@ def horovod_communicator(group_size=None):
     hvd = _hvd()
     world_size = hvd.size()
     groups = process_sets_for(world_size, group_size)
+    direct = _direct_mpi(group_size)
     if not groups:
-        return HorovodCommunicator(hvd)
+        return HorovodCommunicator(hvd, direct=direct)
     my_ranks = groups[hvd.rank() // group_size]
     process_set = _find_process_set(hvd, my_ranks)
     if process_set is None:
@@ -123,4 +220,4 @@ def horovod_communicator(group_size=None):
             f"ranks (this rank's: {my_ranks}), and none was declared. Initialize "
             f"Horovod with `syncbn.init_horovod(group_size={group_size})`."
         )
-    return HorovodCommunicator(hvd, process_set)
+    return HorovodCommunicator(hvd, process_set, direct=direct)

@@ -203,9 +203,9 @@ def main(argv=None):
     import syncbn
     from syncbn import collectives
 
-    # The MPI communicator reports which kernel sums (compiled or numpy_function).
+    # The MPI and Horovod communicators report what sums (e.g. compiled, mpi-direct).
     kernel = "-"
-    if args.backend == "mpi" or (args.backend == "auto" and collectives.detect() == "mpi"):
+    if strategy is None:
         kernel = collectives.resolve(communicator, args.group_size).kernel
     counts = [int(c) for c in args.counts.split(",")] if args.counts else [(4, 0, 7)[i % 3] for i in range(world_size)]
     if len(counts) != world_size:
