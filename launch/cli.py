@@ -24,12 +24,14 @@ from launch.supervisor import Supervisor
 
 logger = logging.getLogger("launch")
 ENV_PREFIX = "SYNCBN_LAUNCH_"
-# Measured with bench/sync_step.py; see the README's performance section.
-DEFAULT_HOROVOD_CYCLE_TIME_MS = 0.1
 
 
 def _env(name, default=None):
     return os.environ.get(ENV_PREFIX + name, default)
+
+
+def _float_or_none(value):
+    return None if value in (None, "") else float(value)
 
 
 def build_parser():
@@ -71,19 +73,24 @@ def build_parser():
     backend = parser.add_argument_group("backend")
     backend.add_argument(
         "--backend", choices=BACKENDS, default=_env("BACKEND"),
-        help="horovod (Gloo), tf (TF_CONFIG for MultiWorkerMirroredStrategy) or mpi "
+        help="horovod (over MPI or Gloo, see --horovod-controller), tf (TF_CONFIG for "
+             "MultiWorkerMirroredStrategy) or mpi "
              "(mpirun) (default: horovod if installed, else tf if TensorFlow is "
              "installed, else mpi; env SYNCBN_LAUNCH_BACKEND)")
     backend.add_argument(
+        "--horovod-controller", choices=("auto", "mpi", "gloo"),
+        default=_env("HOROVOD_CONTROLLER", "auto"),
+        help="how Horovod ranks start and talk, as with horovodrun: mpi (mpirun; syncbn "
+             "then sums BN statistics over MPI directly) or gloo (Horovod's rendezvous); "
+             "auto: mpi if Horovod was built with MPI and mpirun is on PATH, else gloo "
+             "(default: auto; env SYNCBN_LAUNCH_HOROVOD_CONTROLLER)")
+    backend.add_argument(
         "--horovod-cycle-time", type=float, metavar="MS",
-        default=float(_env("HOROVOD_CYCLE_TIME") or os.environ.get("HOROVOD_CYCLE_TIME")
-                      or DEFAULT_HOROVOD_CYCLE_TIME_MS),
-        help="HOROVOD_CYCLE_TIME for the ranks, in ms. Sync BN adds small collectives "
-             "that run one after another, so their cost is Horovod's cycle latency, not "
-             "bandwidth; a short cycle keeps it near zero, and gradients still travel "
-             f"fused when they are all-reduced as a group (default: "
-             f"{DEFAULT_HOROVOD_CYCLE_TIME_MS}, or HOROVOD_CYCLE_TIME if set; Horovod's own "
-             "default is 1; env SYNCBN_LAUNCH_HOROVOD_CYCLE_TIME)")
+        default=_float_or_none(_env("HOROVOD_CYCLE_TIME") or os.environ.get("HOROVOD_CYCLE_TIME")),
+        help="HOROVOD_CYCLE_TIME for the ranks, in ms (default: HOROVOD_CYCLE_TIME if set; "
+             "else 0.1 on Gloo, where sync BN's small sequential collectives each wait "
+             "for a cycle, and Horovod's own 1 on MPI, where they do not and a shorter "
+             "cycle only keeps Horovod's thread busy; env SYNCBN_LAUNCH_HOROVOD_CYCLE_TIME)")
     backend.add_argument(
         "--network-interface", default=_env("NETWORK_INTERFACE"), metavar="IFACE",
         help="interface the ranks talk over (Gloo iface, mpirun btl/oob); needed only "

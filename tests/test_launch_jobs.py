@@ -18,17 +18,31 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOBS_DIR = os.path.join(REPO, "tests", "launch_jobs")
-BACKENDS = ("horovod", "mpi", "tf")
+# Launcher arguments per backend under test; "horovod" is the default (MPI here,
+# since Horovod is built with MPI), "horovod-gloo" the Gloo controller.
+BACKEND_ARGS = {
+    "horovod": ["--backend", "horovod"],
+    "horovod-gloo": ["--backend", "horovod", "--horovod-controller", "gloo"],
+    "mpi": ["--backend", "mpi"],
+    "tf": ["--backend", "tf"],
+}
+BACKENDS = tuple(BACKEND_ARGS)
+
+
+def job_backend(backend):
+    """The backend name the job scripts take."""
+    return backend.split("-")[0]
 
 # Job scripts of the happy-path tests: name -> function(backend, num_proc) -> argv.
 # Each must exit 0 on success; adding a script is one line here.
 JOB_SCRIPTS = {
     "collective_check": lambda backend, num_proc: [
-        sys.executable, os.path.join(JOBS_DIR, "collective_check.py"), backend],
+        sys.executable, os.path.join(JOBS_DIR, "collective_check.py"), job_backend(backend)],
     # SyncBatchNormalization against Keras BN on the global batch, uneven counts
     # with an empty rank, checked on every rank.
     "exactness": lambda backend, num_proc: [
-        sys.executable, os.path.join(REPO, "tests", "jobs", "exactness.py"), "--backend", backend,
+        sys.executable, os.path.join(REPO, "tests", "jobs", "exactness.py"),
+        "--backend", job_backend(backend),
         "--counts", ",".join(str((4, 0, 7, 2)[r % 4]) for r in range(num_proc)),
         "--layouts", "2d,nhwc", "--steps", "2"],
 }
@@ -110,7 +124,7 @@ def test_job_succeeds(job, backend, topology, tmp_path):
     args = TOPOLOGIES[topology]
     num_proc = int(args[args.index("-np") + 1])
     result = subprocess.run(
-        launcher(*args, "--backend", backend, "--timeout", "150", "--output-dir", str(tmp_path),
+        launcher(*args, *BACKEND_ARGS[backend], "--timeout", "150", "--output-dir", str(tmp_path),
                  "--", *JOB_SCRIPTS[job](backend, num_proc)),
         cwd=REPO, capture_output=True, text=True, timeout=200)
     output = result.stdout + result.stderr
@@ -124,9 +138,16 @@ def test_job_succeeds(job, backend, topology, tmp_path):
             assert f"rank={rank} size={num_proc}" in log
             # Simulated hosts: each rank sees only its namespace's interfaces.
             assert ("ifaces=lo,sbn0" in log) == (topology == "2-simulated-hosts"), log
+            if backend.startswith("horovod"):
+                controller = "gloo" if backend == "horovod-gloo" else "mpi"
+                assert f"horovod_controller={controller}" in log, log
         if job == "exactness":
             assert f"exactness rank={rank}/{num_proc} " in log, log
             assert log.count(" ok ") == 2 and "FAIL" not in log, log
+            if backend.startswith("horovod"):
+                # Over MPI, BN sums bypass Horovod's queue; over Gloo they cannot.
+                kernel = "hvd.allreduce" if backend == "horovod-gloo" else "mpi-direct"
+                assert log.count(f"kernel={kernel} ") == 2, log
     assert not any(line and not line.startswith("[") for line in result.stdout.splitlines()), (
         "every output line must carry a [rank] prefix")
 
@@ -136,7 +157,7 @@ def test_crash_of_one_rank_stops_all_within_10_s(backend):
     marker = f"syncbn-crash-{uuid.uuid4().hex}"
     started = time.monotonic()
     result = subprocess.run(
-        launcher("-np", "3", "--backend", backend, "--",
+        launcher("-np", "3", *BACKEND_ARGS[backend], "--",
                  *hang_job(marker, "--fail-rank", "1", "--fail-code", "3", "--fail-after", "1")),
         cwd=REPO, capture_output=True, text=True, timeout=60)
     elapsed = time.monotonic() - started
@@ -150,12 +171,13 @@ def test_crash_of_one_rank_stops_all_within_10_s(backend):
 
 
 @pytest.mark.parametrize("backend,simulate", [
-    ("horovod", False), ("mpi", False), ("tf", False), ("mpi", True), ("horovod", True)])
+    ("horovod", False), ("horovod-gloo", False), ("mpi", False), ("tf", False), ("mpi", True),
+    ("horovod-gloo", True)])
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_stopping_the_launcher_leaves_no_orphans(backend, simulate, signum):
     marker = f"syncbn-stop-{uuid.uuid4().hex}"
     topology = ["-np", "4", "--simulate-hosts", "2"] if simulate else ["-np", "2"]
-    run = RunningLauncher(launcher(*topology, "--backend", backend, "--", *hang_job(marker)))
+    run = RunningLauncher(launcher(*topology, *BACKEND_ARGS[backend], "--", *hang_job(marker)))
     try:
         run.wait_for(r"^\[\d+\] rank \d+ pid \d+ started", int(topology[1]))
         run.process.send_signal(signum)
@@ -179,11 +201,11 @@ def test_stopping_the_launcher_leaves_no_orphans(backend, simulate, signum):
             assert f"sbn-{run.process.pid}-" not in listing.stdout
 
 
-@pytest.mark.parametrize("backend", ["horovod", "mpi"])
+@pytest.mark.parametrize("backend", ["horovod-gloo", "mpi"])
 def test_timeout_ends_a_hanging_job(backend):
     marker = f"syncbn-timeout-{uuid.uuid4().hex}"
     result = subprocess.run(
-        launcher("-np", "2", "--backend", backend, "--timeout", "3", "--", *hang_job(marker)),
+        launcher("-np", "2", *BACKEND_ARGS[backend], "--timeout", "3", "--", *hang_job(marker)),
         cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 124, result.stdout + result.stderr
     assert "job timed out after 3 s (--timeout)" in result.stderr

@@ -274,7 +274,8 @@ def test_cli_defaults_and_command(monkeypatch):
     args = _args(["-np", "2", "--", "python", "t.py", "--flag"])
     assert args.command == ["python", "t.py", "--flag"]
     assert args.backend is None and args.timeout is None and args.grace_period == 3.0
-    assert args.horovod_cycle_time == 0.1 and args.simulate_hosts is None
+    assert args.horovod_cycle_time is None and args.simulate_hosts is None
+    assert args.horovod_controller == "auto"
 
 
 def test_cli_keeps_a_users_horovod_cycle_time(monkeypatch):
@@ -342,3 +343,65 @@ def test_launcher_imports_neither_tensorflow_nor_horovod():
             "sys.exit(str(bad) if bad else 0)")
     subprocess.run([sys.executable, "-c", code], check=True,
                    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+# --- Horovod controller ----------------------------------------------------------------------
+
+def test_horovod_controller_resolution():
+    from launch.backends.horovod import resolve_controller
+
+    def never():
+        raise AssertionError("mpi_built() should not be asked")
+
+    assert resolve_controller("gloo", mpirun="/usr/bin/mpirun", mpi_built=never) == "gloo"
+    assert resolve_controller("auto", mpirun=None, mpi_built=never) == "gloo"
+    assert resolve_controller("auto", mpirun="mpirun", mpi_built=lambda: False) == "gloo"
+    assert resolve_controller("auto", mpirun="mpirun", mpi_built=lambda: True) == "mpi"
+    assert resolve_controller("mpi", mpirun="mpirun", mpi_built=lambda: True) == "mpi"
+    with pytest.raises(FileNotFoundError, match="needs Open MPI's `mpirun`"):
+        resolve_controller("mpi", mpirun=None, mpi_built=lambda: True)
+    with pytest.raises(RuntimeError, match="built without MPI"):
+        resolve_controller("mpi", mpirun="mpirun", mpi_built=lambda: False)
+    with pytest.raises(ValueError, match="Received: --horovod-controller='nccl'"):
+        resolve_controller("nccl", mpirun="mpirun", mpi_built=lambda: True)
+
+
+def test_horovod_mpi_built_asks_once_per_build(tmp_path, monkeypatch):
+    from launch.backends import horovod as horovod_backend
+
+    monkeypatch.setenv("SYNCBN_CACHE_DIR", str(tmp_path / "cache"))
+    calls = tmp_path / "calls"
+    probe = tmp_path / "python"
+    probe.write_text(f'#!/bin/sh\necho call >> "{calls}"\necho 1\n')
+    probe.chmod(0o755)
+    assert horovod_backend.horovod_mpi_built(python=str(probe)) is True
+    assert horovod_backend.horovod_mpi_built(python=str(probe)) is True
+    assert calls.read_text().count("call") == 1  # the second answer came from the cache
+
+
+def test_horovod_over_mpi_runs_mpirun_with_horovod_variables(monkeypatch):
+    import argparse
+
+    from launch.backends import Placement
+    from launch.backends import horovod as horovod_backend
+    from launch.hosts import Host, assign_ranks
+
+    monkeypatch.setattr(horovod_backend, "horovod_mpi_built", lambda: True)
+    monkeypatch.delenv("HOROVOD_CYCLE_TIME", raising=False)
+    hosts = [Host("localhost", 2)]
+    placement = Placement(assign_ranks(hosts, 2), hosts, {}, {}, "127.0.0.1", "lo",
+                          ["python", "t.py"], "/w", cpus=2)
+    for cycle, expected in ((None, None), (0.5, "0.5")):
+        options = argparse.Namespace(horovod_controller="auto", horovod_cycle_time=cycle)
+        backend = horovod_backend.HorovodBackend(options)
+        try:
+            [spec] = backend.workers(placement)
+        finally:
+            backend.close()
+        assert spec.label == "mpirun" and "-x" in spec.argv
+        forwarded = {spec.argv[i + 1] for i, word in enumerate(spec.argv) if word == "-x"}
+        assert {"HOROVOD_CONTROLLER", "HOROVOD_CPU_OPERATIONS"} <= forwarded
+        assert (spec.env["HOROVOD_CONTROLLER"], spec.env["HOROVOD_CPU_OPERATIONS"]) == ("mpi", "mpi")
+        # Horovod's own cycle unless asked: BN sums do not wait for it on MPI.
+        assert spec.env.get("HOROVOD_CYCLE_TIME") == expected
+        assert ("HOROVOD_CYCLE_TIME" in forwarded) == (expected is not None)

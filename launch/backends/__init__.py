@@ -3,8 +3,10 @@
 Every backend turns a `Placement` (ranks, hosts, how to reach them) into the
 `WorkerSpec`s the supervisor runs:
 
-- `horovod`: one process per rank with `HOROVOD_*` Gloo variables and Horovod's own
-  rendezvous server running in the launcher (`hvd.init()` just works).
+- `horovod`: like horovodrun, over MPI (the `mpi` backend's `mpirun`, Horovod's MPI
+  controller) when Horovod was built with MPI and `mpirun` is on PATH, else one
+  process per rank with `HOROVOD_*` Gloo variables and Horovod's own rendezvous
+  server running in the launcher; `hvd.init()` just works either way.
 - `tf`: one process per rank with a `TF_CONFIG` (`MultiWorkerMirroredStrategy()` just works).
 - `mpi`: a single `mpirun`, whose ranks pass through `launch.mpi_rank` to get the
   same variables and `[rank]` output prefixes.

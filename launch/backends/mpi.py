@@ -103,8 +103,9 @@ def describe_mpirun_failure(lines, exit_code):
 class MpiBackend:
     name = "mpi"
 
-    def __init__(self, options):
+    def __init__(self, options, extra_env=None):
         del options
+        self._extra_env = dict(extra_env or {})  # added to every rank's environment
         self._tmpdir = None
 
     def _write_rsh_agent(self):
@@ -121,6 +122,7 @@ class MpiBackend:
         if mpirun is None:
             raise FileNotFoundError("`--backend mpi` needs Open MPI's `mpirun` on PATH")
         env = dict(os.environ)
+        env.update(self._extra_env)
         env["PYTHONUNBUFFERED"] = "1"
         rsh_agent = None
         if placement.network is not None:
@@ -132,7 +134,7 @@ class MpiBackend:
                 os.path.abspath(__file__))))
             env["PYTHONPATH"] = os.pathsep.join(
                 p for p in (package_root, env.get("PYTHONPATH")) if p)
-        names = [n for n in (*FORWARDED, *placement.exported) if n in env]
+        names = [n for n in (*FORWARDED, *self._extra_env, *placement.exported) if n in env]
         argv = mpirun_command(placement, mpirun=mpirun, rsh_agent=rsh_agent,
                               is_root=os.geteuid() == 0, job_env_names=names)
         return [WorkerSpec(
