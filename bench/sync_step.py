@@ -26,6 +26,9 @@ Variants (same seed, same initial weights):
 * `local`: `keras.layers.BatchNormalization()`, no BN sync, same gradient
   all-reduce;
 * `keras-sync` (tf only): `keras.layers.BatchNormalization(synchronized=True)`;
+* `sync-hvd.allreduce` (horovod over MPI only): syncbn with its sums sent
+  through `hvd.allreduce` (Horovod's queue and cycle) instead of directly
+  over MPI, to show what bypassing Horovod saves;
 * `sync-numpy_function` (mpi only): syncbn with the MPI communicator's
   fallback kernel (mpi4py from `tf.numpy_function`) instead of its compiled
   kernel, to show what the compiled kernel saves.
@@ -74,7 +77,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=["auto", "horovod", "mpi", "tf"], default="auto",
                         help="auto (default): from the launcher's environment (TF_CONFIG: tf, "
-                             "HOROVOD_RANK: horovod, OMPI_COMM_WORLD_SIZE/PMI_SIZE: mpi)")
+                             "HOROVOD_RANK or HOROVOD_CONTROLLER: horovod, OMPI_COMM_WORLD_SIZE/PMI_SIZE: mpi)")
     parser.add_argument("--rounds", type=int, default=20,
                         help="round-robin rounds (default 20)")
     parser.add_argument("--repeat", type=int, default=3,
@@ -93,13 +96,13 @@ def parse_args(argv=None):
 def detect_backend():
     if "TF_CONFIG" in os.environ:
         return "tf"
-    if "HOROVOD_RANK" in os.environ:
-        return "horovod"
+    if "HOROVOD_RANK" in os.environ or "HOROVOD_CONTROLLER" in os.environ:
+        return "horovod"  # Gloo sets both; the launcher's Horovod over MPI the controller
     if "OMPI_COMM_WORLD_SIZE" in os.environ or "PMI_SIZE" in os.environ:
         return "mpi"
     raise RuntimeError(
         "bench/sync_step.py runs under the launcher, e.g. `python -m launch -np 2 "
-        "--backend horovod -- python bench/sync_step.py`; no TF_CONFIG, HOROVOD_RANK "
+        "--backend horovod -- python bench/sync_step.py`; no TF_CONFIG, HOROVOD_* "
         "or MPI environment was found. Pass --backend to override.")
 
 
@@ -134,9 +137,13 @@ class HorovodBackend(Backend):
         return self.hvd.grouped_allreduce(grads, op=self.hvd.Average)
 
     def settings(self):
+        from syncbn.collectives.horovod import horovod_communicator
+
         cycle = os.environ.get("HOROVOD_CYCLE_TIME")
         fusion = os.environ.get("HOROVOD_FUSION_THRESHOLD")
         return {
+            "Horovod controller": "mpi" if self.hvd.mpi_enabled() else "gloo",
+            "sync's BN sums": horovod_communicator().kernel,
             "HOROVOD_CYCLE_TIME": cycle or f"unset (Horovod default {HOROVOD_DEFAULT_CYCLE_TIME_MS:g} ms)",
             "HOROVOD_FUSION_THRESHOLD": fusion
             or f"unset (Horovod default {HOROVOD_DEFAULT_FUSION_THRESHOLD} bytes)",
@@ -300,6 +307,12 @@ def variants_for(backend):
     }
     if backend.name == "tf":
         variants["keras-sync"] = lambda: keras.layers.BatchNormalization(synchronized=True)
+    if backend.name == "horovod" and backend.hvd.mpi_enabled():
+        from syncbn.collectives.horovod import HorovodCommunicator
+
+        # On MPI syncbn's BN sums bypass Horovod; this one sends them through it.
+        variants["sync-hvd.allreduce"] = lambda: syncbn.SyncBatchNormalization(
+            communicator=HorovodCommunicator(backend.hvd))
     if backend.name == "mpi":
         from syncbn.collectives.mpi import MPICommunicator
 

@@ -72,7 +72,8 @@ def parse_args(argv=None):
 def setup_backend(backend, group_size):
     """Returns `(rank, world_size, communicator, strategy_or_None)`."""
     if backend == "auto":
-        backend = "horovod" if "HOROVOD_RANK" in os.environ else (
+        horovod = "HOROVOD_RANK" in os.environ or "HOROVOD_CONTROLLER" in os.environ
+        backend = "horovod" if horovod else (
             "tf" if "TF_CONFIG" in os.environ else "mpi")
         communicator = "auto"
     else:
