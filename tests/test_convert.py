@@ -436,12 +436,19 @@ def test_model_must_be_a_keras_model(value):
 # -- real processes -------------------------------------------------------------
 
 
-def test_two_rank_horovod_training_step_after_conversion():
+# horovodrun --gloo: BN sums through hvd.allreduce; mpirun: directly over MPI.
+LAUNCHERS = {
+    "horovodrun-gloo": ["horovodrun", "-np", "2", "--gloo"],
+    "mpirun": ["mpirun", "-np", "2", "--oversubscribe", "--bind-to", "none"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_rank_horovod_training_step_after_conversion(launcher):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=TESTS_DIR)
     if os.geteuid() == 0:
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    command = ["horovodrun", "-np", "2", "--gloo", sys.executable, TRAIN_STEP_JOB,
-               "--counts", "5,2", "--steps", "3"]
+    command = LAUNCHERS[launcher] + [sys.executable, TRAIN_STEP_JOB, "--counts", "5,2", "--steps", "3"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=JOB_TIMEOUT, env=env)
     output = result.stdout + result.stderr
     lines = [line for line in output.splitlines() if "convert_train_step rank=" in line]
@@ -449,5 +456,7 @@ def test_two_rank_horovod_training_step_after_conversion():
     assert len(lines) == 2, output[-4000:]
     for rank in (0, 1):
         line = next(line for line in lines if f"rank={rank} " in line)
-        assert "bn_converted=3 " in line and "across_ranks_max_abs=0 " in line
+        assert "bn_converted=4 " in line and "across_ranks_max_abs=0 " in line
+        kernel = "mpi-direct" if launcher == "mpirun" else "hvd.allreduce"
+        assert f"kernel={kernel} " in line, line
         assert line.endswith(" OK"), line

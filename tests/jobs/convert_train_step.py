@@ -1,7 +1,7 @@
 """Training steps of a `syncbn.convert`-ed model across Horovod ranks.
 
 Every rank builds the same seeded model with plain `BatchNormalization`
-layers (nested two levels deep), converts a copy with `syncbn.convert`, and
+layers (nested two levels deep, and two on parallel branches), converts a copy with `syncbn.convert`, and
 trains the copy on its own slice of the same seeded global batches (uneven
 slices, `--counts`): local loss summed and divided by the
 global count, gradients summed with `hvd.allreduce(op=hvd.Sum)`. Each rank
@@ -15,6 +15,7 @@ absolute below 1). It
 prints one result line per rank and exits 1 on a mismatch.
 
     horovodrun -np 2 --gloo python tests/jobs/convert_train_step.py --counts 5,2
+    mpirun -np 2 python tests/jobs/convert_train_step.py --counts 5,2   # BN sums over MPI
 """
 
 import argparse
@@ -61,7 +62,13 @@ def build_model():
         block,
     ], name="stem")
     inputs = keras.Input(IMAGE_SHAPE)
-    features = layers.BatchNormalization(momentum=0.9, name="top_bn")(stem(inputs))
+    stem_output = stem(inputs)
+    # Two BN layers on parallel branches: their collectives have no data order
+    # between them, so this also checks that every rank runs them in one order.
+    side = layers.BatchNormalization(momentum=0.6, name="side_bn")(
+        layers.Conv2D(6, 1, use_bias=False)(stem_output))
+    features = layers.Add()([layers.BatchNormalization(momentum=0.9, name="top_bn")(stem_output),
+                             side])
     outputs = layers.Dense(NUM_OUTPUTS)(layers.GlobalAveragePooling2D()(features))
     return keras.Model(inputs, outputs, name="nested")
 
@@ -175,8 +182,11 @@ def main(argv=None):
         failures.append("moving statistics never moved from their initial values")
 
     status = "OK" if not failures else "MISMATCH: " + "; ".join(failures)
+    from syncbn.collectives.horovod import horovod_communicator
+
     print(
         f"convert_train_step rank={rank} size={size} counts={counts} "
+        f"kernel={horovod_communicator().kernel} "
         f"steps={args.steps} bn_converted={num_sync} across_ranks_max_abs={across_ranks:.3g} "
         f"moving_stats_rel_err={stats_error:.3g} weights_rel_err={weights_error:.3g} {status}",
         flush=True,
