@@ -45,12 +45,14 @@ effect (Horovod's own defaults: 1 ms and 128 MiB since Horovod 0.21; the
 launcher and `syncbn.init_horovod` set 0.1 ms unless told otherwise).
 
 `--sweep-cycle-time 0.1,1,5` is a driver mode: it runs the launcher itself
-(horovod backend) `--sweep-repeats` times per value, values interleaved, with
-`--horovod-cycle-time`, and prints one table of the results. Jobs are
+(horovod backend, `--horovod-controller` as given) `--sweep-repeats` times
+per value, values interleaved, with `--horovod-cycle-time`, and prints one
+table of the results. Jobs are
 separate processes, so this comparison is across jobs, not within one: repeat
 it (`--sweep-repeats 3`) on a shared machine.
 
     python bench/sync_step.py --sweep-cycle-time 0.1,1,5 --sweep-repeats 3
+    python bench/sync_step.py --sweep-cycle-time 0.1,1,5 --sweep-repeats 3 --horovod-controller gloo
 """
 
 import argparse
@@ -86,6 +88,9 @@ def parse_args(argv=None):
     parser.add_argument("--sweep-cycle-time", metavar="MS,MS,...",
                         help="driver mode: run the horovod job once per HOROVOD_CYCLE_TIME "
                              "value through the launcher and tabulate (default: off)")
+    parser.add_argument("--horovod-controller", choices=["auto", "mpi", "gloo"], default="auto",
+                        help="for --sweep-cycle-time: the launcher's --horovod-controller "
+                             "(default auto: MPI when Horovod has it)")
     parser.add_argument("--sweep-repeats", type=int, default=1,
                         help="jobs per value for --sweep-cycle-time, interleaved (default 1)")
     parser.add_argument("-np", "--num-proc", type=int, default=2,
@@ -422,7 +427,8 @@ def sweep_cycle_time(args):
             for value in values:
                 path = os.path.join(scratch, f"cycle_{value:g}_{repeat}.json")
                 command = [sys.executable, "-m", "launch", "-np", str(args.num_proc),
-                           "--backend", "horovod", "--horovod-cycle-time", f"{value:g}", "--",
+                           "--backend", "horovod", "--horovod-controller", args.horovod_controller,
+                           "--horovod-cycle-time", f"{value:g}", "--",
                            sys.executable, os.path.abspath(__file__),
                            "--rounds", str(args.rounds), "--repeat", str(args.repeat),
                            "--json", path]
@@ -430,8 +436,11 @@ def sweep_cycle_time(args):
                 subprocess.run(command, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
                 with open(path) as handle:
                     runs[value].append(json.load(handle))
-    print(f"{args.sweep_repeats} job(s) per value, interleaved; each cell is the median over the "
-          "jobs of the job's own medians (ratios: of the job's median per-round ratio)")
+    controllers = sorted({r["settings"].get("Horovod controller", "?") for rs in runs.values()
+                          for r in rs})
+    print(f"Horovod controller: {', '.join(controllers)}; {args.sweep_repeats} job(s) per value, "
+          "interleaved; each cell is the median over the jobs of the job's own medians "
+          "(ratios: of the job's median per-round ratio)")
     print()
     print("| HOROVOD_CYCLE_TIME ms | sync step ms | local step ms | sync/local step "
           "| sync/local per job | sync grad all-reduce ms | local grad all-reduce ms |")
