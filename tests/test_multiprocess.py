@@ -120,16 +120,18 @@ def _check_summed_parameter_gradients(out_dir, counts, layouts, steps, offset=0.
 
 
 # How each communicator sums: the MPI communicator has two kernels, and under
-# mpirun the Horovod communicator sums over MPI directly unless told not to.
+# mpirun the Horovod and tf.distribute communicators sum over MPI directly
+# unless told not to.
 # (launcher, --backend, extra environment, the `kernel=` every line must show);
 # SYNCBN_MPI_KERNEL=compiled fails rather than fall back.
 SUM_PATHS = {
     "horovod-gloo": ("horovodrun", "horovod", {}, "hvd.allreduce"),
     "horovod-mpi": ("mpirun", "horovod", {}, "mpi-direct"),
-    "horovod-mpi-queue": ("mpirun", "horovod", {"SYNCBN_HOROVOD_DIRECT_MPI": "0"}, "hvd.allreduce"),
+    "horovod-mpi-queue": ("mpirun", "horovod", {"SYNCBN_DIRECT_MPI": "0"}, "hvd.allreduce"),
     "mpi-compiled": ("mpirun", "mpi", {"SYNCBN_MPI_KERNEL": "compiled"}, "compiled"),
     "mpi-numpy_function": ("mpirun", "mpi", {"SYNCBN_MPI_KERNEL": "numpy_function"}, "numpy_function"),
-    "tf": ("tf", "tf", {}, "-"),
+    "tf": ("tf", "tf", {}, "tf.distribute"),
+    "tf-mpi": ("syncbn-launch", "tf", {}, "mpi-direct"),
 }
 
 
@@ -140,6 +142,11 @@ def _run_path(path, np_, args):
         return _horovodrun(np_, args, **env)
     if launcher == "mpirun":
         return _mpirun(np_, args, **env)
+    if launcher == "syncbn-launch":  # tf workers under mpirun, TF_CONFIG from the launcher
+        command = [sys.executable, "-m", "launch", "-np", str(np_), "--backend", backend, "--",
+                   sys.executable, EXACTNESS] + args
+        return subprocess.run(command, capture_output=True, text=True, timeout=JOB_TIMEOUT,
+                              env=_env(**env), cwd=os.path.dirname(TESTS_DIR))
     return _tf_workers(np_, args)
 
 

@@ -3,10 +3,13 @@
 Only Horovod's core ops are used (`hvd.init`, `hvd.allreduce`, process
 sets); its Keras helpers are written for Keras 2.
 
-Horovod matches collectives by name, so the ranks may reach the layers in
-different orders without mixing statistics; a rank that never reaches one
-stalls the job. `init_horovod` sets Horovod's stall shutdown so such a job
-fails after `SYNCBN_COLLECTIVE_TIMEOUT` seconds instead of hanging forever.
+Through `hvd.allreduce`, Horovod matches collectives by name, so the ranks
+may reach the layers in different orders without mixing statistics; a rank
+that never reaches one stalls the job, and `init_horovod` sets Horovod's
+stall shutdown so such a job fails after `SYNCBN_COLLECTIVE_TIMEOUT` seconds
+instead of hanging forever. Over MPI directly (below) the sums behave like the
+MPI communicator's: in call order, fingerprinted (ranks at different layers
+raise at once) and with the same timeout.
 
 Latency. Sync BN's sums are small and strictly sequential, and each
 `hvd.allreduce` waits for Horovod's background cycle (1 ms by default) and
@@ -16,14 +19,13 @@ communicator's compiled kernel sums them on an MPI communicator with the
 same ranks, microseconds instead of a cycle, while Horovod keeps the gradient
 all-reduce. That needs MPI_THREAD_MULTIPLE (Horovod asks for it), mpi4py,
 and the kernel (built on first use); every rank must be able to take that
-path, or they all use `hvd.allreduce`. `SYNCBN_HOROVOD_DIRECT_MPI=0` turns
-it off. Under Gloo, where there is no MPI, `init_horovod` shortens Horovod's
+path, or they all use `hvd.allreduce`. `SYNCBN_DIRECT_MPI=0` turns it
+off. Under Gloo, where there is no MPI, `init_horovod` shortens Horovod's
 cycle to 0.1 ms instead.
 """
 
 import functools
 import os
-import warnings
 
 from syncbn.collectives.base import Communicator, collective_timeout_seconds, consecutive_groups
 
@@ -133,65 +135,15 @@ class HorovodCommunicator(Communicator):
         return self._hvd.allreduce(tensor, **kwargs)
 
 
-def _direct_mpi_wanted():
-    value = os.environ.get("SYNCBN_HOROVOD_DIRECT_MPI", "auto")
-    if value not in ("auto", "0"):
-        raise ValueError(
-            "Environment variable `SYNCBN_HOROVOD_DIRECT_MPI` must be 'auto' or '0'. "
-            f"Received: SYNCBN_HOROVOD_DIRECT_MPI={value!r}"
-        )
-    return value == "auto"
-
-
-def _direct_mpi_obstacle(hvd):
-    """Why this rank cannot sum over MPI beside Horovod, or None if it can."""
-    if not hvd.mpi_enabled():
-        return "Horovod does not run on MPI"
-    try:
-        from mpi4py import MPI
-    except ImportError as error:
-        return f"mpi4py is missing ({error})"
-    world = MPI.COMM_WORLD
-    if (world.Get_size(), world.Get_rank()) != (hvd.size(), hvd.rank()):
-        return "Horovod's ranks are not MPI_COMM_WORLD's"
-    if MPI.Query_thread() != MPI.THREAD_MULTIPLE:
-        return "MPI was not initialized with MPI_THREAD_MULTIPLE"
-    from syncbn.collectives import mpi_op
-
-    if mpi_op.requested_kernel() == "numpy_function":
-        return "SYNCBN_MPI_KERNEL=numpy_function"
-    try:
-        mpi_op.build()
-    except mpi_op.BuildError as error:
-        return f"the compiled MPI kernel is unavailable: {error}"
-    return None
-
-
 @functools.lru_cache(maxsize=None)
 def _direct_mpi(group_size):
-    """The MPICommunicator that replaces hvd.allreduce for BN sums, or None.
-
-    Every rank takes part in one MPI all-reduce (the first time a layer
-    resolves its communicator, at the same point on every rank), so that
-    either all of them use MPI directly or none does.
-    """
+    """The MPICommunicator that replaces hvd.allreduce for BN sums, or None."""
     hvd = _hvd()
-    if not _direct_mpi_wanted() or not hvd.mpi_enabled():
+    from syncbn.collectives import mpi
+
+    if not mpi.direct_mpi_wanted() or not hvd.mpi_enabled():
         return None  # the same answer on every rank: no collective needed
-    obstacle = _direct_mpi_obstacle(hvd)
-    from mpi4py import MPI
-
-    if not MPI.COMM_WORLD.allreduce(obstacle is None, op=MPI.LAND):
-        warnings.warn(
-            "syncbn: Horovod runs on MPI, but BN sums go through hvd.allreduce (one "
-            "Horovod cycle each) because a rank cannot sum over MPI directly; this "
-            f"rank: {obstacle or 'can; another cannot'}.", RuntimeWarning, stacklevel=2,
-        )
-        return None
-    from syncbn.collectives import mpi_op
-    from syncbn.collectives.mpi import MPICommunicator, _group_comm
-
-    return MPICommunicator(_group_comm(group_size), mpi_op.load())
+    return mpi.direct_mpi_communicator(hvd.size(), hvd.rank(), group_size, "hvd.allreduce")
 
 
 def _find_process_set(hvd, ranks):

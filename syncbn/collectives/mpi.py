@@ -21,8 +21,10 @@ Two safety nets, because plain MPI cannot match calls by name:
 """
 
 import functools
+import os
 import sys
 import time
+import warnings
 import zlib
 
 import numpy as np
@@ -138,4 +140,60 @@ class MPICommunicator(Communicator):
 
 
 def mpi_communicator(group_size=None):
+    return MPICommunicator(_group_comm(group_size), mpi_op.load())
+
+
+# --- BN sums over MPI beside another framework (Horovod, tf.distribute) -------------
+
+
+def direct_mpi_wanted():
+    """False when `SYNCBN_DIRECT_MPI=0` turns the direct MPI path off."""
+    value = os.environ.get("SYNCBN_DIRECT_MPI", "auto")
+    if value not in ("auto", "0"):
+        raise ValueError(
+            "Environment variable `SYNCBN_DIRECT_MPI` must be 'auto' or '0'. "
+            f"Received: SYNCBN_DIRECT_MPI={value!r}"
+        )
+    return value == "auto"
+
+
+def direct_mpi_obstacle(size, rank):
+    """Why this process cannot sum over MPI for a framework whose replica is `rank`
+    of `size`, or None if it can."""
+    try:
+        from mpi4py import MPI
+    except ImportError as error:
+        return f"mpi4py is missing ({error})"
+    world = MPI.COMM_WORLD
+    if (world.Get_size(), world.Get_rank()) != (size, rank):
+        return (f"MPI_COMM_WORLD rank {world.Get_rank()} of {world.Get_size()} is not the "
+                f"framework's replica {rank} of {size}")
+    if MPI.Query_thread() != MPI.THREAD_MULTIPLE:
+        return "MPI was not initialized with MPI_THREAD_MULTIPLE"
+    if mpi_op.requested_kernel() == "numpy_function":
+        return "SYNCBN_MPI_KERNEL=numpy_function"
+    try:
+        mpi_op.build()
+    except mpi_op.BuildError as error:
+        return f"the compiled MPI kernel is unavailable: {error}"
+    return None
+
+
+def direct_mpi_communicator(size, rank, group_size, framework):
+    """An `MPICommunicator` to sum BN statistics beside `framework`, or None.
+
+    Collective: every rank calls it at the same point (when its layers first
+    resolve their communicator) and takes part in one MPI all-reduce, so that
+    either every rank sums over MPI or none does; a mixed job would hang.
+    """
+    obstacle = direct_mpi_obstacle(size, rank)
+    from mpi4py import MPI
+
+    if not MPI.COMM_WORLD.allreduce(obstacle is None, op=MPI.LAND):
+        warnings.warn(
+            f"syncbn: the job runs under MPI, but BN sums go through {framework} because "
+            f"a rank cannot sum over MPI directly; this rank: {obstacle or 'can; another cannot'}.",
+            RuntimeWarning, stacklevel=3,
+        )
+        return None
     return MPICommunicator(_group_comm(group_size), mpi_op.load())

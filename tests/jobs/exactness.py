@@ -204,10 +204,16 @@ def main(argv=None):
     import syncbn
     from syncbn import collectives
 
-    # The MPI and Horovod communicators report what sums (e.g. compiled, mpi-direct).
-    kernel = "-"
+    # Every communicator but local reports what sums (e.g. compiled, mpi-direct).
     if strategy is None:
         kernel = collectives.resolve(communicator, args.group_size).kernel
+    else:
+        import tensorflow as tf
+
+        with strategy.scope():
+            per_replica = strategy.run(
+                lambda: tf.constant(collectives.resolve(communicator, args.group_size).kernel))
+        kernel = strategy.experimental_local_results(per_replica)[0].numpy().decode()
     counts = [int(c) for c in args.counts.split(",")] if args.counts else [(4, 0, 7)[i % 3] for i in range(world_size)]
     if len(counts) != world_size:
         raise ValueError(f"Argument `--counts` needs one entry per rank ({world_size}). Received: --counts={args.counts}")
