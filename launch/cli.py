@@ -85,6 +85,11 @@ def build_parser():
              "auto: mpi if Horovod was built with MPI and mpirun is on PATH, else gloo "
              "(default: auto; env SYNCBN_LAUNCH_HOROVOD_CONTROLLER)")
     backend.add_argument(
+        "--tf-mpi", choices=("auto", "yes", "no"), default=_env("TF_MPI", "auto"),
+        help="start the tf backend's workers under mpirun (each still gets its TF_CONFIG), so "
+             "that syncbn sums BN statistics over MPI beside the strategy; auto: yes when "
+             "mpirun is on PATH and mpi4py is installed (default: auto; env SYNCBN_LAUNCH_TF_MPI)")
+    backend.add_argument(
         "--horovod-cycle-time", type=float, metavar="MS",
         default=_float_or_none(_env("HOROVOD_CYCLE_TIME") or os.environ.get("HOROVOD_CYCLE_TIME")),
         help="HOROVOD_CYCLE_TIME for the ranks, in ms (default: HOROVOD_CYCLE_TIME if set; "

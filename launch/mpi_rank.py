@@ -1,7 +1,8 @@
 """`python -m launch.mpi_rank -- CMD...`: what mpirun runs for each rank.
 
 1. Rebuilds the rank's `Slot` from `OMPI_COMM_WORLD_*` and sets the variables of
-   `launch.environment.build_rank_env` (job-wide inputs come as `SYNCBN_LAUNCH_*`).
+   `launch.environment.build_rank_env` (job-wide inputs come as `SYNCBN_LAUNCH_*`),
+   and for `--backend tf` its `TF_CONFIG` from `SYNCBN_LAUNCH_TF_WORKERS`.
 2. Forks a small prefixer that copies the rank's stdout and stderr to the real
    stdout as `[rank] line`, one whole line per write (so lines of different ranks
    do not interleave in mpirun's output).
@@ -16,7 +17,7 @@ import select
 import signal
 import sys
 
-from launch.environment import build_rank_env, slot_from_mpi_env
+from launch.environment import build_rank_env, slot_from_mpi_env, tf_config
 
 
 def _alive(pid):
@@ -78,6 +79,9 @@ def main(argv=None):
         shared_machine=os.environ.get("SYNCBN_LAUNCH_SHARED_MACHINE") == "1",
         base_env=os.environ,
     ))
+    tf_workers = os.environ.get("SYNCBN_LAUNCH_TF_WORKERS")
+    if tf_workers:  # `--backend tf` under mpirun: this rank is worker `rank`
+        os.environ["TF_CONFIG"] = tf_config(slot.rank, tf_workers.split(","))
     stdout_fd = os.dup(1)
     read_fd, write_fd = os.pipe()
     rank_pid = os.getpid()

@@ -18,13 +18,15 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOBS_DIR = os.path.join(REPO, "tests", "launch_jobs")
-# Launcher arguments per backend under test; "horovod" is the default (MPI here,
-# since Horovod is built with MPI), "horovod-gloo" the Gloo controller.
+# Launcher arguments per backend under test; "horovod" and "tf" are the defaults
+# (under mpirun here, since Horovod is built with MPI and mpi4py is installed),
+# "horovod-gloo" and "tf-no-mpi" the launcher's other ways to start them.
 BACKEND_ARGS = {
     "horovod": ["--backend", "horovod"],
     "horovod-gloo": ["--backend", "horovod", "--horovod-controller", "gloo"],
     "mpi": ["--backend", "mpi"],
     "tf": ["--backend", "tf"],
+    "tf-no-mpi": ["--backend", "tf", "--tf-mpi", "no"],
 }
 BACKENDS = tuple(BACKEND_ARGS)
 
@@ -144,10 +146,10 @@ def test_job_succeeds(job, backend, topology, tmp_path):
         if job == "exactness":
             assert f"exactness rank={rank}/{num_proc} " in log, log
             assert log.count(" ok ") == 2 and "FAIL" not in log, log
-            if backend.startswith("horovod"):
-                # Over MPI, BN sums bypass Horovod's queue; over Gloo they cannot.
-                kernel = "hvd.allreduce" if backend == "horovod-gloo" else "mpi-direct"
-                assert log.count(f"kernel={kernel} ") == 2, log
+            # Under mpirun, BN sums bypass Horovod's queue and the strategy's all-reduce.
+            kernel = {"horovod": "mpi-direct", "horovod-gloo": "hvd.allreduce", "mpi": "compiled",
+                      "tf": "mpi-direct", "tf-no-mpi": "tf.distribute"}[backend]
+            assert log.count(f"kernel={kernel} ") == 2, log
     assert not any(line and not line.startswith("[") for line in result.stdout.splitlines()), (
         "every output line must carry a [rank] prefix")
 
@@ -171,8 +173,8 @@ def test_crash_of_one_rank_stops_all_within_10_s(backend):
 
 
 @pytest.mark.parametrize("backend,simulate", [
-    ("horovod", False), ("horovod-gloo", False), ("mpi", False), ("tf", False), ("mpi", True),
-    ("horovod-gloo", True)])
+    ("horovod", False), ("horovod-gloo", False), ("mpi", False), ("tf", False),
+    ("tf-no-mpi", False), ("mpi", True), ("horovod-gloo", True)])
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_stopping_the_launcher_leaves_no_orphans(backend, simulate, signum):
     marker = f"syncbn-stop-{uuid.uuid4().hex}"

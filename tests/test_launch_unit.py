@@ -405,3 +405,39 @@ def test_horovod_over_mpi_runs_mpirun_with_horovod_variables(monkeypatch):
         # Horovod's own cycle unless asked: BN sums do not wait for it on MPI.
         assert spec.env.get("HOROVOD_CYCLE_TIME") == expected
         assert ("HOROVOD_CYCLE_TIME" in forwarded) == (expected is not None)
+
+
+def test_tf_mpi_resolution():
+    from launch.backends.tf import resolve_tf_mpi
+
+    assert resolve_tf_mpi("auto", mpirun="mpirun", mpi4py=True) is True
+    assert resolve_tf_mpi("auto", mpirun=None, mpi4py=True) is False
+    assert resolve_tf_mpi("auto", mpirun="mpirun", mpi4py=False) is False
+    assert resolve_tf_mpi("no", mpirun="mpirun", mpi4py=True) is False
+    assert resolve_tf_mpi("yes", mpirun="mpirun", mpi4py=False) is True
+    with pytest.raises(FileNotFoundError, match="needs Open MPI's `mpirun`"):
+        resolve_tf_mpi("yes", mpirun=None, mpi4py=True)
+    with pytest.raises(ValueError, match="Received: --tf-mpi='maybe'"):
+        resolve_tf_mpi("maybe", mpirun="mpirun", mpi4py=True)
+
+
+def test_tf_over_mpi_hands_the_worker_list_to_the_ranks():
+    import argparse
+
+    from launch.backends import Placement
+    from launch.backends.tf import TfBackend
+    from launch.hosts import Host, assign_ranks
+
+    hosts = [Host("localhost", 2)]
+    placement = Placement(assign_ranks(hosts, 2), hosts, {}, {"localhost": "127.0.0.1"},
+                          "127.0.0.1", "lo", ["python", "t.py"], "/w", cpus=2)
+    backend = TfBackend(argparse.Namespace(tf_mpi="yes"))
+    try:
+        [spec] = backend.workers(placement)
+    finally:
+        backend.close()
+    assert spec.label == "mpirun"
+    workers = spec.env["SYNCBN_LAUNCH_TF_WORKERS"].split(",")
+    assert len(workers) == 2 and all(w.startswith("127.0.0.1:") for w in workers)
+    forwarded = {spec.argv[i + 1] for i, word in enumerate(spec.argv) if word == "-x"}
+    assert "SYNCBN_LAUNCH_TF_WORKERS" in forwarded
