@@ -6,6 +6,7 @@ Run it under the launcher, one backend at a time:
     python -m launch -np 2 --backend horovod -- python bench/latency.py
     python -m launch -np 2 --backend horovod --horovod-controller gloo -- python bench/latency.py
     python -m launch -np 2 --backend tf -- python bench/latency.py
+    python -m launch -np 2 --backend tf --tf-mpi no -- python bench/latency.py
 
 One `tf.function` runs a chain of `--chain` all-sums of a float64 vector of
 `2C + 1` values (C = `--channels`, the forward payload of a BN layer), each
@@ -16,7 +17,8 @@ with nothing for ranks to wait on each other for. Paths, each where it exists:
 * mpi: the compiled kernel and the `tf.numpy_function` kernel;
 * horovod over MPI: the direct MPI path syncbn uses and `hvd.allreduce`;
 * horovod over Gloo: `hvd.allreduce`;
-* tf: `ReplicaContext.all_reduce` under MultiWorkerMirroredStrategy.
+* tf: `ReplicaContext.all_reduce` under MultiWorkerMirroredStrategy, and
+  the direct MPI path syncbn uses when the workers run under mpirun.
 
 Paths alternate round-robin, every rank in the same order; rank 0 prints the
 median over `--rounds` of microseconds per all-sum, and the ratio of each
@@ -25,7 +27,6 @@ path to the first.
 
 import argparse
 import os
-import shlex
 import sys
 import time
 
@@ -66,29 +67,34 @@ def communicators(backend):
         return paths
     from syncbn.collectives.tf_distribute import TFDistributeCommunicator
 
-    # Built inside the replica function, where the replica context exists.
-    return {"tf.distribute": TFDistributeCommunicator}
+    # Built inside the replica function, where the replica context exists. Under
+    # mpirun syncbn sums over MPI by default (checked against the label below).
+    paths = {}
+    if os.environ.get("OMPI_COMM_WORLD_SIZE"):
+        paths["mpi-direct"] = TFDistributeCommunicator
+    paths["tf.distribute"] = lambda: TFDistributeCommunicator(direct_mpi=False)
+    return paths
 
 
-def chain_function(backend, communicator, length, payload):
+def chain_function(backend, path, communicator, length, payload):
     import tensorflow as tf
 
-    # An argument, not a constant: Grappler would fold a chain of sums of a
-    # constant through ops it does not know to be stateful (hvd.allreduce).
-    start = tf.ones([payload], tf.float64)
-
-    def replica_chain(x):
-        comm = communicator() if isinstance(communicator, type) else communicator
+    def replica_chain():
+        # Random, not a constant: Grappler would fold a chain of sums of a
+        # constant through ops it does not know to be stateful (hvd.allreduce).
+        x = tf.random.uniform([payload], dtype=tf.float64)
+        comm = communicator() if callable(communicator) else communicator
+        if comm.kernel != path:
+            raise RuntimeError(f"path {path!r} runs on {comm.kernel!r}")
         for index in range(length):
             x = comm.all_sum(x, f"latency/{index}") * (1.0 / comm.num_replicas)
         return x
 
     if backend.strategy is None:
         function = tf.function(autograph=False)(replica_chain)
-        return lambda: function(start).numpy()
-    function = tf.function(autograph=False)(
-        lambda x: backend.strategy.run(replica_chain, args=(x,)))
-    return lambda: backend.strategy.experimental_local_results(function(start))[0].numpy()
+        return lambda: function().numpy()
+    function = tf.function(autograph=False)(lambda: backend.strategy.run(replica_chain))
+    return lambda: backend.strategy.experimental_local_results(function())[0].numpy()
 
 
 def main(argv=None):
@@ -100,7 +106,7 @@ def main(argv=None):
         raise ValueError(f"bench/latency.py needs 2 or more ranks. Received: {backend.size} rank")
     payload = 2 * args.channels + 1
     with backend.scope():
-        functions = {path: chain_function(backend, comm, args.chain, payload)
+        functions = {path: chain_function(backend, path, comm, args.chain, payload)
                      for path, comm in communicators(backend).items()}
     for function in functions.values():
         function()  # trace and warm up
@@ -115,8 +121,7 @@ def main(argv=None):
             samples[path].append((time.perf_counter() - start) / args.chain * 1e6)
     if backend.rank != 0:
         return 0
-    print("command: python -m launch -np "
-          f"{backend.size} --backend {name} -- python " + shlex.join(sys.argv))
+    print("command: " + sync_step.launch_command(backend))
     print(f"{backend.size} ranks, {os.cpu_count()} CPU cores; chains of {args.chain} all-sums "
           f"of {payload} float64; medians over {args.rounds} rounds")
     for key, value in backend.settings().items():

@@ -6,6 +6,11 @@ Run it under the launcher, one backend at a time:
     python -m launch -np 2 --backend mpi -- python bench/sync_step.py
     python -m launch -np 2 --backend tf -- python bench/sync_step.py
 
+and, for the launcher's other transports:
+
+    python -m launch -np 2 --backend horovod --horovod-controller gloo -- python bench/sync_step.py
+    python -m launch -np 2 --backend tf --tf-mpi no -- python bench/sync_step.py
+
 The model: 3 conv blocks of 2 x (3x3 Conv2D, BN, ReLU) and a max-pool, so 6
 BN layers (16, 16, 32, 32, 64, 64 channels), then global average pooling and
 a Dense(10); 32x32x3 inputs, 16 samples per rank. The step is forward,
@@ -29,6 +34,8 @@ Variants (same seed, same initial weights):
 * `sync-hvd.allreduce` (horovod over MPI only): syncbn with its sums sent
   through `hvd.allreduce` (Horovod's queue and cycle) instead of directly
   over MPI, to show what bypassing Horovod saves;
+* `sync-tf.distribute` (tf under mpirun only): syncbn with its sums sent
+  through the strategy's all-reduce instead of directly over MPI;
 * `sync-numpy_function` (mpi only): syncbn with the MPI communicator's
   fallback kernel (mpi4py from `tf.numpy_function`) instead of its compiled
   kernel, to show what the compiled kernel saves.
@@ -301,6 +308,36 @@ def make_variant(backend, make_bn):
     return step, allreduce
 
 
+class StrategyAllReduce:
+    """The tf.distribute communicator with its direct MPI path off, built at call time
+    (it needs the replica context)."""
+
+    @staticmethod
+    def _communicator():
+        from syncbn.collectives.tf_distribute import TFDistributeCommunicator
+
+        return TFDistributeCommunicator(direct_mpi=False)
+
+    @property
+    def num_replicas(self):
+        import tensorflow as tf
+
+        return tf.distribute.get_strategy().num_replicas_in_sync
+
+    def all_sum(self, tensor, name):
+        return self._communicator().all_sum(tensor, name)
+
+
+def launch_command(backend):
+    """The launcher command line that reproduces this job's backend setup."""
+    options = f"--backend {backend.name}"
+    if backend.name == "horovod":
+        options += f" --horovod-controller {'mpi' if backend.hvd.mpi_enabled() else 'gloo'}"
+    if backend.name == "tf":
+        options += f" --tf-mpi {'yes' if os.environ.get('OMPI_COMM_WORLD_SIZE') else 'no'}"
+    return f"python -m launch -np {backend.size} {options} -- python " + shlex.join(sys.argv)
+
+
 def variants_for(backend):
     import keras
 
@@ -318,6 +355,10 @@ def variants_for(backend):
         # On MPI syncbn's BN sums bypass Horovod; this one sends them through it.
         variants["sync-hvd.allreduce"] = lambda: syncbn.SyncBatchNormalization(
             communicator=HorovodCommunicator(backend.hvd))
+    if backend.name == "tf" and os.environ.get("OMPI_COMM_WORLD_SIZE"):
+        # Under mpirun syncbn's BN sums bypass the strategy; this one uses its all-reduce.
+        variants["sync-tf.distribute"] = lambda: syncbn.SyncBatchNormalization(
+            communicator=StrategyAllReduce())
     if backend.name == "mpi":
         from syncbn.collectives.mpi import MPICommunicator
 
@@ -393,8 +434,7 @@ def run_job(args):
     result = summarize(samples, variants)
     if backend.rank != 0:
         return 0
-    command = (f"python -m launch -np {backend.size} --backend {name} -- python "
-               + shlex.join(sys.argv))
+    command = launch_command(backend)
     print("command: " + command)
     print(f"backend: {name}, {backend.size} ranks, {PER_RANK_BATCH} samples per rank, "
           f"6 BN layers, {os.cpu_count()} CPU cores, TensorFlow {tf.__version__}; "
