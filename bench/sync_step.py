@@ -30,6 +30,10 @@ Variants (same seed, same initial weights):
   backend's);
 * `local`: `keras.layers.BatchNormalization()`, no BN sync, same gradient
   all-reduce;
+* `synced-local`: syncbn's synchronized code path with a communicator that
+  does not communicate (it returns `replicas * tensor`): its local math in
+  the same step, so `sync` minus `synced-local` is what the collectives cost,
+  their latency plus each rank waiting for the slower one;
 * `keras-sync` (tf only): `keras.layers.BatchNormalization(synchronized=True)`;
 * `sync-hvd.allreduce` (horovod over MPI only): syncbn with its sums sent
   through `hvd.allreduce` (Horovod's queue and cycle) instead of directly
@@ -308,6 +312,18 @@ def make_variant(backend, make_bn):
     return step, allreduce
 
 
+class NoCommunication:
+    """Says `size` replicas and returns `size * tensor` without communicating: the
+    synchronized path's local math in the same step, with no collective to wait on."""
+
+    def __init__(self, size):
+        self.num_replicas = size
+
+    def all_sum(self, tensor, name):
+        del name
+        return tensor * float(self.num_replicas)
+
+
 class StrategyAllReduce:
     """The tf.distribute communicator with its direct MPI path off, built at call time
     (it needs the replica context)."""
@@ -347,6 +363,8 @@ def variants_for(backend):
         "sync": lambda: syncbn.SyncBatchNormalization(),
         "local": lambda: keras.layers.BatchNormalization(),
     }
+    variants["synced-local"] = lambda: syncbn.SyncBatchNormalization(
+        communicator=NoCommunication(backend.size))
     if backend.name == "tf":
         variants["keras-sync"] = lambda: keras.layers.BatchNormalization(synchronized=True)
     if backend.name == "horovod" and backend.hvd.mpi_enabled():
