@@ -1,8 +1,10 @@
 """SyncBatchNormalization under plain `mpirun`, with mpi4py and no Horovod.
 
 `communicator="auto"` sees the MPI launcher's environment and all-reduces
-the statistics through mpi4py (inside `tf.function` too). The gradients go
-through the same communicator: one all-reduce of all of them, flattened.
+the statistics over MPI (a compiled kernel, or mpi4py from
+`tf.numpy_function` where no compiler is available; inside `tf.function`
+too). The gradients go through the same communicator: one all-reduce of all
+of them, flattened.
 
     mpirun -np 2 python examples/mpirun_train.py
     python -m launch -np 2 --backend mpi -- python examples/mpirun_train.py
