@@ -187,6 +187,20 @@ def test_auto_communicator_detects_the_launcher(backend):
     _check_job(result, expected_lines=2)
 
 
+def test_ranks_fall_back_together_when_one_cannot_sum_over_mpi():
+    # Rank 1 is barred from the compiled kernel: both ranks must then use
+    # hvd.allreduce (a mixed job would hang), and say why.
+    job = [sys.executable, EXACTNESS, "--backend", "horovod", "--counts", "3,5", "--layouts", "2d"]
+    command = (["mpirun", "--oversubscribe", "--bind-to", "none", "-np", "1"] + job
+               + [":", "-np", "1", "-x", "SYNCBN_MPI_KERNEL=numpy_function"] + job)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=JOB_TIMEOUT, env=_env())
+    lines = _check_job(result, expected_lines=2)
+    assert all("kernel=hvd.allreduce " in line for line in lines), lines
+    output = result.stdout + result.stderr
+    assert "this rank: SYNCBN_MPI_KERNEL=numpy_function" in output, output[-3000:]
+    assert "this rank: can; another cannot" in output, output[-3000:]
+
+
 MISMATCH_JOB = os.path.join(TESTS_DIR, "jobs", "mismatch.py")
 
 

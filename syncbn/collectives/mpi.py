@@ -4,7 +4,7 @@ mpi4py sets MPI up and splits the communicator; the sum itself runs in a
 small compiled TensorFlow kernel (`mpi_all_sum.cc`, built on first use and
 cached, see `syncbn.collectives.mpi_op`) that calls MPI directly. Without a
 compiler it runs mpi4py from `tf.numpy_function` instead: same results, about
-50 us more per collective. Either op works eagerly and inside `tf.function`,
+20 us more per collective (`bench/latency.py`). Either op works eagerly and inside `tf.function`,
 and is stateful, so within one `tf.function` TensorFlow runs the calls in
 program order, which is the same on every rank.
 
@@ -187,9 +187,11 @@ def direct_mpi_communicator(size, rank, group_size, framework):
     either every rank sums over MPI or none does; a mixed job would hang.
     """
     obstacle = direct_mpi_obstacle(size, rank)
-    from mpi4py import MPI
-
-    if not MPI.COMM_WORLD.allreduce(obstacle is None, op=MPI.LAND):
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        MPI = None  # no rank can agree over MPI without it; the environment is shared
+    if MPI is None or not MPI.COMM_WORLD.allreduce(obstacle is None, op=MPI.LAND):
         warnings.warn(
             f"syncbn: the job runs under MPI, but BN sums go through {framework} because "
             f"a rank cannot sum over MPI directly; this rank: {obstacle or 'can; another cannot'}.",
