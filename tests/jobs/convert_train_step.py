@@ -184,13 +184,14 @@ def main(argv=None):
     status = "OK" if not failures else "MISMATCH: " + "; ".join(failures)
     from syncbn.collectives.horovod import horovod_communicator
 
-    print(
+    # One write per line: under plain mpirun (unbuffered), print's separate write of
+    # the newline let the other rank's line land in between.
+    sys.stdout.write(
         f"convert_train_step rank={rank} size={size} counts={counts} "
         f"kernel={horovod_communicator().kernel} "
         f"steps={args.steps} bn_converted={num_sync} across_ranks_max_abs={across_ranks:.3g} "
-        f"moving_stats_rel_err={stats_error:.3g} weights_rel_err={weights_error:.3g} {status}",
-        flush=True,
-    )
+        f"moving_stats_rel_err={stats_error:.3g} weights_rel_err={weights_error:.3g} {status}\n")
+    sys.stdout.flush()
     return 0 if not failures else 1
 
 
