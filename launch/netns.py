@@ -29,6 +29,7 @@ import re
 import shutil
 import socket
 import subprocess
+import tempfile
 
 logger = logging.getLogger("launch")
 
@@ -75,6 +76,22 @@ def _pid_alive(pid):
     return True
 
 
+def mpi_session_base(namespace):
+    """Open MPI's session-directory base for the daemons of simulated host `namespace`.
+
+    The namespaces share this machine's host name and /tmp, so by default every
+    simulated host's daemon (and mpirun) would create the same
+    `/tmp/ompi.HOST.UID/jf.N` at once, and Open MPI fails on that race ("A call
+    to mkdir was unable to create the desired directory ... File exists").
+    """
+    return os.path.join(tempfile.gettempdir(), f"{namespace}-ompi")
+
+
+def _remove_namespace_files(namespace):
+    shutil.rmtree(os.path.join(NETNS_ETC, namespace), ignore_errors=True)
+    shutil.rmtree(mpi_session_base(namespace), ignore_errors=True)
+
+
 def remove_stale(own_pid=None):
     """Deletes namespaces and links left by launchers that no longer run."""
     for line in _ip("netns", "list", check=False).stdout.splitlines():
@@ -83,7 +100,7 @@ def remove_stale(own_pid=None):
         if match and int(match.group(1)) != own_pid and not _pid_alive(int(match.group(1))):
             logger.info("removing stale namespace %s", name)
             _ip("netns", "del", name, check=False)
-            shutil.rmtree(os.path.join(NETNS_ETC, name), ignore_errors=True)
+            _remove_namespace_files(name)
     for line in _ip("-o", "link", "show", check=False).stdout.splitlines():
         parts = line.split(":")
         if len(parts) < 2:
@@ -206,7 +223,7 @@ class SimulatedNetwork:
         """Removes the namespaces (their veths go with them) and the bridge. Idempotent."""
         for namespace in self._created_namespaces:
             _ip("netns", "del", namespace, check=False)
-            shutil.rmtree(os.path.join(NETNS_ETC, namespace), ignore_errors=True)
+            _remove_namespace_files(namespace)
         self._created_namespaces = []
         if self._bridge_created:
             _ip("link", "del", self.bridge, check=False)

@@ -3,8 +3,9 @@
 mpirun calls its `plm_rsh_agent` like ssh. We map HOST (a simulated host's address)
 to its network namespace through `SYNCBN_LAUNCH_NETNS_MAP` (`addr=namespace,...`,
 set by the launcher) and exec `ip netns exec NS /bin/sh -c COMMAND`, so Open MPI's
-daemon -- and the ranks it forks -- live in that host's namespace. The daemon gets
-SIGKILL if mpirun dies (parent-death signal), so nothing outlives the job.
+daemon -- and the ranks it forks -- live in that host's namespace, with Open MPI's
+session directories under a base of that host's own. The daemon gets SIGKILL if
+mpirun dies (parent-death signal), so nothing outlives the job.
 """
 
 import ctypes
@@ -13,6 +14,7 @@ import signal
 import sys
 
 from launch.hostexec import NetnsRunner
+from launch.netns import mpi_session_base
 
 
 def parse_agent_args(argv):
@@ -41,7 +43,11 @@ def main(argv=None):
     if host not in namespaces:
         sys.exit(f"launch.netns_rsh: unknown simulated host {host!r}; known: {sorted(namespaces)}")
     ctypes.CDLL(None).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
-    popen_argv, env = NetnsRunner(namespaces[host]).command(["/bin/sh", "-c", command], {}, "/")
+    # A session-directory base of this host's own (see launch.netns.mpi_session_base).
+    session_base = mpi_session_base(namespaces[host])
+    os.makedirs(session_base, mode=0o700, exist_ok=True)
+    popen_argv, env = NetnsRunner(namespaces[host]).command(
+        ["/bin/sh", "-c", command], {"OMPI_MCA_orte_tmpdir_base": session_base}, "/")
     os.execvpe(popen_argv[0], popen_argv, env)
 
 
