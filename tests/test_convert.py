@@ -280,8 +280,16 @@ def test_compiled_model_is_recompiled():
 # -- mixed precision ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+# Machine epsilon of each policy's compute dtype. Keras's BN and syncbn's fused
+# kernel round a half-precision output differently (Keras normalizes in float32
+# and casts back), so the two agree to an ulp of that dtype, not to float32's.
+# With unseeded weights a fresh-clone run once measured 7.9e-6 on mixed_float16.
+COMPUTE_EPSILON = {"mixed_float16": 2.0**-10, "mixed_bfloat16": 2.0**-7}
+
+
+@pytest.mark.parametrize("policy", sorted(COMPUTE_EPSILON))
 def test_mixed_precision_policy_is_preserved(policy):
+    keras.utils.set_random_seed(0)
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(policy)
     try:
@@ -298,7 +306,10 @@ def test_mixed_precision_policy_is_preserved(policy):
     x = images((8, 8, 3))
     expected, actual = model(x, training=False), converted(x, training=False)
     assert actual.dtype == expected.dtype
-    assert max_abs_diff(actual, expected) <= OUTPUT_TOLERANCE
+    # Two ulps of the compute dtype at the output's scale; a wrong statistic or
+    # a lost policy is off by orders of magnitude more.
+    tolerance = 2 * COMPUTE_EPSILON[policy] * max(1.0, float(np.max(np.abs(expected))))
+    assert max_abs_diff(actual, expected) <= tolerance
     back = syncbn.convert(converted, to="local")
     assert [layer.dtype_policy.name for layer in back.layers] == [
         layer.dtype_policy.name for layer in model.layers]
