@@ -65,9 +65,12 @@ def horovod_mpi_built(python=sys.executable):
     if probe.returncode != 0:
         raise RuntimeError(f"cannot import horovod.tensorflow: {probe.stderr.strip()[-2000:]}")
     answer = probe.stdout.strip().splitlines()[-1]
-    os.makedirs(_cache_dir(), exist_ok=True)
-    with open(cached, "w") as handle:
-        handle.write(answer)
+    try:
+        os.makedirs(_cache_dir(), exist_ok=True)
+        with open(cached, "w") as handle:
+            handle.write(answer)
+    except OSError as error:  # a read-only home: ask again next time
+        logger.debug("not caching Horovod's MPI support in %s: %s", cached, error)
     return answer == "1"
 
 
