@@ -72,8 +72,13 @@ class Communicator(abc.ABC):
     def all_sum(self, tensor, name):
         """Sums `tensor` over the synchronization group."""
 
+    @property
+    def kernel(self):
+        """What carries the sums (e.g. `"compiled"`, `"mpi-direct"`); the name by default."""
+        return self.name
+
     def __repr__(self):
-        return f"<{type(self).__name__} num_replicas={self.num_replicas}>"
+        return f"<{type(self).__name__} num_replicas={self.num_replicas} kernel={self.kernel}>"
 
 
 class LocalCommunicator(Communicator):

@@ -123,9 +123,6 @@ class HorovodCommunicator(Communicator):
         """`"mpi-direct"` or `"hvd.allreduce"`: what runs the sum."""
         return "hvd.allreduce" if self._direct is None else "mpi-direct"
 
-    def __repr__(self):
-        return f"<HorovodCommunicator num_replicas={self.num_replicas} kernel={self.kernel}>"
-
     def all_sum(self, tensor, name):
         if self._direct is not None:
             return self._direct.all_sum(tensor, name)

@@ -79,9 +79,6 @@ class MPICommunicator(Communicator):
         """`"compiled"` or `"numpy_function"`: what runs the sum."""
         return "numpy_function" if self._ops is None else "compiled"
 
-    def __repr__(self):
-        return f"<MPICommunicator num_replicas={self.num_replicas} kernel={self.kernel}>"
-
     def _abort(self, name):
         # The pending request cannot be cancelled, and MPI_Finalize at exit would
         # wait for it forever, so a timed-out collective ends the whole job.

@@ -69,9 +69,6 @@ class TFDistributeCommunicator(Communicator):
         """`"mpi-direct"` or `"tf.distribute"`: what runs the sum."""
         return "tf.distribute" if self._direct is None else "mpi-direct"
 
-    def __repr__(self):
-        return f"<TFDistributeCommunicator num_replicas={self.num_replicas} kernel={self.kernel}>"
-
     def all_sum(self, tensor, name):
         if self._direct is not None:
             return self._direct.all_sum(tensor, name)
