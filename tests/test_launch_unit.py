@@ -382,15 +382,11 @@ def test_horovod_mpi_built_asks_once_per_build(tmp_path, monkeypatch):
 def test_horovod_over_mpi_runs_mpirun_with_horovod_variables(monkeypatch):
     import argparse
 
-    from launch.backends import Placement
     from launch.backends import horovod as horovod_backend
-    from launch.hosts import Host, assign_ranks
 
     monkeypatch.setattr(horovod_backend, "horovod_mpi_built", lambda: True)
     monkeypatch.delenv("HOROVOD_CYCLE_TIME", raising=False)
-    hosts = [Host("localhost", 2)]
-    placement = Placement(assign_ranks(hosts, 2), hosts, {}, {}, "127.0.0.1", "lo",
-                          ["python", "t.py"], "/w", cpus=2)
+    placement = _placement()
     for cycle, expected in ((None, None), (0.5, "0.5")):
         options = argparse.Namespace(horovod_controller="auto", horovod_cycle_time=cycle)
         backend = horovod_backend.HorovodBackend(options)
@@ -424,13 +420,9 @@ def test_tf_mpi_resolution():
 def test_tf_over_mpi_hands_the_worker_list_to_the_ranks():
     import argparse
 
-    from launch.backends import Placement
     from launch.backends.tf import TfBackend
-    from launch.hosts import Host, assign_ranks
 
-    hosts = [Host("localhost", 2)]
-    placement = Placement(assign_ranks(hosts, 2), hosts, {}, {"localhost": "127.0.0.1"},
-                          "127.0.0.1", "lo", ["python", "t.py"], "/w", cpus=2)
+    placement = _placement(addresses={"localhost": "127.0.0.1"})
     backend = TfBackend(argparse.Namespace(tf_mpi="yes"))
     try:
         [spec] = backend.workers(placement)
