@@ -35,18 +35,10 @@ import sys
 
 import numpy as np
 
+from layer import PretendTwoReplicas
+
 VARIANTS = ["none", "keras", "syncbn", "synced-local"]
 FILTERS = (32, 64, 128)
-
-
-class PretendTwoReplicas:
-    """Says 2 replicas, sums nothing: the synchronized path without communication."""
-
-    num_replicas = 2
-
-    def all_sum(self, tensor, name):
-        del name
-        return tensor * 1.0
 
 
 def max_rss_mib():

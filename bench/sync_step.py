@@ -31,8 +31,8 @@ Variants (same seed, same initial weights):
 * `local`: `keras.layers.BatchNormalization()`, no BN sync, same gradient
   all-reduce;
 * `synced-local`: syncbn's synchronized code path with a communicator that
-  does not communicate (it returns `replicas * tensor`): its local math in
-  the same step, so `sync` minus `synced-local` is what the collectives cost,
+  does not communicate (`bench/layer.py`'s `PretendTwoReplicas`: it says 2
+  replicas and returns its input): its local math in the same step, so `sync` minus `synced-local` is what the collectives cost,
   their latency plus each rank waiting for the slower one;
 * `keras-sync` (tf only): `keras.layers.BatchNormalization(synchronized=True)`;
 * `sync-hvd.allreduce` (horovod over MPI only): syncbn with its sums sent
@@ -77,6 +77,8 @@ import tempfile
 import time
 
 import numpy as np
+
+from layer import PretendTwoReplicas
 
 PER_RANK_BATCH = 16
 NUM_CLASSES = 10
@@ -312,18 +314,6 @@ def make_variant(backend, make_bn):
     return step, allreduce
 
 
-class NoCommunication:
-    """Says `size` replicas and returns `size * tensor` without communicating: the
-    synchronized path's local math in the same step, with no collective to wait on."""
-
-    def __init__(self, size):
-        self.num_replicas = size
-
-    def all_sum(self, tensor, name):
-        del name
-        return tensor * float(self.num_replicas)
-
-
 class StrategyAllReduce:
     """The tf.distribute communicator with its direct MPI path off, built at call time
     (it needs the replica context)."""
@@ -364,7 +354,7 @@ def variants_for(backend):
         "local": lambda: keras.layers.BatchNormalization(),
     }
     variants["synced-local"] = lambda: syncbn.SyncBatchNormalization(
-        communicator=NoCommunication(backend.size))
+        communicator=PretendTwoReplicas())
     if backend.name == "tf":
         variants["keras-sync"] = lambda: keras.layers.BatchNormalization(synchronized=True)
     if backend.name == "horovod" and backend.hvd.mpi_enabled():
