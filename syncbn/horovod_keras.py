@@ -109,6 +109,16 @@ def _describe(value):
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _check_sequence(argument, value, is_item, items):
+    """Raises TypeError unless `value` is a list or tuple whose items all pass `is_item`."""
+    message = f"Argument `{argument}` must be a list or tuple of {items}. Received: "
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{message}{argument}={_describe(value)}")
+    for index, item in enumerate(value):
+        if not is_item(item):
+            raise TypeError(f"{message}{argument}[{index}]={_describe(item)}")
+
+
 def rank():
     """This process's Horovod rank.
 
@@ -213,17 +223,7 @@ def broadcast_variables(variables, root_rank=0):
     hk.broadcast_variables(model.weights + optimizer.variables)   # ...made equal
     ```
     """
-    if not isinstance(variables, (list, tuple)):
-        raise TypeError(
-            "Argument `variables` must be a list or tuple of Keras or TensorFlow "
-            f"variables. Received: variables={_describe(variables)}"
-        )
-    for index, variable in enumerate(variables):
-        if not _is_variable(variable):
-            raise TypeError(
-                "Argument `variables` must be a list or tuple of Keras or TensorFlow "
-                f"variables. Received: variables[{index}]={_describe(variable)}"
-            )
+    _check_sequence("variables", variables, _is_variable, "Keras or TensorFlow variables")
     _check_root_rank(root_rank)
     hvd = _hvd()
     _check_root_rank_in_world(hvd, root_rank)
@@ -284,17 +284,10 @@ def allreduce_gradients(grads, op="average"):
         return loss
     ```
     """
-    if not isinstance(grads, (list, tuple)):
-        raise TypeError(
-            "Argument `grads` must be a list or tuple of gradients (tensors, "
-            f"tf.IndexedSlices or None). Received: grads={_describe(grads)}"
-        )
-    for index, grad in enumerate(grads):
-        if not (grad is None or tf.is_tensor(grad) or isinstance(grad, tf.IndexedSlices)):
-            raise TypeError(
-                "Argument `grads` must be a list or tuple of gradients (tensors, "
-                f"tf.IndexedSlices or None). Received: grads[{index}]={_describe(grad)}"
-            )
+    _check_sequence(
+        "grads", grads,
+        lambda grad: grad is None or tf.is_tensor(grad) or isinstance(grad, tf.IndexedSlices),
+        "gradients (tensors, tf.IndexedSlices or None)")
     if op not in OPS:
         raise ValueError(f"Argument `op` must be one of {OPS}. Received: op={op!r}")
     hvd = _hvd()
