@@ -7,13 +7,22 @@ See README.md for the communicators (Horovod, tf.distribute, MPI, local) and
 the rule that picks one.
 """
 
-from syncbn.collectives import Communicator, LocalCommunicator, detect
-from syncbn.collectives.horovod import init_horovod
-from syncbn.convert import convert
-from syncbn.layers import SyncBatchNormalization
-from syncbn import horovod_keras
+import warnings
 
-__version__ = "0.1.0"
+import tensorflow as _tf
+
+from syncbn import _versions
+
+if _versions.unsupported_message(_tf.__version__):
+    warnings.warn(_versions.unsupported_message(_tf.__version__), RuntimeWarning, stacklevel=2)
+
+from syncbn.collectives import Communicator, LocalCommunicator, detect  # noqa: E402
+from syncbn.collectives.horovod import init_horovod  # noqa: E402
+from syncbn.convert import convert  # noqa: E402
+from syncbn.layers import SyncBatchNormalization  # noqa: E402
+from syncbn import horovod_keras  # noqa: E402
+
+__version__ = _versions.__version__
 
 __all__ = [
     "Communicator",

@@ -23,6 +23,13 @@ tf.config.set_logical_device_configuration(
 )
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "compat: also run on every older supported TensorFlow (tests/run.sh's second pass)",
+    )
+
+
 @pytest.fixture(scope="session")
 def mirrored_strategy():
     """The one MirroredStrategy over the virtual CPUs that every test shares.

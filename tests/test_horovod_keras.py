@@ -24,6 +24,8 @@ REPO_DIR = os.path.dirname(TESTS_DIR)
 FIT_JOB = os.path.join(TESTS_DIR, "jobs", "hvd_fit.py")
 CUSTOM_LOOP_JOB = os.path.join(TESTS_DIR, "jobs", "hvd_custom_loop.py")
 JOB_TIMEOUT = 300
+# Also run on the older supported TensorFlow (tests/run.sh's compatibility pass).
+pytestmark = pytest.mark.compat
 EPOCHS, STEPS_PER_EPOCH, INITIAL_ITERATIONS = 2, 3, 5  # INITIAL_ITERATIONS as in hvd_fit.py
 
 

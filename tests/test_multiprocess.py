@@ -155,6 +155,7 @@ def _check_sum_path(path, lines):
     assert all(f"kernel={kernel} " in line for line in lines), lines
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("path", list(SUM_PATHS))
 def test_three_ranks_uneven_with_empty_rank_match_global_batch(path, tmp_path):
     counts, layouts, steps = [4, 0, 7], ["2d", "nhwc", "ncw"], 3
