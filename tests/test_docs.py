@@ -1,0 +1,82 @@
+"""Every Python code block in README.md and docs/*.md runs, so the docs cannot rot.
+
+Each ```python block runs as a script in a fresh interpreter, in an empty
+temporary directory. A block that needs several processes says how to start
+them in an HTML comment on the line just above it, which readers do not see:
+
+    <!-- syncbn-launch -np 2 --backend mpi -->
+    ```python
+    ...
+    ```
+
+The test then runs the block through `syncbn-launch` with those options, as
+the docs tell users to. There is no way to exempt a block: code that
+cannot run belongs in a ```bash block or in prose.
+"""
+
+import glob
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_DIR = os.path.dirname(TESTS_DIR)
+DOC_FILES = [os.path.join(REPO_DIR, "README.md")] + sorted(
+    glob.glob(os.path.join(REPO_DIR, "docs", "*.md"))
+)
+BLOCK = re.compile(
+    r"(?:<!--\s*(?P<directive>[^\n]*?)\s*-->\s*\n)?```python\n(?P<code>.*?)\n```", re.DOTALL
+)
+BLOCK_TIMEOUT = 600
+
+
+def code_blocks(path):
+    """`(line number, directive or None, code)` for every python block of `path`."""
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    return [
+        (text.count("\n", 0, match.start("code")) + 1, match.group("directive"), match.group("code"))
+        for match in BLOCK.finditer(text)
+    ]
+
+
+def _cases():
+    cases = []
+    for path in DOC_FILES:
+        for line, directive, code in code_blocks(path):
+            name = f"{os.path.relpath(path, REPO_DIR)}:{line}"
+            cases.append(pytest.param(directive, code, id=name))
+    return cases
+
+
+CASES = _cases()
+
+
+def test_the_docs_have_python_blocks_to_run():
+    # Guards the extraction itself: a broken pattern would make every test vanish.
+    assert len(CASES) >= 10, [case.id for case in CASES]
+    with open(os.path.join(REPO_DIR, "README.md"), encoding="utf-8") as handle:
+        assert handle.read().count("```python") == len(code_blocks(DOC_FILES[0]))
+
+
+@pytest.mark.parametrize("directive, code", CASES)
+def test_doc_block_runs(directive, code, tmp_path):
+    script = tmp_path / "block.py"
+    script.write_text(code + "\n")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO_DIR}
+    if directive is None:
+        command = [sys.executable, str(script)]
+    elif directive.startswith("syncbn-launch "):
+        command = [sys.executable, "-m", "launch", *directive.split()[1:],
+                   "--timeout", str(BLOCK_TIMEOUT - 30), "--", sys.executable, str(script)]
+    else:
+        raise AssertionError(f"unknown directive above a python block: {directive!r}")
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=BLOCK_TIMEOUT)
+    assert result.returncode == 0, (
+        f"exit {result.returncode}\n--- stdout\n{result.stdout[-4000:]}\n--- stderr\n"
+        f"{result.stderr[-4000:]}"
+    )
