@@ -158,9 +158,19 @@ def cached_wheel(wheel_dir):
     return wheels[-1] if wheels else None
 
 
-def _run(command, **kwargs):
-    logger.info("$ %s", " ".join(command))
-    subprocess.run(command, check=True, **kwargs)
+def _run(command, log_path=None, **kwargs):
+    """Runs `command`; with `log_path`, its output goes there and its tail into the error."""
+    logger.info("$ %s%s", " ".join(command), f"  > {log_path}" if log_path else "")
+    if log_path is None:
+        subprocess.run(command, check=True, **kwargs)
+        return
+    with open(log_path, "w") as log:
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, **kwargs)
+    if result.returncode != 0:
+        with open(log_path) as log:
+            tail = log.read()[-4000:]
+        raise BuildError(f"`{' '.join(command[:4])} ...` failed with exit code "
+                         f"{result.returncode}; the end of {log_path}:\n{tail}")
 
 
 def build_wheel(python, tf_version, env, wheel_dir):
@@ -177,8 +187,9 @@ def build_wheel(python, tf_version, env, wheel_dir):
             logger.info("TensorFlow %s >= 2.19: applying %s", tf_version, os.path.basename(PATCH))
             _run(["patch", "-p1", "--forward", "--batch", "-i", PATCH], cwd=source)
         os.makedirs(wheel_dir, exist_ok=True)
-        _run([python, "-m", "pip", "wheel", "--quiet", "--no-build-isolation", "--no-deps",
-              "-w", wheel_dir, source], env=env)
+        # Horovod's build prints thousands of lines; they are kept beside the wheel.
+        _run([python, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps",
+              "-w", wheel_dir, source], log_path=os.path.join(wheel_dir, "build.log"), env=env)
     wheel = cached_wheel(wheel_dir)
     if wheel is None:
         raise BuildError(f"pip reported success but left no Horovod wheel in {wheel_dir}")
