@@ -73,27 +73,31 @@ def fused_kernels_apply(rank, axis, mask):
 
 
 def _channels_last_4d(x):
-    # [..., C] -> [P, 1, 1, C]: the fused kernels reduce over the first three axes.
+    # [..., C] -> [P, 1, 1, C]: the fused kernels reduce over the first three
+    # axes. NHWC data is already in that form and is not reshaped.
+    if x.shape.rank == 4:
+        return x
     return tf.reshape(x, [-1, 1, 1, x.shape[-1]])
 
 
 def _shifted(x4):
     """`(x4 - shift, shift)`, shift `[C]` the batch's first position (0 if empty).
 
-    A sum over a `[0 or 1, 1, 1, C]` slice: the first row, or zeros for an
-    empty batch, with no branch. The gradient treats the shift as a constant,
-    which is exact: batch norm's output does not depend on it.
+    A sum over a `[0 or 1, 1, 1, C]` slice: the first position, or zeros for
+    an empty batch, with no branch. The gradient treats the shift as a
+    constant, which is exact: batch norm's output does not depend on it.
     """
-    shift = tf.stop_gradient(tf.reduce_sum(x4[:1], axis=[0, 1, 2]))
+    shift = tf.stop_gradient(tf.reduce_sum(x4[:1, :1, :1], axis=[0, 1, 2]))
     return x4 - shift, shift
 
 
 def _position_count(x4):
-    return tf.cast(tf.shape(x4)[0], tf.float32)
+    """Samples per channel, float32: `N * H * W` of a `[N, H, W, C]` batch."""
+    return tf.cast(tf.size(x4), tf.float32) / x4.shape[-1]
 
 
 def _fused_train(x4, gamma, beta, epsilon):
-    """Training-mode kernel on a `[P, 1, 1, C]` batch: `(y, mean, Bessel-corrected variance)`."""
+    """Training-mode kernel on a `[N, H, W, C]` batch: `(y, mean, Bessel-corrected variance)`."""
     empty = tf.zeros([0], tf.float32)
     y, mean, unbiased_variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
         x=x4, scale=gamma, offset=beta, mean=empty, variance=empty,
@@ -102,17 +106,23 @@ def _fused_train(x4, gamma, beta, epsilon):
     return y, mean, unbiased_variance
 
 
-def _kernel_moments(count, shift, kernel_mean, unbiased_variance):
-    """This replica's `(count, float64 mean, m2)` from the kernel's statistics of `x - shift`.
+def _kernel_moments(count, kernel_mean, unbiased_variance):
+    """`(mean offset, m2)` of this replica's shifted data from the kernel's statistics.
 
     The kernel's variance carries Bessel's correction, `n / (n - 1)`, so
-    `m2 = variance * (n - 1)`. With fewer than 2 samples the kernel gives
-    NaN (or an infinite correction): selects, not branches, make them 0.
+    `m2 = variance * (n - 1)`. An empty batch gives NaN statistics, one
+    sample an infinite correction: `multiply_no_nan` by a factor that is 0
+    there makes both 0, with no branch.
     """
-    m2 = tf.where(count > 1.0, unbiased_variance * (count - 1.0), 0.0)
-    mean_offset = tf.where(count > 0.0, kernel_mean, 0.0)
-    mean = tf.cast(shift, stats.STATS_DTYPE) + tf.cast(mean_offset, stats.STATS_DTYPE)
-    return count, mean, m2
+    one = tf.constant(1.0)
+    mean_offset = tf.math.multiply_no_nan(kernel_mean, tf.minimum(count, one))
+    m2 = tf.math.multiply_no_nan(unbiased_variance, tf.maximum(count - one, 0.0))
+    return mean_offset, m2
+
+
+def _like(x4, x):
+    """`x4` in the shape of `x` (a no-op for NHWC data)."""
+    return x4 if x4.shape.rank == x.shape.rank else tf.reshape(x4, tf.shape(x))
 
 
 def _fused_affine(x4, scale, offset):
@@ -135,9 +145,11 @@ def _single_replica_kernels(x, gamma, beta, epsilon):
     shifted, shift = _shifted(x4)
     count = _position_count(x4)
     y4, kernel_mean, unbiased_variance = _fused_train(shifted, gamma, beta, epsilon)
-    count, mean, m2 = _kernel_moments(count, shift, kernel_mean, unbiased_variance)
-    variance = m2 / tf.maximum(count, 1.0)
-    return tf.reshape(y4, tf.shape(x)), tf.cast(mean, tf.float32), variance, count
+    mean_offset, m2 = _kernel_moments(count, kernel_mean, unbiased_variance)
+    # float32 is enough here: the moving mean is float32, and the output
+    # never uses this sum.
+    mean = shift + mean_offset
+    return _like(y4, x), mean, m2 / tf.maximum(count, 1.0), count
 
 
 def _synced_kernels(x, gamma, beta, epsilon, all_sum, name):
@@ -149,10 +161,12 @@ def _synced_kernels(x, gamma, beta, epsilon, all_sum, name):
         x4 = _channels_last_4d(x)
         shifted, shift = _shifted(x4)
         _, kernel_mean, unbiased_variance = _fused_train(shifted, gamma, beta, epsilon)
-        local = _kernel_moments(_position_count(x4), shift, kernel_mean, unbiased_variance)
+        count = _position_count(x4)
+        mean_offset, m2 = _kernel_moments(count, kernel_mean, unbiased_variance)
+        mean = tf.cast(shift, stats.STATS_DTYPE) + tf.cast(mean_offset, stats.STATS_DTYPE)
         # [1], [C], [C] -> [2C + 1] -> [], [C], [C]
         global_count, mean, variance = stats.unpack_moments(
-            all_sum(stats.pack_moments(*local), name + "/forward"), num_channels
+            all_sum(stats.pack_moments(count, mean, m2), name + "/forward"), num_channels
         )
         # The global mean as seen from this replica's shifted data: small, so
         # exact in float32 even when the mean itself is 1e5.
@@ -187,9 +201,9 @@ def _synced_kernels(x, gamma, beta, epsilon, all_sum, name):
             per_shifted = -gamma * tf.square(inv_std) * global_sum_dy_xhat * inv_count
             constant = -gamma * inv_std * global_sum_dy * inv_count - shifted_mean * per_shifted
             dx4 = dx_partial + _fused_affine(shifted, per_shifted, constant)
-            return tf.reshape(dx4, tf.shape(x)), sum_dy_xhat, sum_dy
+            return _like(dx4, x), sum_dy_xhat, sum_dy
 
-        y = tf.reshape(y4, tf.shape(x))
+        y = _like(y4, x)
         return (y, tf.cast(mean, tf.float32), tf.identity(variance), tf.identity(global_count)), grad
 
     return normalize(x, gamma, beta)
