@@ -133,7 +133,7 @@ def _fused_affine(x4, scale, offset):
         scale=scale,
         offset=offset,
         mean=tf.zeros([num_channels]),
-        variance=tf.fill([num_channels], 1.0 - 1e-6),
+        variance=tf.constant(1.0 - 1e-6, shape=[num_channels]),
         epsilon=1e-6,
         is_training=False,
     )[0]
@@ -163,14 +163,15 @@ def _synced_kernels(x, gamma, beta, epsilon, all_sum, name):
         _, kernel_mean, unbiased_variance = _fused_train(shifted, gamma, beta, epsilon)
         count = _position_count(x4)
         mean_offset, m2 = _kernel_moments(count, kernel_mean, unbiased_variance)
-        mean = tf.cast(shift, stats.STATS_DTYPE) + tf.cast(mean_offset, stats.STATS_DTYPE)
+        shift64 = tf.cast(shift, stats.STATS_DTYPE)
+        local_mean = shift64 + tf.cast(mean_offset, stats.STATS_DTYPE)
         # [1], [C], [C] -> [2C + 1] -> [], [C], [C]
         global_count, mean, variance = stats.unpack_moments(
-            all_sum(stats.pack_moments(count, mean, m2), name + "/forward"), num_channels
+            all_sum(stats.pack_moments(count, local_mean, m2), name + "/forward"), num_channels
         )
         # The global mean as seen from this replica's shifted data: small, so
         # exact in float32 even when the mean itself is 1e5.
-        shifted_mean = tf.cast(mean - tf.cast(shift, stats.STATS_DTYPE), tf.float32)
+        shifted_mean = tf.cast(mean - shift64, tf.float32)
         y4 = tf.raw_ops.FusedBatchNormV3(
             x=shifted, scale=gamma, offset=beta, mean=shifted_mean, variance=variance,
             epsilon=epsilon, is_training=False,
@@ -197,14 +198,13 @@ def _synced_kernels(x, gamma, beta, epsilon, all_sum, name):
             # dx = dx_partial - gamma * inv_std / N * (sum dy + x_hat * sum dy x_hat),
             # with x_hat = (shifted - shifted_mean) * inv_std: one affine pass in `shifted`.
             inv_std = tf.math.rsqrt(variance + epsilon)
-            inv_count = 1.0 / tf.maximum(global_count, 1.0)
-            per_shifted = -gamma * tf.square(inv_std) * global_sum_dy_xhat * inv_count
-            constant = -gamma * inv_std * global_sum_dy * inv_count - shifted_mean * per_shifted
+            minus_scale_per_count = -(gamma * inv_std) / tf.maximum(global_count, 1.0)
+            per_shifted = minus_scale_per_count * inv_std * global_sum_dy_xhat
+            constant = minus_scale_per_count * global_sum_dy - shifted_mean * per_shifted
             dx4 = dx_partial + _fused_affine(shifted, per_shifted, constant)
             return _like(dx4, x), sum_dy_xhat, sum_dy
 
-        y = _like(y4, x)
-        return (y, tf.cast(mean, tf.float32), tf.identity(variance), tf.identity(global_count)), grad
+        return (_like(y4, x), tf.cast(mean, tf.float32), variance, global_count), grad
 
     return normalize(x, gamma, beta)
 
