@@ -93,7 +93,8 @@ def _shifted(x4):
 
 def _position_count(x4):
     """Samples per channel, float32: `N * H * W` of a `[N, H, W, C]` batch."""
-    return tf.cast(tf.size(x4), tf.float32) / x4.shape[-1]
+    # Integer division before the cast: exact up to 2**24 samples per channel.
+    return tf.cast(tf.size(x4, out_type=tf.int64) // x4.shape[-1], tf.float32)
 
 
 def _fused_train(x4, gamma, beta, epsilon):
