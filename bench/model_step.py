@@ -25,7 +25,7 @@ after 2 warm-up calls, each call waited for (`.numpy()` on the loss).
 function in its library (before Grappler). Ratios are per round, medians over
 `--rounds`; on a shared machine, compare ratios, not absolute times.
 
-    python bench/model_step.py                               # ~5 min on 2 loaded cores
+    python bench/model_step.py                               # ~5 min on a quiet 2-core machine
     python bench/model_step.py --models mobilenetv2 --rounds 3 --steps 20
     python bench/model_step.py --mirrored 2
 """
