@@ -248,15 +248,16 @@ class SyncBatchNormalization(keras.layers.Layer):
         # entries: a tensor with another channel count at run time would make
         # the collective fail (or hang) with an obscure shape mismatch.
         num_channels = self.moving_mean.shape[0]
-        check = tf.debugging.assert_equal(
-            tf.shape(inputs)[self._channel_axis],
-            num_channels,
-            message=(
+        # One Assert op on a host-side shape (assert_equal adds some 20 nodes
+        # per layer to every traced step, issue #10).
+        check = tf.debugging.Assert(
+            tf.equal(tf.shape(inputs)[self._channel_axis], num_channels),
+            [
                 f"SyncBatchNormalization '{self.name}' expects {num_channels} channels on "
                 f"axis {self.axis} at run time. (TensorFlow 2.18's oneDNN CPU kernels "
                 "return wrongly shaped tensors for empty batches, e.g. from Conv2D; "
                 "set TF_ENABLE_ONEDNN_OPTS=0 when ranks can have empty batches.)"
-            ),
+            ],
         )
         with tf.control_dependencies([check]):
             static_shape = inputs.shape.as_list()

@@ -1,7 +1,14 @@
 """The synchronized batch-norm op: statistics, normalization and exact gradient.
 
-The layer decides *whether* to synchronize; this module computes. Forward
-and backward each make exactly one call to `all_sum`:
+The layer decides *whether* to synchronize; this module computes. The path is
+chosen once per call, in Python, from static facts only: the layout (channels
+last or not), whether there is a mask, and whether there is one replica. The
+traced graph then holds that one path and no data-dependent control flow (no
+`tf.cond`, hence no Switch/Merge, and on a GPU no predicate copied back to the
+host in the middle of a step). Every choice that depends on data (empty or
+one-sample batches) is a per-channel select, `tf.where`, on `[C]` vectors.
+
+Synchronized paths make exactly one call to `all_sum` each way:
 
 * forward: `[count] + [sum x] + [sum of squares]`, float64, `[2C + 1]`;
 * backward: `[sum dy] + [sum dy * x_hat]`, float32, `[2C]`.
@@ -20,30 +27,38 @@ where both sums run over every element of every replica. `dgamma` and `dbeta`
 are this replica's local sums: summing them over replicas, as a gradient
 all-reduce does, gives the gradient of the global batch.
 
-Speed. The element-wise work runs in TensorFlow's fused batch-norm kernels
-(`FusedBatchNormV3` and its gradient) wherever they apply (channels-last
-data without a mask, reshaped to `[P, 1, 1, C]`): local moments, normalization
-with the global statistics, and the two gradient sums plus `dy * gamma *
-inv_std` all come from one kernel call each; the global correction of `dx` is
-one more per-channel affine pass. With one replica (`single_replica=True`)
-the training-mode kernel and its gradient do all of it, one call each way.
+Exact at any offset, with no branch. Channels-last data without a mask runs
+in TensorFlow's fused batch-norm kernels (`FusedBatchNormV3` and its
+gradient), which work in float32: fed raw data whose |mean| / std is large
+(1e4, 1e5), their float32 sums lose the variance. So they are never fed raw
+data: each replica subtracts a per-channel *shift*, the first position of its
+own batch (`x[0, 0, 0, :]` for NHWC), a value of the data itself. `x - shift`
+is exact (Sterbenz) or rounded at the scale of the data's spread, and its
+mean is a few standard deviations from zero at most, where the kernels are
+accurate. Batch norm is invariant to the shift, so the kernels' output and
+gradient need no correction; only the mean gets the shift back, in float64,
+before the replicas combine their moments (Chan et al., see `stats`). The
+synchronized normalization and gradient kernels are then fed the same
+shifted data and `global mean - shift`, a small float32 number. One
+subtraction pass per layer buys exactness with no far-from-zero check.
 
-Accuracy. Those kernels work in float32 throughout, which is exact enough
-until |mean| / std passes about 1e3 (then the float32 sum behind the mean,
-and `x * scale + (beta - mean * scale)`, start losing digits). Each replica
-checks its kernel's statistics and, where a channel is that far from zero,
-recomputes its moments with a shifted two-pass sum; the normalization and
-gradient then take the exact path when the *global* statistics are that far
-from zero, a decision that every replica makes identically. So the exactness
-guarantees hold at any offset and the fast path costs nothing extra.
+* One replica, channels last, no mask: `x - shift` through the
+  training-mode kernel; autodiff through it gives the training-mode gradient
+  kernel (the shift is a constant to the gradient: the output does not depend
+  on it). Two kernels, no collective, no custom gradient.
+* Synchronized, channels last, no mask: the training-mode kernel for this
+  replica's moments, one all-sum, the inference-mode kernel to normalize with
+  the global statistics; backward, the inference-mode gradient kernel for
+  `dy * gamma * inv_std` and both sums, one all-sum, one per-channel affine
+  pass for the global correction.
+* A mask or another channel axis: element-wise float32 math, centred on the
+  first sample's mean (`stats.local_moments`) and on the float64 global mean
+  split into two float32 parts (`stats.split_mean`).
 """
 
 import tensorflow as tf
 
 from syncbn import stats
-
-# |mean| / std beyond which the float32 fused kernels are not trusted (see above).
-FAR_FROM_ZERO = 1e3
 
 
 def _as_vector(value, num_channels, fill):
@@ -58,30 +73,57 @@ def fused_kernels_apply(rank, axis, mask):
 
 
 def _channels_last_4d(x):
-    # [..., C] -> [P, 1, 1, C]: the fused kernels reduce over the first three axes.
+    # [..., C] -> [P, 1, 1, C]: the fused kernels reduce over the first three
+    # axes. NHWC data is already in that form and is not reshaped.
+    if x.shape.rank == 4:
+        return x
     return tf.reshape(x, [-1, 1, 1, x.shape[-1]])
 
 
-def _far_from_zero(mean, variance):
-    """Scalar bool: some channel's |mean| exceeds FAR_FROM_ZERO standard deviations."""
-    mean = tf.cast(mean, tf.float32)
-    return tf.reduce_any(tf.abs(mean) > FAR_FROM_ZERO * tf.sqrt(variance))
+def _shifted(x4):
+    """`(x4 - shift, shift)`, shift `[C]` the batch's first position (0 if empty).
+
+    A sum over a `[0 or 1, 1, 1, C]` slice: the first position, or zeros for
+    an empty batch, with no branch. The gradient treats the shift as a
+    constant, which is exact: batch norm's output does not depend on it.
+    """
+    shift = tf.stop_gradient(tf.reduce_sum(x4[:1, :1, :1], axis=[0, 1, 2]))
+    return x4 - shift, shift
+
+
+def _position_count(x4):
+    """Samples per channel, float32: `N * H * W` of a `[N, H, W, C]` batch."""
+    # Integer division before the cast: exact up to 2**24 samples per channel.
+    return tf.cast(tf.size(x4, out_type=tf.int64) // x4.shape[-1], tf.float32)
 
 
 def _fused_train(x4, gamma, beta, epsilon):
-    """Training-mode kernel on a `[P, 1, 1, C]` batch.
-
-    Returns `(y, mean, biased variance, reserve)`; `reserve` is the kernel's
-    three reserve-space outputs, which its gradient kernel takes back.
-    """
+    """Training-mode kernel on a `[N, H, W, C]` batch: `(y, mean, Bessel-corrected variance)`."""
     empty = tf.zeros([0], tf.float32)
-    y, mean, unbiased, *reserve = tf.raw_ops.FusedBatchNormV3(
+    y, mean, unbiased_variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
         x=x4, scale=gamma, offset=beta, mean=empty, variance=empty,
         epsilon=epsilon, is_training=True,
     )
-    # The kernel's variance output carries Bessel's correction; undo it.
-    count = tf.cast(tf.shape(x4)[0], tf.float32)
-    return y, mean, unbiased * (count - 1.0) / tf.maximum(count, 1.0), reserve
+    return y, mean, unbiased_variance
+
+
+def _kernel_moments(count, kernel_mean, unbiased_variance):
+    """`(mean offset, m2)` of this replica's shifted data from the kernel's statistics.
+
+    The kernel's variance carries Bessel's correction, `n / (n - 1)`, so
+    `m2 = variance * (n - 1)`. An empty batch gives NaN statistics, one
+    sample an infinite correction: `multiply_no_nan` by a factor that is 0
+    there makes both 0, with no branch.
+    """
+    one = tf.constant(1.0)
+    mean_offset = tf.math.multiply_no_nan(kernel_mean, tf.minimum(count, one))
+    m2 = tf.math.multiply_no_nan(unbiased_variance, tf.maximum(count - one, 0.0))
+    return mean_offset, m2
+
+
+def _like(x4, x):
+    """`x4` in the shape of `x` (a no-op for NHWC data)."""
+    return x4 if x4.shape.rank == x.shape.rank else tf.reshape(x4, tf.shape(x))
 
 
 def _fused_affine(x4, scale, offset):
@@ -92,10 +134,130 @@ def _fused_affine(x4, scale, offset):
         scale=scale,
         offset=offset,
         mean=tf.zeros([num_channels]),
-        variance=tf.fill([num_channels], 1.0 - 1e-6),
+        variance=tf.constant(1.0 - 1e-6, shape=[num_channels]),
         epsilon=1e-6,
         is_training=False,
     )[0]
+
+
+def _single_replica_kernels(x, gamma, beta, epsilon):
+    """One replica, channels last, no mask: the training kernel on shifted data."""
+    x4 = _channels_last_4d(x)
+    shifted, shift = _shifted(x4)
+    count = _position_count(x4)
+    y4, kernel_mean, unbiased_variance = _fused_train(shifted, gamma, beta, epsilon)
+    mean_offset, m2 = _kernel_moments(count, kernel_mean, unbiased_variance)
+    # float32 is enough here: the moving mean is float32, and the output
+    # never uses this sum.
+    mean = shift + mean_offset
+    return _like(y4, x), mean, m2 / tf.maximum(count, 1.0), count
+
+
+def _synced_kernels(x, gamma, beta, epsilon, all_sum, name):
+    """Synchronized, channels last, no mask: fused kernels on shifted data, custom gradient."""
+    num_channels = x.shape[-1]
+
+    @tf.custom_gradient
+    def normalize(x, gamma, beta):
+        x4 = _channels_last_4d(x)
+        shifted, shift = _shifted(x4)
+        _, kernel_mean, unbiased_variance = _fused_train(shifted, gamma, beta, epsilon)
+        count = _position_count(x4)
+        mean_offset, m2 = _kernel_moments(count, kernel_mean, unbiased_variance)
+        shift64 = tf.cast(shift, stats.STATS_DTYPE)
+        local_mean = shift64 + tf.cast(mean_offset, stats.STATS_DTYPE)
+        # [1], [C], [C] -> [2C + 1] -> [], [C], [C]
+        global_count, mean, variance = stats.unpack_moments(
+            all_sum(stats.pack_moments(count, local_mean, m2), name + "/forward"), num_channels
+        )
+        # The global mean as seen from this replica's shifted data: small, so
+        # exact in float32 even when the mean itself is 1e5.
+        shifted_mean = tf.cast(mean - shift64, tf.float32)
+        y4 = tf.raw_ops.FusedBatchNormV3(
+            x=shifted, scale=gamma, offset=beta, mean=shifted_mean, variance=variance,
+            epsilon=epsilon, is_training=False,
+        )[0]
+
+        def grad(dy, d_mean, d_variance, d_count):
+            del d_mean, d_variance, d_count  # Statistics are not differentiable.
+            # dy * gamma * inv_std, sum(dy * x_hat) and sum(dy), in one kernel call.
+            dx_partial, sum_dy_xhat, sum_dy, _, _ = tf.raw_ops.FusedBatchNormGradV3(
+                y_backprop=_channels_last_4d(tf.cast(dy, tf.float32)),
+                x=shifted,
+                scale=gamma,
+                reserve_space_1=shifted_mean,
+                reserve_space_2=variance,
+                reserve_space_3=tf.zeros([0]),
+                epsilon=epsilon,
+                is_training=False,
+            )
+            # [C], [C] -> [2C] -> [C], [C]
+            global_sum_dy, global_sum_dy_xhat = stats.unpack_grad_sums(
+                all_sum(stats.pack_grad_sums(sum_dy, sum_dy_xhat), name + "/backward"),
+                num_channels,
+            )
+            # dx = dx_partial - gamma * inv_std / N * (sum dy + x_hat * sum dy x_hat),
+            # with x_hat = (shifted - shifted_mean) * inv_std: one affine pass in `shifted`.
+            inv_std = tf.math.rsqrt(variance + epsilon)
+            minus_scale_per_count = -(gamma * inv_std) / tf.maximum(global_count, 1.0)
+            per_shifted = minus_scale_per_count * inv_std * global_sum_dy_xhat
+            constant = minus_scale_per_count * global_sum_dy - shifted_mean * per_shifted
+            dx4 = dx_partial + _fused_affine(shifted, per_shifted, constant)
+            return _like(dx4, x), sum_dy_xhat, sum_dy
+
+        return (_like(y4, x), tf.cast(mean, tf.float32), variance, global_count), grad
+
+    return normalize(x, gamma, beta)
+
+
+def _elementwise(x, gamma, beta, epsilon, all_sum, name, axis, selection):
+    """A mask or channels not last: float32 element-wise math, custom gradient."""
+    rank = x.shape.rank
+    num_channels = x.shape[axis]
+    axes = stats.reduction_axes(rank, axis)
+    channel_shape = [1] * rank
+    channel_shape[axis] = num_channels
+
+    def per_channel(vector):
+        return tf.reshape(vector, channel_shape)
+
+    @tf.custom_gradient
+    def normalize(x, gamma, beta):
+        # [1], [C], [C] -> [2C + 1] -> [], [C], [C]
+        global_count, mean, variance = stats.unpack_moments(
+            all_sum(stats.pack_moments(*stats.local_moments(x, axes, selection)), name + "/forward"),
+            num_channels,
+        )
+        inv_std = tf.math.rsqrt(variance + epsilon)
+        scale = gamma * inv_std
+        mean_high, mean_low = stats.split_mean(mean)
+        # Not x * scale + (beta - mean * scale): that cancels when |mean| >> std.
+        centred = (x - per_channel(mean_high)) - per_channel(mean_low)
+        y = centred * per_channel(scale) + per_channel(beta)
+
+        def grad(dy, d_mean, d_variance, d_count):
+            del d_mean, d_variance, d_count  # Statistics are not differentiable.
+            dy = tf.cast(dy, tf.float32)
+            x_hat = centred * per_channel(inv_std)
+            sum_dy = tf.reduce_sum(dy, axis=axes)
+            sum_dy_xhat = tf.reduce_sum(dy * x_hat, axis=axes)
+            # [C], [C] -> [2C] -> [C], [C]
+            global_sum_dy, global_sum_dy_xhat = stats.unpack_grad_sums(
+                all_sum(stats.pack_grad_sums(sum_dy, sum_dy_xhat), name + "/backward"),
+                num_channels,
+            )
+            inv_count = 1.0 / tf.maximum(global_count, 1.0)
+            correction = x_hat * per_channel(global_sum_dy_xhat * inv_count) + per_channel(
+                global_sum_dy * inv_count
+            )
+            if selection is not None:
+                correction = correction * selection[0]
+            dx = per_channel(scale) * (dy - correction)
+            return dx, sum_dy_xhat, sum_dy
+
+        return (y, tf.cast(mean, tf.float32), tf.identity(variance), tf.identity(global_count)), grad
+
+    return normalize(x, gamma, beta)
 
 
 def sync_batch_norm(x, gamma, beta, *, axis, epsilon, all_sum, name, mask=None, single_replica=False):
@@ -113,9 +275,9 @@ def sync_batch_norm(x, gamma, beta, *, axis, epsilon, all_sum, name, mask=None, 
         mask: optional boolean tensor shaped like `x` without `axis`; masked
             positions are left out of the (global) statistics but still
             normalized.
-        single_replica: True when `all_sum` is the identity (one replica): the
-            fused training kernel and its gradient then do everything, and
-            `all_sum` is not called.
+        single_replica: True when `all_sum` is the identity (one replica): on
+            channels-last data without a mask, the fused training kernel and
+            its gradient then do everything, and `all_sum` is not called.
 
     Returns:
         `(y, mean, variance, count)`: `y` in float32, shaped like `x`; the
@@ -125,174 +287,18 @@ def sync_batch_norm(x, gamma, beta, *, axis, epsilon, all_sum, name, mask=None, 
     """
     rank = x.shape.rank
     num_channels = x.shape[axis]
-    axes = stats.reduction_axes(rank, axis)
     x = tf.cast(x, tf.float32)
     gamma = _as_vector(gamma, num_channels, 1.0)
     beta = _as_vector(beta, num_channels, 0.0)
-    selection = stats.mask_weights(mask, x, axis) if mask is not None else None
-    use_kernels = fused_kernels_apply(rank, axis, mask)
-    channel_shape = [1] * rank
-    channel_shape[axis] = num_channels
-
-    def local_moments_exact():
-        return stats.local_moments(x, axes, selection)
-
-    def local_moments():
-        if not use_kernels:
-            return local_moments_exact()
-        x4 = _channels_last_4d(x)
-        count = tf.cast(tf.shape(x4)[0], tf.float32)
-
-        def from_kernel():
-            _, mean, variance, _ = _fused_train(x4, gamma, beta, epsilon)
-            return tf.cond(
-                _far_from_zero(mean, variance),
-                local_moments_exact,
-                lambda: (count, tf.cast(mean, stats.STATS_DTYPE), variance * count),
-            )
-
-        return tf.cond(count < 2.0, local_moments_exact, from_kernel)
-
-    fused_single = single_replica and use_kernels
-
-    @tf.custom_gradient
-    def normalize(x, gamma, beta):
-        if fused_single:
-            # One replica: the training kernel's own statistics are the global ones.
-            x4 = _channels_last_4d(x)
-            count = tf.cast(tf.shape(x4)[0], tf.float32)
-            y4, batch_mean, batch_variance, reserve = _fused_train(x4, gamma, beta, epsilon)
-            exact_path = tf.logical_or(count < 2.0, _far_from_zero(batch_mean, batch_variance))
-            global_count, mean, variance = tf.cond(
-                exact_path,
-                lambda: stats.unpack_moments(
-                    stats.pack_moments(*local_moments_exact()), num_channels
-                ),
-                lambda: (count, tf.cast(batch_mean, stats.STATS_DTYPE), batch_variance),
-            )
+    # The one decision, from static facts: no branch in the graph.
+    if fused_kernels_apply(rank, axis, mask):
+        if single_replica:
+            y, mean, variance, count = _single_replica_kernels(x, gamma, beta, epsilon)
         else:
-            count, local_mean, m2 = local_moments()
-            global_count, mean, variance = stats.unpack_moments(
-                all_sum(stats.pack_moments(count, local_mean, m2), name + "/forward"),
-                num_channels,
-            )
-        inv_std = tf.math.rsqrt(variance + epsilon)
-        scale = gamma * inv_std
-        mean_high, mean_low = stats.split_mean(mean)
-        if use_kernels and not fused_single:
-            # Identical on every replica: it depends on global statistics only.
-            exact_path = _far_from_zero(mean_high, variance)
-
-        def choose(exact_fn, fused_fn):
-            if not use_kernels:
-                return exact_fn()
-            return tf.cond(exact_path, exact_fn, fused_fn)
-
-        def centre(x):
-            # Not x * scale + (beta - mean * scale): that cancels when |mean| >> std.
-            return (x - tf.reshape(mean_high, channel_shape)) - tf.reshape(mean_low, channel_shape)
-
-        def normalize_exact():
-            return centre(x) * tf.reshape(scale, channel_shape) + tf.reshape(beta, channel_shape)
-
-        def normalize_fused():
-            if fused_single:
-                return tf.reshape(y4, tf.shape(x))
-            y4_global = _fused_affine(_channels_last_4d(x), scale, beta - mean_high * scale)
-            return tf.reshape(y4_global, tf.shape(x))
-
-        y = choose(normalize_exact, normalize_fused)
-
-        def sums_exact(dy):
-            x_hat = centre(x) * tf.reshape(inv_std, channel_shape)
-            return (
-                tf.reduce_sum(dy, axis=axes),
-                tf.reduce_sum(dy * x_hat, axis=axes),
-                dy * tf.reshape(scale, channel_shape),
-            )
-
-        def sums_fused(dy):
-            # Inference-mode gradient kernel: dy * gamma * inv_std and both sums.
-            dx_partial, sum_dy_xhat, sum_dy, _, _ = tf.raw_ops.FusedBatchNormGradV3(
-                y_backprop=_channels_last_4d(dy),
-                x=_channels_last_4d(x),
-                scale=gamma,
-                reserve_space_1=mean_high,
-                reserve_space_2=variance,
-                reserve_space_3=tf.zeros([0]),
-                epsilon=epsilon,
-                is_training=False,
-            )
-            return sum_dy, sum_dy_xhat, tf.reshape(dx_partial, tf.shape(x))
-
-        def corrections(global_sum_dy, global_sum_dy_xhat):
-            # dx = dx_partial - scale * w / N * (sum dy + x_hat * sum dy x_hat)
-            #    = dx_partial + w * (x_hat * slope + intercept), per channel.
-            inv_count = 1.0 / tf.maximum(global_count, 1.0)
-            return -scale * global_sum_dy_xhat * inv_count, -scale * global_sum_dy * inv_count
-
-        def dx_exact(dx_partial, slope, intercept):
-            x_hat = centre(x) * tf.reshape(inv_std, channel_shape)
-            correction = x_hat * tf.reshape(slope, channel_shape) + tf.reshape(
-                intercept, channel_shape
-            )
-            if selection is not None:
-                correction = correction * selection[0]
-            return dx_partial + correction
-
-        def dx_fused(dx_partial, slope, intercept):
-            # x_hat * slope + intercept == x * (slope * inv_std) + (intercept - mean * ...)
-            per_x = slope * inv_std
-            correction = _fused_affine(_channels_last_4d(x), per_x, intercept - mean_high * per_x)
-            return dx_partial + tf.reshape(correction, tf.shape(x))
-
-        def synced_grad(dy):
-            sum_dy, sum_dy_xhat, dx_partial = choose(
-                lambda: sums_exact(dy), lambda: sums_fused(dy)
-            )
-            global_sums = stats.unpack_grad_sums(
-                all_sum(stats.pack_grad_sums(sum_dy, sum_dy_xhat), name + "/backward"),
-                num_channels,
-            )
-            slope, intercept = corrections(*global_sums)
-            dx = choose(
-                lambda: dx_exact(dx_partial, slope, intercept),
-                lambda: dx_fused(dx_partial, slope, intercept),
-            )
-            return dx, sum_dy_xhat, sum_dy
-
-        def single_exact_grad(dy):
-            # One replica far from zero, or with < 2 samples: no collective at all.
-            sum_dy, sum_dy_xhat, dx_partial = sums_exact(dy)
-            slope, intercept = corrections(sum_dy, sum_dy_xhat)
-            return dx_exact(dx_partial, slope, intercept), sum_dy_xhat, sum_dy
-
-        def single_fused_grad(dy):
-            dx4, dgamma, dbeta, _, _ = tf.raw_ops.FusedBatchNormGradV3(
-                y_backprop=_channels_last_4d(dy),
-                x=_channels_last_4d(x),
-                scale=gamma,
-                reserve_space_1=reserve[0],
-                reserve_space_2=reserve[1],
-                reserve_space_3=reserve[2],
-                epsilon=epsilon,
-                is_training=True,
-            )
-            return tf.reshape(dx4, tf.shape(x)), dgamma, dbeta
-
-        def grad(dy, d_mean, d_variance, d_count):
-            del d_mean, d_variance, d_count  # Statistics are not differentiable.
-            dy = tf.cast(dy, tf.float32)
-            if fused_single:
-                return tf.cond(
-                    exact_path, lambda: single_exact_grad(dy), lambda: single_fused_grad(dy)
-                )
-            return synced_grad(dy)
-
-        stat_outputs = (tf.cast(mean, tf.float32), tf.identity(variance), tf.identity(global_count))
-        return (y,) + stat_outputs, grad
-
-    y, mean, variance, count = normalize(x, gamma, beta)
+            y, mean, variance, count = _synced_kernels(x, gamma, beta, epsilon, all_sum, name)
+    else:
+        selection = stats.mask_weights(mask, x, axis) if mask is not None else None
+        y, mean, variance, count = _elementwise(x, gamma, beta, epsilon, all_sum, name, axis, selection)
     return y, tf.stop_gradient(mean), tf.stop_gradient(variance), tf.stop_gradient(count)
 
 

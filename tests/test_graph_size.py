@@ -1,0 +1,136 @@
+"""What one SyncBatchNormalization layer adds to a traced training step.
+
+Structural checks, not timings: the op types of a traced forward + backward
+step (the function's graph and every function in its library, so the
+branches of a `tf.cond` count too), minus those of the same step without the
+layer. No path may hold control flow (a `tf.cond` on data becomes
+Switch/Merge, which on a GPU copies its predicate back to the host), and the
+op count stays near Keras's BatchNormalization's.
+"""
+
+import collections
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from syncbn import SyncBatchNormalization
+
+CONTROL_FLOW = {"If", "StatelessIf", "Switch", "Merge", "While", "StatelessWhile", "Case",
+                "StatelessCase"}
+SHAPE = (8, 6, 6, 16)
+
+
+class PretendTwoReplicas:
+    """Says 2 replicas, sums nothing: the synchronized path's graph."""
+
+    num_replicas = 2
+
+    def all_sum(self, tensor, name):
+        del name
+        return tensor * 1.0
+
+
+def _op_types(concrete_function):
+    graph_def = concrete_function.graph.as_graph_def()
+    types = [node.op for node in graph_def.node]
+    for function in graph_def.library.function:
+        types += [node.op for node in function.node_def]
+    return collections.Counter(types)
+
+
+def _traced_step_op_types(layer, shape, axis=-1, masked=False):
+    """Op types of `tape.gradient(sum(layer(x)**2), [x, *weights])`, minus the same without a layer."""
+    mask_shape = shape[: axis % len(shape)] + shape[axis % len(shape) + 1 :]
+
+    def traced(apply):
+        @tf.function
+        def step(x, mask):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = apply(x, mask)
+                loss = tf.reduce_sum(y * y)
+            return tape.gradient(loss, [x] + (layer.trainable_weights if layer else []))
+
+        return _op_types(step.get_concrete_function(
+            tf.TensorSpec((None,) + shape[1:]), tf.TensorSpec((None,) + mask_shape[1:], tf.bool)))
+
+    layer.build(shape)
+    with_layer = traced(lambda x, mask: layer(x, training=True, mask=mask if masked else None))
+    layer_free = traced(lambda x, mask: x)
+    with_layer.subtract(layer_free)
+    return +with_layer
+
+
+PATHS = {
+    # name: (layer factory, shape, axis, masked, fused kernels expected)
+    "one replica, channels last": (lambda: SyncBatchNormalization(communicator="local"),
+                                   SHAPE, -1, False, True),
+    "synchronized, channels last": (lambda: SyncBatchNormalization(communicator=PretendTwoReplicas()),
+                                    SHAPE, -1, False, True),
+    "one replica, channels first": (lambda: SyncBatchNormalization(axis=1, communicator="local"),
+                                    (8, 16, 6, 6), 1, False, False),
+    "synchronized, masked": (lambda: SyncBatchNormalization(communicator=PretendTwoReplicas()),
+                             (8, 5, 16), -1, True, False),
+}
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_no_control_flow_on_any_path(path):
+    make_layer, shape, axis, masked, fused = PATHS[path]
+    types = _traced_step_op_types(make_layer(), shape, axis, masked)
+    assert not CONTROL_FLOW & set(types), types
+    # The count saw the layer's own ops (it cannot pass on an empty count).
+    if fused:
+        assert types["FusedBatchNormGradV3"] == 1, types
+    else:
+        assert types["Rsqrt"] >= 1 and "FusedBatchNormV3" not in types, types
+
+
+def test_check_sees_a_cond_on_data():
+    # Negative control: a layer with a data-dependent tf.cond is flagged.
+    class CondLayer(keras.layers.Layer):
+        def build(self, input_shape):
+            self.gamma = self.add_weight(shape=(input_shape[-1],), initializer="ones")
+
+        def call(self, x, training=None, mask=None):
+            return tf.cond(tf.reduce_sum(x) > 0, lambda: x * self.gamma, lambda: -x * self.gamma)
+
+    types = _traced_step_op_types(CondLayer(), SHAPE)
+    assert CONTROL_FLOW & set(types), types
+
+
+def test_ops_per_layer_stay_near_keras_batch_normalization():
+    # Keras BatchNormalization adds about 90 ops here. The design with a
+    # tf.cond per sub-step added 2.9x (one replica) and 4.0x (synchronized)
+    # as many, its branch functions included.
+    keras_ops = sum(_traced_step_op_types(keras.layers.BatchNormalization(), SHAPE).values())
+    single = sum(_traced_step_op_types(SyncBatchNormalization(communicator="local"), SHAPE).values())
+    synced = sum(_traced_step_op_types(
+        SyncBatchNormalization(communicator=PretendTwoReplicas()), SHAPE).values())
+    assert single <= keras_ops, (single, keras_ops)
+    assert synced <= 1.6 * keras_ops, (synced, keras_ops)
+
+
+def test_shifted_kernels_stay_exact_with_one_and_no_sample():
+    # The selects that replace the old `count < 2` branch: a batch of one
+    # normalizes to beta with zero variance, an empty one updates nothing.
+    for communicator in ("local", PretendTwoReplicas()):
+        layer = SyncBatchNormalization(momentum=0.5, communicator=communicator,
+                                       beta_initializer="ones")
+        layer.build((None, 3))
+        one = tf.constant([[1e4, 2.0, -3.0]])
+        np.testing.assert_allclose(layer(one, training=True).numpy(), 1.0, atol=1e-6)
+        np.testing.assert_allclose(layer.moving_mean.numpy(), [5e3, 1.0, -1.5])
+        np.testing.assert_allclose(layer.moving_variance.numpy(), 0.5)
+        empty = tf.zeros((0, 3))
+        with tf.GradientTape() as tape:
+            tape.watch(empty)
+            y = layer(empty, training=True)
+        grads = tape.gradient(y, [empty, layer.gamma, layer.beta])
+        assert y.shape == (0, 3)
+        np.testing.assert_array_equal(grads[1].numpy(), 0.0)
+        np.testing.assert_array_equal(grads[2].numpy(), 0.0)
+        np.testing.assert_allclose(layer.moving_mean.numpy(), [5e3, 1.0, -1.5])
+        assert np.isfinite(layer.moving_variance.numpy()).all()
