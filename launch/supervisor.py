@@ -16,6 +16,7 @@ Output: each worker's stdout and stderr are merged; every line is written to the
 launcher's stdout as `[label] line` and, with `output_dir`, to `output_dir/rank.N.log`.
 """
 
+import collections
 import ctypes
 import dataclasses
 import logging
@@ -33,6 +34,8 @@ logger = logging.getLogger("launch")
 PR_SET_PDEATHSIG = 1
 TIMEOUT_EXIT_CODE = 124
 _POLL_SECONDS = 0.05
+# Lines kept for describe_failure: mpirun's verdict may follow long tracebacks of every rank.
+_TAIL_LINES = 400
 _PREFIXED = re.compile(rb"^\[(\d+)\] ?(.*)$", re.S)
 
 
@@ -118,7 +121,7 @@ class _Worker:
     def __init__(self, spec, process):
         self.spec = spec
         self.process = process
-        self.tail = []  # last lines, for describe_failure
+        self.tail = collections.deque(maxlen=_TAIL_LINES)  # for describe_failure
         self.reader = None
 
 
@@ -178,7 +181,7 @@ class Supervisor:
 
     def _pump(self, worker):
         for line in iter(worker.process.stdout.readline, b""):
-            worker.tail = (worker.tail + [line])[-40:]
+            worker.tail.append(line)
             self.output.write(worker.spec, line)
         worker.process.stdout.close()
 

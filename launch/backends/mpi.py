@@ -30,6 +30,9 @@ FORWARDED = ("PATH", "PYTHONPATH", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "PYTHONUNBU
 _PROCESS_NAME = re.compile(r"Process name:\s*\[\[\d+,\d+\],(\d+)\]")
 _EXIT_CODE = re.compile(r"Exit code:\s*(-?\d+)")
 _SIGNALLED = re.compile(r"process rank (\d+) with PID \d+ on node \S+ exited on signal (\d+)")
+# The rank's own stderr (prefixed with "[rank] " by launch.mpi_rank) or mpirun's.
+_ABORTED = re.compile(r"MPI_ABORT was invoked on rank (\d+) in communicator \S+\s+"
+                      r"(?:\[\d+\] )?with errorcode (-?\d+)")
 
 
 def mpirun_command(placement, *, mpirun="mpirun", rsh_agent=None, is_root=False,
@@ -90,6 +93,10 @@ def _all_hosts_on_this_machine(placement):
 def describe_mpirun_failure(lines, exit_code):
     """Finds which rank mpirun blames in its closing message, e.g. 'rank 1 ... exit code 3'."""
     text = b"".join(lines).decode(errors="replace")
+    aborted = _ABORTED.search(text)
+    if aborted:
+        return (f"rank {aborted.group(1)} failed first: it called MPI_Abort with error code "
+                f"{aborted.group(2)} (mpirun)")
     name, code = _PROCESS_NAME.search(text), _EXIT_CODE.search(text)
     if name and code:
         return f"rank {name.group(1)} failed first with exit code {code.group(1)} (mpirun)"
