@@ -36,6 +36,7 @@ TIMEOUT_EXIT_CODE = 124
 _POLL_SECONDS = 0.05
 # Lines kept for describe_failure: mpirun's verdict may follow long tracebacks of every rank.
 _TAIL_LINES = 400
+FATAL_LINE_GRACE = 5.0
 _PREFIXED = re.compile(rb"^\[(\d+)\] ?(.*)$", re.S)
 
 
@@ -63,6 +64,11 @@ class WorkerSpec:
             (mpirun with our rank wrapper); they are then routed to rank N's log.
         describe_failure: optional function(lines, exit_code) -> message, for workers
             (mpirun) that know better which rank failed.
+        fatal_line: optional compiled bytes regex with a group `code`: a line that
+            means the job has failed with exit code `code` even if the worker does not
+            exit. mpirun prints one after MPI_Abort, then can wait forever for the
+            daemon of a host it can no longer reach (issue #11, a cut network); the
+            worker is stopped `FATAL_LINE_GRACE` seconds after such a line.
     """
 
     label: str
@@ -74,6 +80,7 @@ class WorkerSpec:
     death_signal: int = signal.SIGKILL
     demux_ranks: bool = False
     describe_failure: Optional[Callable] = None
+    fatal_line: Optional[re.Pattern] = None
 
 
 class _Output:
@@ -123,6 +130,7 @@ class _Worker:
         self.process = process
         self.tail = collections.deque(maxlen=_TAIL_LINES)  # for describe_failure
         self.reader = None
+        self.fatal = None  # (time seen, exit code) of a fatal line
 
 
 def describe_exit(code):
@@ -182,6 +190,10 @@ class Supervisor:
     def _pump(self, worker):
         for line in iter(worker.process.stdout.readline, b""):
             worker.tail.append(line)
+            if worker.spec.fatal_line is not None and worker.fatal is None:
+                match = worker.spec.fatal_line.search(line)
+                if match:
+                    worker.fatal = (time.monotonic(), int(match.group("code")))
             self.output.write(worker.spec, line)
         worker.process.stdout.close()
 
@@ -248,6 +260,12 @@ class Supervisor:
                 return TIMEOUT_EXIT_CODE
             for worker in list(running):
                 code = worker.process.poll()
+                if code is None and worker.fatal is not None:
+                    seen_at, fatal_code = worker.fatal
+                    if time.monotonic() - seen_at > FATAL_LINE_GRACE:
+                        logger.error("%s announced a failure %.0f s ago and has not exited",
+                                     _name(worker.spec), FATAL_LINE_GRACE)
+                        return self._report_failure(worker, fatal_code)
                 if code is None:
                     continue
                 running.remove(worker)

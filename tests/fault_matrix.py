@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,6 +38,7 @@ BACKEND_ARGS = {
 BACKENDS = tuple(BACKEND_ARGS)
 FAULTS = ("kill", "raise", "stall", "netcut", "shape", "skip")
 FAULT_NAMES = {
+    "none": "no fault (control)",
     "kill": "(a) SIGKILL between forward and backward",
     "raise": "(b) exception mid-step",
     "stall": "(c) stalled forever",
@@ -141,8 +143,7 @@ def run_cell(backend, fault, timeout=DEFAULT_TIMEOUT, tmp_root=None, steps=3):
                     if line.startswith("[launcher] ERROR")), "")
     seconds = ended - injected[0] if injected else float("nan")
     leftovers = _leftovers(marker, tmpdir, process.pid)
-    if not leftovers:
-        os.rmdir(tmpdir)
+    shutil.rmtree(tmpdir, ignore_errors=True)  # also autograph's generated files
     return CellResult(backend, fault, code, seconds, verdict, _explain(output), leftovers, output)
 
 

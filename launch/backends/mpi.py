@@ -30,6 +30,8 @@ FORWARDED = ("PATH", "PYTHONPATH", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "PYTHONUNBU
 _PROCESS_NAME = re.compile(r"Process name:\s*\[\[\d+,\d+\],(\d+)\]")
 _EXIT_CODE = re.compile(r"Exit code:\s*(-?\d+)")
 _SIGNALLED = re.compile(r"process rank (\d+) with PID \d+ on node \S+ exited on signal (\d+)")
+# The second line of Open MPI's MPI_ABORT notice, carrying the exit code.
+ABORT_LINE = re.compile(rb"^(?:\[\d+\] )?with errorcode (?P<code>\d+)\.")
 # The rank's own stderr (prefixed with "[rank] " by launch.mpi_rank) or mpirun's.
 _ABORTED = re.compile(r"MPI_ABORT was invoked on rank (\d+) in communicator \S+\s+"
                       r"(?:\[\d+\] )?with errorcode (-?\d+)")
@@ -155,6 +157,7 @@ class MpiBackend:
             death_signal=signal.SIGTERM,
             demux_ranks=True,
             describe_failure=describe_mpirun_failure,
+            fatal_line=ABORT_LINE,
         )]
 
     def close(self):

@@ -25,6 +25,12 @@ Two safety nets, because plain MPI cannot match calls by name:
   `SYNCBN_COLLECTIVE_TIMEOUT`; when a rank never arrives, the waiting rank
   says which collective timed out and aborts the MPI job (exit code 124)
   instead of hanging.
+
+And one rule for the whole job: once a process sums over MPI, an uncaught
+exception aborts the MPI job (`MPI_Abort`, exit code 1) after its traceback is
+printed, as `python -m mpi4py` does. Otherwise the failing rank would wait in
+`MPI_Finalize` while the others wait in their next collective, and the job
+would end only at the timeout, blaming a rank that did nothing wrong.
 """
 
 import functools
@@ -109,6 +115,25 @@ def mismatch_message(own, headers, rank):
             f"{_describe(own)}; {others}. Every rank must call the same "
             "SyncBatchNormalization layers, in the same order, with the same number of "
             "channels and dtype.")
+
+
+def abort_on_uncaught_exception():
+    """Makes an uncaught exception end the whole MPI job (see the module docstring)."""
+    if getattr(sys.excepthook, "syncbn_mpi_abort", False):
+        return
+    previous = sys.excepthook
+
+    def excepthook(kind, value, traceback):
+        previous(kind, value, traceback)
+        sys.stderr.flush()
+        sys.stdout.flush()
+        from mpi4py import MPI
+
+        if MPI.Is_initialized() and not MPI.Is_finalized():
+            MPI.COMM_WORLD.Abort(1)
+
+    excepthook.syncbn_mpi_abort = True
+    sys.excepthook = excepthook
 
 
 @functools.lru_cache(maxsize=None)
@@ -204,6 +229,7 @@ class MPICommunicator(Communicator):
 
 
 def mpi_communicator(group_size=None):
+    abort_on_uncaught_exception()
     return MPICommunicator(_group_comm(group_size), mpi_op.load())
 
 
@@ -262,4 +288,5 @@ def direct_mpi_communicator(size, rank, group_size, framework):
             RuntimeWarning, stacklevel=3,
         )
         return None
+    abort_on_uncaught_exception()
     return MPICommunicator(_group_comm(group_size), mpi_op.load())

@@ -1,0 +1,58 @@
+"""The fault matrix of issue #11 in CI: a misbehaving rank ends the job, loudly and cleanly.
+
+Each case runs one cell of `tests/fault_matrix.py` (2 ranks through
+`syncbn-launch`, `SYNCBN_COLLECTIVE_TIMEOUT=20`) and checks that the job ends
+with a non-zero exit code, that the launcher names the rank that failed
+first, that the output names the layer where it is known, and that nothing
+is left behind (processes, network namespaces, Open MPI session directories,
+launcher files). The only time assertion is the issue's bound: the job stops
+within the collective timeout + 10 s of the fault.
+
+CI runs faults (a) kill, (b) raise, (e) shape and (f) skip on every backend,
+and (c) stall and (d) network cut on mpi and horovod-gloo; the other cells
+run from `python tests/fault_matrix.py` (docs/faults.md has the table).
+"""
+
+import re
+
+import pytest
+
+import fault_matrix
+
+TIMEOUT = 20.0
+CI_CELLS = ([(backend, fault) for fault in ("kill", "raise", "shape", "skip")
+             for backend in fault_matrix.BACKENDS]
+            + [(backend, fault) for fault in ("stall", "netcut")
+               for backend in ("mpi", "horovod-gloo")])
+# Cells whose output must name the layer: the fault happens inside a collective
+# that knows it (a mismatch, a timeout) rather than in user code.
+LAYER_NAMED = {"shape", "skip", "stall", "netcut"}
+
+
+def test_every_ci_cell_is_a_real_cell():
+    # The parametrization below cannot silently drop a backend or a fault.
+    assert {b for b, _ in CI_CELLS} == set(fault_matrix.BACKENDS)
+    assert {f for _, f in CI_CELLS} == set(fault_matrix.FAULTS)
+    assert len(set(CI_CELLS)) == len(CI_CELLS) == 24
+
+
+@pytest.mark.parametrize("backend,fault", CI_CELLS, ids=[f"{b}-{f}" for b, f in CI_CELLS])
+def test_fault_ends_the_job(backend, fault, tmp_path):
+    result = fault_matrix.run_cell(backend, fault, TIMEOUT, tmp_root=str(tmp_path))
+    print(fault_matrix.format_table([result], TIMEOUT))
+    output = result.output[-6000:]
+    assert result.exit_code != 0, output
+    assert result.seconds <= TIMEOUT + 10, output  # the issue's bound; nan (no fault) fails too
+    assert re.search(r"\brank \d+\b", result.verdict), output
+    if fault in LAYER_NAMED:
+        assert result.names_layer, output
+    assert result.leftovers == [], output
+
+
+def test_control_job_without_a_fault_succeeds(tmp_path):
+    # Negative control: the job itself, the launcher and the cleanup checks pass
+    # when nobody misbehaves, so the failures above come from the faults.
+    result = fault_matrix.run_cell("mpi", "none", TIMEOUT, tmp_root=str(tmp_path))
+    assert result.exit_code == 0, result.output[-6000:]
+    assert result.output.count("fault_job rank") == 2, result.output[-6000:]
+    assert result.leftovers == []
