@@ -139,8 +139,9 @@ def run_cell(backend, fault, timeout=DEFAULT_TIMEOUT, tmp_root=None, steps=3):
     ended = time.monotonic()
     reader.join(timeout=10)
     output = "".join(lines)
-    verdict = next((line.split("ERROR", 1)[1].strip() for line in lines
-                    if line.startswith("[launcher] ERROR")), "")
+    errors = [line.split("ERROR", 1)[1].strip() for line in lines
+              if line.startswith("[launcher] ERROR")]
+    verdict = next((e for e in errors if "failed first" in e), errors[0] if errors else "")
     seconds = ended - injected[0] if injected else float("nan")
     leftovers = _leftovers(marker, tmpdir, process.pid)
     shutil.rmtree(tmpdir, ignore_errors=True)  # also autograph's generated files
