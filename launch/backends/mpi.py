@@ -33,8 +33,9 @@ _SIGNALLED = re.compile(r"process rank (\d+) with PID \d+ on node \S+ exited on 
 # The second line of Open MPI's MPI_ABORT notice, carrying the exit code.
 ABORT_LINE = re.compile(rb"^(?:\[\d+\] )?with errorcode (?P<code>\d+)\.")
 # The rank's own stderr (prefixed with "[rank] " by launch.mpi_rank) or mpirun's.
-_ABORTED = re.compile(r"MPI_ABORT was invoked on rank (\d+) in communicator \S+\s+"
-                      r"(?:\[\d+\] )?with errorcode (-?\d+)")
+# The communicator's name may have spaces ("MPI COMMUNICATOR 3 DUP FROM 0").
+_ABORTED = re.compile(r"MPI_ABORT was invoked on rank (\d+) in communicator [^\n]*\n"
+                      r"(?:\[\w+\] )?with errorcode (-?\d+)")
 
 
 def mpirun_command(placement, *, mpirun="mpirun", rsh_agent=None, is_root=False,

@@ -68,7 +68,7 @@ def init_horovod(group_size=None):
     quarter of it, at most 10 s (Horovod then warns about a collective that
     waited that long, and ends the job at the timeout), so a rank that never joins
     a collective fails the job rather than hanging it, `HOROVOD_GLOO_TIMEOUT_SECONDS`
-    to the collective timeout as well, and, when Horovod's controller is Gloo
+    to the collective timeout as well (at least 20 s), and, when Horovod's controller is Gloo
     (`HOROVOD_CONTROLLER=gloo`, as `horovodrun --gloo` and `syncbn-launch
     --horovod-controller gloo` set), `HOROVOD_CYCLE_TIME` to 0.1 ms, so that
     the small sequential collectives of sync BN are not each delayed by
@@ -94,8 +94,9 @@ def init_horovod(group_size=None):
     os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS",
                           str(max(1, min(10, int(timeout / 4)))))
     # Gloo's own deadline for a transfer whose peer went away (a cut network),
-    # 30 s by default: the collective timeout instead.
-    os.environ.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", str(max(1, int(timeout))))
+    # 30 s by default: the collective timeout instead. It also bounds the wait
+    # for the other ranks at hvd.init, hence at least 20 s.
+    os.environ.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", str(max(20, int(timeout))))
     if os.environ.get("HOROVOD_CONTROLLER", "").lower() == "gloo":
         # On Gloo sync BN's small sequential collectives go through Horovod's
         # cycle (1 ms by default), so a short cycle keeps them cheap.
