@@ -51,7 +51,7 @@ DEFAULT_TIMEOUT = 20.0
 # Lines that explain a failure, most specific first.
 _EXPLANATIONS = [
     r"syncbn: [^\n]*",
-    r"Mismatched [^\n]*",
+    r"Mismatched [^\n]*(?:\n[^\n]*){0,3}",  # Horovod names the tensor a few lines on
     r"[^\n]*(?:[Ss]tall|Horovod has been shut down|DeadlineExceeded|Deadline Exceeded|"
     r"timed out|Connection reset|failed to connect|Broken pipe)[^\n]*",
     r"injected fault[^\n]*",
@@ -107,7 +107,7 @@ def _explain(output):
     for pattern in _EXPLANATIONS:
         match = re.search(pattern, output)
         if match:
-            return match.group(0).strip()
+            return " ".join(line.strip() for line in match.group(0).splitlines())
     return ""
 
 
