@@ -131,6 +131,11 @@ def main(argv=None):
     normal = compile_step(None)
     faulty_step = compile_step(None if args.fault in ("none", "shape") else args.fault)
     rng = np.random.default_rng(rank)
+    # Trace both steps before the first one runs, so that the time from a fault
+    # to the end of the job does not include tracing.
+    example = tf.zeros((BATCH, channels), tf.float32)
+    for function in (normal, faulty_step):
+        function.get_concrete_function(example, example)
     # A shape mismatch is there from the first step on.
     fault_step = 0 if args.fault == "shape" else args.fault_step
     for step in range(args.steps):
