@@ -115,6 +115,9 @@ def main(argv=None):
 
     faulty = rank == args.fault_rank and args.fault != "none"
     channels = CHANNELS // 2 if faulty and args.fault == "shape" else CHANNELS
+    if faulty and args.fault == "shape":
+        # tf.distribute meets the mismatch as soon as it broadcasts the weights.
+        print(f"rank {rank} injects fault 'shape' when building the layers", flush=True)
     scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
     with scope:
         layers = [syncbn.SyncBatchNormalization(communicator=communicator, name=name)
@@ -139,7 +142,7 @@ def main(argv=None):
     # A shape mismatch is there from the first step on.
     fault_step = 0 if args.fault == "shape" else args.fault_step
     for step in range(args.steps):
-        if faulty and step == fault_step and args.fault in ("shape", "skip"):
+        if faulty and step == fault_step and args.fault == "skip":
             print(f"rank {rank} injects fault '{args.fault}' at step {step}", flush=True)
         x = tf.constant(rng.normal(size=(BATCH, channels)).astype(np.float32))
         dy = tf.constant(rng.normal(size=(BATCH, channels)).astype(np.float32))
