@@ -260,6 +260,13 @@ def test_describe_mpirun_failure_after_mpi_abort():
     assert ABORT_LINE.search(aborted[0]) is None
 
 
+def test_describe_mpirun_failure_without_mpiruns_notice():
+    lines = [b"[0] step done\n", b"[1] Traceback (most recent call last):\n",
+             b"[1] RuntimeError: boom\n", b"[0] Traceback (most recent call last):\n"]
+    assert describe_mpirun_failure(lines, 1) == (
+        "rank 1 failed first (its traceback came first); mpirun exited with 1")
+
+
 def test_exit_descriptions():
     assert describe_exit(3) == "exit code 3" and describe_exit(-9) == "signal SIGKILL"
     assert shell_exit_code(-15) == 143 and shell_exit_code(3) == 3

@@ -32,6 +32,7 @@ _EXIT_CODE = re.compile(r"Exit code:\s*(-?\d+)")
 _SIGNALLED = re.compile(r"process rank (\d+) with PID \d+ on node \S+ exited on signal (\d+)")
 # The second line of Open MPI's MPI_ABORT notice, carrying the exit code.
 ABORT_LINE = re.compile(rb"^(?:\[\d+\] )?with errorcode (?P<code>\d+)\.")
+_FIRST_TRACEBACK = re.compile(r"^\[(\d+)\] Traceback \(most recent call last\):", re.M)
 # The rank's own stderr (prefixed with "[rank] " by launch.mpi_rank) or mpirun's.
 # The communicator's name may have spaces ("MPI COMMUNICATOR 3 DUP FROM 0").
 _ABORTED = re.compile(r"MPI_ABORT was invoked on rank (\d+) in communicator [^\n]*\n"
@@ -107,6 +108,12 @@ def describe_mpirun_failure(lines, exit_code):
     if signalled:
         signame = signal.Signals(int(signalled.group(2))).name
         return f"rank {signalled.group(1)} failed first with signal {signame} (mpirun)"
+    # mpirun's own notice can be missing (its show_help fails under load); the
+    # rank whose traceback came first is then the best guess.
+    traceback = _FIRST_TRACEBACK.search(text)
+    if traceback:
+        return (f"rank {traceback.group(1)} failed first (its traceback came first); "
+                f"mpirun exited with {exit_code}")
     return None
 
 
