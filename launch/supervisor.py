@@ -16,6 +16,7 @@ Output: each worker's stdout and stderr are merged; every line is written to the
 launcher's stdout as `[label] line` and, with `output_dir`, to `output_dir/rank.N.log`.
 """
 
+import collections
 import ctypes
 import dataclasses
 import logging
@@ -33,7 +34,11 @@ logger = logging.getLogger("launch")
 PR_SET_PDEATHSIG = 1
 TIMEOUT_EXIT_CODE = 124
 _POLL_SECONDS = 0.05
+# Lines kept for describe_failure: mpirun's verdict may follow long tracebacks of every rank.
+_TAIL_LINES = 400
+FATAL_LINE_GRACE = 2.0
 _PREFIXED = re.compile(rb"^\[(\d+)\] ?(.*)$", re.S)
+_TRACEBACK = b"Traceback (most recent call last):"
 
 
 def _child_setup(death_signal, parent_pid):
@@ -60,6 +65,11 @@ class WorkerSpec:
             (mpirun with our rank wrapper); they are then routed to rank N's log.
         describe_failure: optional function(lines, exit_code) -> message, for workers
             (mpirun) that know better which rank failed.
+        fatal_line: optional compiled bytes regex with a group `code`: a line that
+            means the job has failed with exit code `code` even if the worker does not
+            exit. mpirun prints one after MPI_Abort, then can wait forever for the
+            daemon of a host it can no longer reach (issue #11, a cut network); the
+            worker is stopped `FATAL_LINE_GRACE` seconds after such a line.
     """
 
     label: str
@@ -71,6 +81,7 @@ class WorkerSpec:
     death_signal: int = signal.SIGKILL
     demux_ranks: bool = False
     describe_failure: Optional[Callable] = None
+    fatal_line: Optional[re.Pattern] = None
 
 
 class _Output:
@@ -118,8 +129,10 @@ class _Worker:
     def __init__(self, spec, process):
         self.spec = spec
         self.process = process
-        self.tail = []  # last lines, for describe_failure
+        self.tail = collections.deque(maxlen=_TAIL_LINES)  # for describe_failure
         self.reader = None
+        self.fatal = None  # (time seen, exit code) of a fatal line
+        self.traceback_at = None  # when it printed its first Python traceback
 
 
 def describe_exit(code):
@@ -178,7 +191,13 @@ class Supervisor:
 
     def _pump(self, worker):
         for line in iter(worker.process.stdout.readline, b""):
-            worker.tail = (worker.tail + [line])[-40:]
+            worker.tail.append(line)
+            if worker.traceback_at is None and line.startswith(_TRACEBACK):
+                worker.traceback_at = time.monotonic()
+            if worker.spec.fatal_line is not None and worker.fatal is None:
+                match = worker.spec.fatal_line.search(line)
+                if match:
+                    worker.fatal = (time.monotonic(), int(match.group("code")))
             self.output.write(worker.spec, line)
         worker.process.stdout.close()
 
@@ -245,23 +264,37 @@ class Supervisor:
                 return TIMEOUT_EXIT_CODE
             for worker in list(running):
                 code = worker.process.poll()
+                if code is None and worker.fatal is not None:
+                    seen_at, fatal_code = worker.fatal
+                    if time.monotonic() - seen_at > FATAL_LINE_GRACE:
+                        logger.error("%s announced a failure %.0f s ago and has not exited",
+                                     _name(worker.spec), FATAL_LINE_GRACE)
+                        return self._report_failure(worker, fatal_code, workers)
                 if code is None:
                     continue
                 running.remove(worker)
                 if code != 0:
-                    return self._report_failure(worker, code)
+                    return self._report_failure(worker, code, workers)
             time.sleep(_POLL_SECONDS)
         logger.info("job finished: every process exited with code 0")
         return 0
 
-    def _report_failure(self, worker, code):
-        if worker.reader:
+    def _report_failure(self, worker, code, workers):
+        if worker.reader and worker.process.poll() is not None:
             worker.reader.join(timeout=2.0)  # its last lines may explain the failure
         message = None
         if worker.spec.describe_failure:
             message = worker.spec.describe_failure(worker.tail, code)
         if not message:
             message = f"{_name(worker.spec)} failed first with {describe_exit(code)}"
+            # A rank that raised can take longer to exit (framework teardown) than a
+            # rank that fails because of it; the first traceback is the first failure.
+            raised = [w for w in workers if w.traceback_at is not None]
+            first = min(raised, key=lambda w: w.traceback_at, default=None)
+            if first is not None and first is not worker and (
+                    worker.traceback_at is None or first.traceback_at < worker.traceback_at):
+                message = (f"{_name(first.spec)} failed first (its traceback came first); "
+                           f"{_name(worker.spec)} exited first, with {describe_exit(code)}")
         logger.error("%s; stopping the other ranks", message)
         return shell_exit_code(code)
 

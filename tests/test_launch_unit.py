@@ -11,7 +11,7 @@ import pytest
 
 from launch import cli
 from launch.backends import Placement
-from launch.backends.mpi import describe_mpirun_failure, mpirun_command
+from launch.backends.mpi import ABORT_LINE, describe_mpirun_failure, mpirun_command
 from launch.environment import build_rank_env, horovod_env, slot_from_mpi_env, tf_config
 from launch.hostexec import LocalRunner, NetnsRunner, SshRunner
 from launch.hosts import (Host, Slot, assign_ranks, is_local_host, parse_hosts,
@@ -245,6 +245,26 @@ def test_describe_mpirun_failure():
     assert describe_mpirun_failure(signalled, 139) == (
         "rank 2 failed first with signal SIGSEGV (mpirun)")
     assert describe_mpirun_failure([b"nothing\n"], 1) is None
+
+
+def test_describe_mpirun_failure_after_mpi_abort():
+    # MPI_Abort's notice wins over mpirun's closing message; the communicator's name
+    # may have spaces, and the lines may carry the aborting rank's prefix.
+    aborted = [b"[1] MPI_ABORT was invoked on rank 1 in communicator MPI COMMUNICATOR 3 DUP "
+               b"FROM 0\n", b"[1] with errorcode 124.\n",
+               b"  Process name: [[32692,1],0]\n", b"  Exit code:    1\n"]
+    assert describe_mpirun_failure(aborted, 124) == (
+        "rank 1 failed first: it called MPI_Abort with error code 124 (mpirun)")
+    assert ABORT_LINE.search(aborted[1]).group("code") == b"124"
+    assert ABORT_LINE.search(b"with errorcode 1.\n").group("code") == b"1"
+    assert ABORT_LINE.search(aborted[0]) is None
+
+
+def test_describe_mpirun_failure_without_mpiruns_notice():
+    lines = [b"[0] step done\n", b"[1] Traceback (most recent call last):\n",
+             b"[1] RuntimeError: boom\n", b"[0] Traceback (most recent call last):\n"]
+    assert describe_mpirun_failure(lines, 1) == (
+        "rank 1 failed first (its traceback came first); mpirun exited with 1")
 
 
 def test_exit_descriptions():

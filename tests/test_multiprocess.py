@@ -8,8 +8,8 @@ single rank can do.
 """
 
 import json
-import re
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -213,7 +213,24 @@ def test_mpi_detects_ranks_calling_layers_in_different_orders(kernel):
     result = _mpirun(2, ["order"], script=MISMATCH_JOB, SYNCBN_MPI_KERNEL=kernel)
     output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert "ranks reached different sync BN layers" in output, output[-3000:]
+    for rank, other in ((0, 1), (1, 0)):
+        assert re.search(rf"syncbn: ranks disagree at a sync BN collective: this rank \({rank}\) "
+                         rf"is at 'syncbn/\w+/forward' with float\d+\[7\]; rank {other} is at ",
+                         output), output[-3000:]
+
+
+@pytest.mark.parametrize("kernel", MPI_KERNELS)
+def test_mpi_detects_the_same_layer_with_a_different_channel_count(kernel):
+    # Issue #11: Open MPI summed the mismatched buffers and both ranks exited 0.
+    result = _mpirun(2, ["shape"], script=MISMATCH_JOB, SYNCBN_MPI_KERNEL=kernel)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-3000:]
+    assert "finished without an error" not in output, output[-3000:]
+    # Every rank names the layer, its own vector (2C + 1 values) and the other rank's.
+    for rank, own, other, theirs in ((0, 17, 1, 9), (1, 9, 0, 17)):
+        assert (f"this rank ({rank}) is at 'syncbn/first/forward' with float64[{own}]; "
+                f"rank {other} is at 'syncbn/first/forward' with float64[{theirs}]") in output, (
+            output[-3000:])
 
 
 @pytest.mark.parametrize("kernel", MPI_KERNELS)

@@ -30,6 +30,13 @@ FORWARDED = ("PATH", "PYTHONPATH", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "PYTHONUNBU
 _PROCESS_NAME = re.compile(r"Process name:\s*\[\[\d+,\d+\],(\d+)\]")
 _EXIT_CODE = re.compile(r"Exit code:\s*(-?\d+)")
 _SIGNALLED = re.compile(r"process rank (\d+) with PID \d+ on node \S+ exited on signal (\d+)")
+# The second line of Open MPI's MPI_ABORT notice, carrying the exit code.
+ABORT_LINE = re.compile(rb"^(?:\[\d+\] )?with errorcode (?P<code>\d+)\.")
+_FIRST_TRACEBACK = re.compile(r"^\[(\d+)\] Traceback \(most recent call last\):", re.M)
+# The rank's own stderr (prefixed with "[rank] " by launch.mpi_rank) or mpirun's.
+# The communicator's name may have spaces ("MPI COMMUNICATOR 3 DUP FROM 0").
+_ABORTED = re.compile(r"MPI_ABORT was invoked on rank (\d+) in communicator [^\n]*\n"
+                      r"(?:\[\w+\] )?with errorcode (-?\d+)")
 
 
 def mpirun_command(placement, *, mpirun="mpirun", rsh_agent=None, is_root=False,
@@ -90,6 +97,10 @@ def _all_hosts_on_this_machine(placement):
 def describe_mpirun_failure(lines, exit_code):
     """Finds which rank mpirun blames in its closing message, e.g. 'rank 1 ... exit code 3'."""
     text = b"".join(lines).decode(errors="replace")
+    aborted = _ABORTED.search(text)
+    if aborted:
+        return (f"rank {aborted.group(1)} failed first: it called MPI_Abort with error code "
+                f"{aborted.group(2)} (mpirun)")
     name, code = _PROCESS_NAME.search(text), _EXIT_CODE.search(text)
     if name and code:
         return f"rank {name.group(1)} failed first with exit code {code.group(1)} (mpirun)"
@@ -97,6 +108,12 @@ def describe_mpirun_failure(lines, exit_code):
     if signalled:
         signame = signal.Signals(int(signalled.group(2))).name
         return f"rank {signalled.group(1)} failed first with signal {signame} (mpirun)"
+    # mpirun's own notice can be missing (its show_help fails under load); the
+    # rank whose traceback came first is then the best guess.
+    traceback = _FIRST_TRACEBACK.search(text)
+    if traceback:
+        return (f"rank {traceback.group(1)} failed first (its traceback came first); "
+                f"mpirun exited with {exit_code}")
     return None
 
 
@@ -148,6 +165,7 @@ class MpiBackend:
             death_signal=signal.SIGTERM,
             demux_ranks=True,
             describe_failure=describe_mpirun_failure,
+            fatal_line=ABORT_LINE,
         )]
 
     def close(self):

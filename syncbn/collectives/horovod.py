@@ -64,8 +64,11 @@ def init_horovod(group_size=None):
     on every rank), so layers with `group_size=k` need them declared here.
 
     It also sets, unless already set, `HOROVOD_STALL_SHUTDOWN_TIME_SECONDS`
-    to the collective timeout, so a rank that never joins a collective fails
-    the job rather than hanging it, and, when Horovod's controller is Gloo
+    to the collective timeout and `HOROVOD_STALL_CHECK_TIME_SECONDS` to a
+    quarter of it, at most 10 s (Horovod then warns about a collective that
+    waited that long, and ends the job at the timeout), so a rank that never joins
+    a collective fails the job rather than hanging it, `HOROVOD_GLOO_TIMEOUT_SECONDS`
+    to the collective timeout as well (at least 20 s), and, when Horovod's controller is Gloo
     (`HOROVOD_CONTROLLER=gloo`, as `horovodrun --gloo` and `syncbn-launch
     --horovod-controller gloo` set), `HOROVOD_CYCLE_TIME` to 0.1 ms, so that
     the small sequential collectives of sync BN are not each delayed by
@@ -83,9 +86,17 @@ def init_horovod(group_size=None):
     """
     import horovod.tensorflow as hvd
 
-    os.environ.setdefault(
-        "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(int(collective_timeout_seconds()))
-    )
+    timeout = collective_timeout_seconds()
+    os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(max(1, int(timeout))))
+    # Horovod ignores a shutdown time shorter than its stall check period
+    # (60 s by default) and checks once per period, so with a period of at
+    # most 10 s a stall ends the job within the timeout + 10 s (issue #11).
+    os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS",
+                          str(max(1, min(10, int(timeout / 4)))))
+    # Gloo's own deadline for a transfer whose peer went away (a cut network),
+    # 30 s by default: the collective timeout instead. It also bounds the wait
+    # for the other ranks at hvd.init, hence at least 20 s.
+    os.environ.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", str(max(20, int(timeout))))
     if os.environ.get("HOROVOD_CONTROLLER", "").lower() == "gloo":
         # On Gloo sync BN's small sequential collectives go through Horovod's
         # cycle (1 ms by default), so a short cycle keeps them cheap.

@@ -10,14 +10,27 @@ program order, which is the same on every rank.
 
 Two safety nets, because plain MPI cannot match calls by name:
 
-* every call carries a fingerprint of its call site; if ranks reach
-  different layers (a different call order), the sums of the fingerprint and
-  of its square disagree and every rank raises instead of silently mixing
-  the statistics of different layers;
-* the all-reduce is non-blocking and polled against
+* every call first exchanges a header of 3 int64 per rank: a fingerprint of
+  its call site (the layer and direction), the vector's length and its dtype
+  (`MPI_Iallgather`, microseconds). If any rank's header differs, because
+  ranks reached different layers or the same layer with a different number
+  of channels or dtype, every rank raises the same error, naming this rank's
+  layer and shape and those of the ranks that differ, and the data
+  all-reduce is never started (issue #11: Open MPI once summed mismatched
+  buffers and every rank exited 0). A process-local table maps fingerprints
+  to the call sites this process has seen, so another rank's layer is named
+  whenever it exists here too. The header travels inside the same `all_sum`
+  call, so a layer still makes exactly 2 `all_sum` calls per training step;
+* both exchanges are non-blocking and polled against one deadline,
   `SYNCBN_COLLECTIVE_TIMEOUT`; when a rank never arrives, the waiting rank
   says which collective timed out and aborts the MPI job (exit code 124)
   instead of hanging.
+
+And one rule for the whole job: once a process sums over MPI, an uncaught
+exception aborts the MPI job (`MPI_Abort`, exit code 1) after its traceback is
+printed, as `python -m mpi4py` does. Otherwise the failing rank would wait in
+`MPI_Finalize` while the others wait in their next collective, and the job
+would end only at the timeout, blaming a rank that did nothing wrong.
 """
 
 import functools
@@ -41,9 +54,86 @@ _POLL_SECONDS = 1e-4
 TIMEOUT_EXIT_CODE = 124
 
 
+HEADER_SIZE = 3  # [fingerprint, element count, dtype code], as in mpi_all_sum.cc
+_MAX_RANKS_NAMED = 4
+_DTYPE_NAMES = {1: "float32", 2: "float64", 14: "bfloat16", 19: "float16"}
+# fingerprint -> call-site name, for every call site this process has seen.
+_call_sites = {}
+
+
 def _fingerprint(name):
-    # 1..1024: its square times any realistic world size stays exact in float32.
-    return float(zlib.crc32(name.encode()) % 1024 + 1)
+    return zlib.crc32(name.encode())
+
+
+def register_call_site(name, op_library=None):
+    """Remembers `name` (and its other direction) so mismatch errors can name it.
+
+    `sync_batch_norm` names its two calls `<layer>/forward` and
+    `<layer>/backward`; both are registered when either is seen, so a rank
+    that is one direction ahead of another can still name where the other is.
+    Returns the fingerprint of `name`.
+    """
+    names = [name]
+    for direction, other in (("/forward", "/backward"), ("/backward", "/forward")):
+        if name.endswith(direction):
+            names.append(name[: -len(direction)] + other)
+    for each in names:
+        fingerprint = _fingerprint(each)
+        if _call_sites.get(fingerprint) != each:
+            _call_sites[fingerprint] = each
+            if op_library is not None:
+                mpi_op.register_call_site(fingerprint, each)
+    return _fingerprint(name)
+
+
+def _describe(header):
+    fingerprint, count, dtype = (int(v) for v in header)
+    site = _call_sites.get(fingerprint)
+    site = (f"'{site}'" if site is not None
+            else f"a call site this rank has not seen (fingerprint {fingerprint:08x})")
+    return f"{site} with {_DTYPE_NAMES.get(dtype, f'dtype#{dtype}')}[{count}]"
+
+
+def mismatch_message(own, headers, rank):
+    """The error for ranks whose headers differ from this rank's, or None.
+
+    Args:
+        own: this rank's header, `[fingerprint, count, dtype code]`.
+        headers: `[size, 3]`, every rank's header, in rank order.
+        rank: this rank's index in `headers`.
+    """
+    own = [int(v) for v in own]
+    differing = [(other, header) for other, header in enumerate(headers)
+                 if [int(v) for v in header] != own]
+    if not differing:
+        return None
+    others = "; ".join(f"rank {other} is at {_describe(header)}"
+                       for other, header in differing[:_MAX_RANKS_NAMED])
+    if len(differing) > _MAX_RANKS_NAMED:
+        others += f"; and {len(differing) - _MAX_RANKS_NAMED} more"
+    return (f"syncbn: ranks disagree at a sync BN collective: this rank ({rank}) is at "
+            f"{_describe(own)}; {others}. Every rank must call the same "
+            "SyncBatchNormalization layers, in the same order, with the same number of "
+            "channels and dtype.")
+
+
+def abort_on_uncaught_exception():
+    """Makes an uncaught exception end the whole MPI job (see the module docstring)."""
+    if getattr(sys.excepthook, "syncbn_mpi_abort", False):
+        return
+    previous = sys.excepthook
+
+    def excepthook(kind, value, traceback):
+        previous(kind, value, traceback)
+        sys.stderr.flush()
+        sys.stdout.flush()
+        from mpi4py import MPI
+
+        if MPI.Is_initialized() and not MPI.Is_finalized():
+            MPI.COMM_WORLD.Abort(1)
+
+    excepthook.syncbn_mpi_abort = True
+    sys.excepthook = excepthook
 
 
 @functools.lru_cache(maxsize=None)
@@ -90,14 +180,7 @@ class MPICommunicator(Communicator):
         sys.stderr.flush()
         self._comm.Abort(TIMEOUT_EXIT_CODE)
 
-    def _sum_numpy(self, array, fingerprint, name):
-        from mpi4py import MPI
-
-        # [2] + [D] -> [D + 2]: fingerprint and its square lead the payload.
-        send = np.concatenate([np.array([fingerprint, fingerprint**2], array.dtype), array.ravel()])
-        received = np.empty_like(send)
-        request = self._comm.Iallreduce(send, received, op=MPI.SUM)
-        deadline = time.monotonic() + collective_timeout_seconds()
+    def _wait(self, request, deadline, name):
         spin_until = time.monotonic() + _SPIN_SECONDS
         while not request.Test():
             now = time.monotonic()
@@ -105,28 +188,37 @@ class MPICommunicator(Communicator):
                 self._abort(name)
             if now > spin_until:
                 time.sleep(_POLL_SECONDS)
-        size = self._comm.Get_size()
-        if received[0] != size * fingerprint or received[1] != size * fingerprint**2:
-            raise RuntimeError(
-                f"syncbn: ranks reached different sync BN layers: this rank was at "
-                f"'{name}'. Every rank must call the layers in the same "
-                "order and the same number of times."
-            )
-        return received[2:].reshape(array.shape)
+
+    def _sum_numpy(self, array, fingerprint, dtype_code, name):
+        from mpi4py import MPI
+
+        deadline = time.monotonic() + collective_timeout_seconds()
+        header = np.array([fingerprint, array.size, dtype_code], np.int64)
+        headers = np.empty((self._comm.Get_size(), HEADER_SIZE), np.int64)  # [3] -> [size, 3]
+        self._wait(self._comm.Iallgather(header, headers), deadline, name)
+        message = mismatch_message(header, headers, self._comm.Get_rank())
+        if message is not None:
+            raise RuntimeError(message)
+        received = np.empty_like(array)
+        self._wait(self._comm.Iallreduce(np.ascontiguousarray(array), received, op=MPI.SUM),
+                   deadline, name)
+        return received
 
     def all_sum(self, tensor, name):
         tensor = tf.convert_to_tensor(tensor)
+        fingerprint = register_call_site(name, self._ops)
         if self._ops is not None:
             from mpi4py import MPI
 
             # The kernel is CPU-only; on a GPU job the small payload is copied over.
             with tf.device("/CPU:0"):
                 return self._ops.syncbn_mpi_all_sum(
-                    tensor, comm=MPI._handleof(self._comm), fingerprint=_fingerprint(name),
+                    tensor, comm=MPI._handleof(self._comm), fingerprint=fingerprint,
                     timeout_seconds=collective_timeout_seconds(), call_name=name,
                     name="syncbn_mpi_all_sum")
         summed = tf.numpy_function(
-            functools.partial(self._sum_numpy, fingerprint=_fingerprint(name), name=name),
+            functools.partial(self._sum_numpy, fingerprint=fingerprint,
+                              dtype_code=tensor.dtype.as_datatype_enum, name=name),
             [tensor],
             Tout=tensor.dtype,
             stateful=True,
@@ -137,6 +229,7 @@ class MPICommunicator(Communicator):
 
 
 def mpi_communicator(group_size=None):
+    abort_on_uncaught_exception()
     return MPICommunicator(_group_comm(group_size), mpi_op.load())
 
 
@@ -195,4 +288,5 @@ def direct_mpi_communicator(size, rank, group_size, framework):
             RuntimeWarning, stacklevel=3,
         )
         return None
+    abort_on_uncaught_exception()
     return MPICommunicator(_group_comm(group_size), mpi_op.load())

@@ -18,6 +18,7 @@ write a private file and rename it into place, so they never see half a file.
     python -m syncbn.collectives.mpi_op   # build now, print the library's path
 """
 
+import ctypes
 import functools
 import hashlib
 import os
@@ -112,6 +113,30 @@ def build():
     return path
 
 
+_loaded_paths = []  # the library `load` loaded, if any
+
+
+@functools.lru_cache(maxsize=None)
+def _registrar(path):
+    # dlopen of an already loaded path returns the same library, and so the
+    # same call-site table as the kernels use.
+    function = ctypes.CDLL(path).syncbn_register_call_site
+    function.argtypes = [ctypes.c_int64, ctypes.c_char_p]
+    function.restype = None
+    return function
+
+
+def register_call_site(fingerprint, name):
+    """Tells the loaded kernel's call-site table that `fingerprint` is `name`.
+
+    The kernel names another rank's call site from this table when their
+    headers differ; kernels register their own name when they are created,
+    which for a layer not yet run here is too late.
+    """
+    for path in _loaded_paths:
+        _registrar(path)(fingerprint, name.encode())
+
+
 @functools.lru_cache(maxsize=None)
 def load():
     """The loaded op module (`.syncbn_mpi_all_sum`), or None for the numpy_function kernel.
@@ -125,7 +150,10 @@ def load():
     import tensorflow as tf
 
     try:
-        return tf.load_op_library(build())
+        path = build()
+        library = tf.load_op_library(path)
+        _loaded_paths.append(path)
+        return library
     except (BuildError, tf.errors.NotFoundError, OSError) as error:
         if kernel == "compiled":
             raise BuildError(f"SYNCBN_MPI_KERNEL=compiled, but the kernel is unavailable: {error}") from error

@@ -16,6 +16,7 @@ all-reduce. As with Horovod, every rank must be able to, or none does, and
 """
 
 import functools
+import zlib
 
 import tensorflow as tf
 
@@ -72,21 +73,54 @@ class TFDistributeCommunicator(Communicator):
     def all_sum(self, tensor, name):
         if self._direct is not None:
             return self._direct.all_sum(tensor, name)
-        del name  # tf.distribute matches collectives by program order.
+        # tf.distribute matches collectives by program order, not by name, so a
+        # replica at another layer with the same shape would be summed in
+        # silently: the call site's fingerprint rides along (issue #11). A
+        # different shape or dtype already fails in the collective itself,
+        # whose error names this layer's node.
+        fingerprint = _fingerprint(name, tensor.dtype)
+        # [D] + [2] -> [D + 2]: the fingerprint and its square follow the statistics.
+        packed = tf.concat([tf.reshape(tensor, [-1]),
+                            tf.constant([fingerprint, fingerprint**2], tensor.dtype)], 0)
+        summed = self._sum_packed(packed)
+        replicas = self.num_replicas
+        expected = [replicas * fingerprint, replicas * fingerprint**2]
+        agreed = tf.reduce_all(tf.equal(summed[-2:], tf.constant(expected, tensor.dtype)))
+        check = tf.debugging.Assert(agreed, [
+            f"syncbn: replicas disagree at a sync BN collective: this replica is at '{name}' "
+            f"(fingerprint {fingerprint:g}), but the fingerprint and its square summed over "
+            f"the {replicas} replicas are", summed[-2:], f"instead of {expected}: another "
+            "replica is at another layer. Every replica must call the same "
+            "SyncBatchNormalization layers in the same order."])
+        with tf.control_dependencies([check]):
+            return tf.reshape(summed[:-2], tf.shape(tensor))
+
+    def _sum_packed(self, packed):
+        """The strategy's all-reduce of `packed` ([D]) over this replica's group."""
         context = _replica_context()
         options = tf.distribute.experimental.CommunicationOptions(
             timeout_seconds=collective_timeout_seconds()
         )
         if self._group_size is None:
-            return context.all_reduce(tf.distribute.ReduceOp.SUM, tensor, options=options)
+            return context.all_reduce(tf.distribute.ReduceOp.SUM, packed, options=options)
         replica_id = tf.cast(context.replica_id_in_sync_group, tf.int32)
-        rows = tf.one_hot(replica_id, self._world_size, dtype=tensor.dtype)
+        rows = tf.one_hot(replica_id, self._world_size, dtype=packed.dtype)
         # [D] -> [R, D]: this replica's vector in its own row.
-        scattered = rows[:, None] * tf.reshape(tensor, [1, -1])
+        scattered = rows[:, None] * packed[None, :]
         gathered = context.all_reduce(tf.distribute.ReduceOp.SUM, scattered, options=options)
         group_start = replica_id // self._group_size * self._group_size
         group_rows = tf.slice(gathered, [group_start, 0], [self._group_size, -1])
-        return tf.reshape(tf.reduce_sum(group_rows, axis=0), tf.shape(tensor))
+        return tf.reduce_sum(group_rows, axis=0)
+
+
+def _fingerprint(name, dtype):
+    """A small integer for the call site, whose square summed over replicas stays exact.
+
+    1..1024 for float32 and narrower (1024**2 * 16 replicas = 2**24), 1..2**20 for
+    float64 (exact up to 2**13 replicas).
+    """
+    bits = 20 if dtype == tf.float64 else 10
+    return float(zlib.crc32(name.encode()) % (1 << bits) + 1)
 
 
 def _direct_mpi(group_size, num_replicas):

@@ -1,0 +1,66 @@
+"""The fault matrix of issue #11 in CI: a misbehaving rank ends the job, loudly and cleanly.
+
+Each case runs one cell of `tests/fault_matrix.py` (2 ranks through
+`syncbn-launch`, `SYNCBN_COLLECTIVE_TIMEOUT=20`) and checks that the job ends
+with a non-zero exit code, that the launcher names the rank that failed
+first, that the output names the layer where it is known, and that nothing
+is left behind (processes, network namespaces, Open MPI session directories,
+launcher files). The only time assertion is the issue's bound: the job stops
+within the collective timeout + 10 s of the fault.
+
+CI runs faults (a) kill, (b) raise, (e) shape and (f) skip on every backend
+(except (f) on horovod-gloo), and (c) stall and (d) network cut on mpi; the
+other cells run from `python tests/fault_matrix.py` (docs/faults.md has the
+table, and says which cells do not yet meet the bound).
+"""
+
+import re
+
+import pytest
+
+import fault_matrix
+
+TIMEOUT = 20.0
+# Horovod over Gloo does not yet end a job whose rank never reaches a collective
+# (stall, skip): its stall shutdown did not fire in the measurements
+# (docs/faults.md). Those cells run from the script only.
+NOT_YET_BOUNDED = {("horovod-gloo", "skip")}
+CI_CELLS = ([(backend, fault) for fault in ("kill", "raise", "shape", "skip")
+             for backend in fault_matrix.BACKENDS if (backend, fault) not in NOT_YET_BOUNDED]
+            + [("mpi", "stall"), ("mpi", "netcut")])
+# Cells whose output must name the layer: the fault happens inside a collective
+# that knows it (a mismatch, a timeout) rather than in user code.
+LAYER_NAMED = {"shape", "skip", "stall", "netcut"}
+# MultiWorkerMirroredStrategy meets a channel mismatch first when it broadcasts
+# the weights' initial values, before any sync BN collective; its error names no
+# variable.
+LAYER_NOT_NAMED = {("tf-grpc", "shape"), ("tf-mpi", "shape")}
+
+
+def test_every_ci_cell_is_a_real_cell():
+    # The parametrization below cannot silently drop a backend or a fault.
+    assert {b for b, _ in CI_CELLS} == set(fault_matrix.BACKENDS)
+    assert {f for _, f in CI_CELLS} == set(fault_matrix.FAULTS)
+    assert len(set(CI_CELLS)) == len(CI_CELLS) == 21
+
+
+@pytest.mark.parametrize("backend,fault", CI_CELLS, ids=[f"{b}-{f}" for b, f in CI_CELLS])
+def test_fault_ends_the_job(backend, fault, tmp_path):
+    result = fault_matrix.run_cell(backend, fault, TIMEOUT, tmp_root=str(tmp_path))
+    print(fault_matrix.format_table([result], TIMEOUT))
+    output = result.output[-6000:]
+    assert result.exit_code != 0, output
+    assert result.seconds <= TIMEOUT + 10, output  # the issue's bound; nan (no fault) fails too
+    assert re.search(r"\brank \d+\b", result.verdict), output
+    if fault in LAYER_NAMED and (backend, fault) not in LAYER_NOT_NAMED:
+        assert result.names_layer, output
+    assert result.leftovers == [], output
+
+
+def test_control_job_without_a_fault_succeeds(tmp_path):
+    # Negative control: the job itself, the launcher and the cleanup checks pass
+    # when nobody misbehaves, so the failures above come from the faults.
+    result = fault_matrix.run_cell("mpi", "none", TIMEOUT, tmp_root=str(tmp_path))
+    assert result.exit_code == 0, result.output[-6000:]
+    assert result.output.count("fault_job rank") == 2, result.output[-6000:]
+    assert result.leftovers == []
