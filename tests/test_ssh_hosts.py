@@ -202,7 +202,12 @@ def on_head_node(cluster, argv, timeout=JOB_TIMEOUT, **extra_env):
     env.update({"PATH": f"{servers.bin_dir}{os.pathsep}{env['PATH']}",
                 "TF_CPP_MIN_LOG_LEVEL": "2",
                 # Open MPI's session directories of the head node's own.
-                "OMPI_MCA_orte_tmpdir_base": mpi_session_base(head.namespace), **extra_env})
+                "OMPI_MCA_orte_tmpdir_base": mpi_session_base(head.namespace),
+                # The simulated hosts share /dev/shm and the host name, so Open MPI's
+                # shared-memory segments of two hosts would get the same names (a real
+                # cluster's hosts do not share them); the launcher's --simulate-hosts
+                # sets the same.
+                "OMPI_MCA_btl": "self,tcp", **extra_env})
     return subprocess.run(["ip", "netns", "exec", head.namespace, *argv], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
