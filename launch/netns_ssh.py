@@ -15,9 +15,13 @@ for the job in one private temporary directory (`syncbn-ssh-<pid>-*`):
   machines listed in `~/.ssh/config`;
 - `sshd_config.<i>`, `sshd.<i>.log`: each server's configuration and log.
 
-Every sshd session gets `OMPI_MCA_orte_tmpdir_base` (sshd's `SetEnv`), the host's
-own Open MPI session-directory base (see `launch.netns.mpi_session_base`), which
-`launch.netns_rsh` sets the same way on the `ip netns exec` path.
+Every sshd session gets `OMPI_MCA_orte_tmpdir_base` and
+`OMPI_MCA_btl_vader_backing_directory` (sshd's `SetEnv`): the host's own Open MPI
+session-directory base (see `launch.netns.mpi_session_base`), which
+`launch.netns_rsh` sets the same way on the `ip netns exec` path, also for the
+shared-memory segments, whose names would otherwise collide between hosts (they
+share /dev/shm and the host name) when a caller, like `horovodrun`, lets Open MPI
+use shared memory.
 
 `close()` stops the servers and deletes the directory; processes the servers
 started (ranks, Open MPI daemons) end when the namespaces are removed
@@ -85,7 +89,10 @@ def sshd_config(*, address, port, host_key, authorized_keys, session_base):
         "MaxStartups 100:30:200",
         "MaxSessions 100",
         "LogLevel ERROR",
-        f"SetEnv OMPI_MCA_orte_tmpdir_base={session_base}",
+        # The hosts share /tmp, /dev/shm and the host name: Open MPI's session
+        # directories and shared-memory segments get a base of each host's own.
+        f"SetEnv OMPI_MCA_orte_tmpdir_base={session_base} "
+        f"OMPI_MCA_btl_vader_backing_directory={session_base}",
         "",
     ])
 

@@ -48,7 +48,8 @@ def test_sshd_config_allows_keys_only_and_sets_the_hosts_session_directory():
     for line in ("ListenAddress 198.18.9.2:2222", "HostKey /d/host",
                  "AuthorizedKeysFile /d/authorized_keys", "PasswordAuthentication no",
                  "KbdInteractiveAuthentication no", "PidFile none",
-                 "SetEnv OMPI_MCA_orte_tmpdir_base=/tmp/sbn-1-h0-ompi"):
+                 "SetEnv OMPI_MCA_orte_tmpdir_base=/tmp/sbn-1-h0-ompi "
+                "OMPI_MCA_btl_vader_backing_directory=/tmp/sbn-1-h0-ompi"):
         assert line in lines, text
 
 
@@ -203,11 +204,7 @@ def on_head_node(cluster, argv, timeout=JOB_TIMEOUT, **extra_env):
                 "TF_CPP_MIN_LOG_LEVEL": "2",
                 # Open MPI's session directories of the head node's own.
                 "OMPI_MCA_orte_tmpdir_base": mpi_session_base(head.namespace),
-                # The simulated hosts share /dev/shm and the host name, so Open MPI's
-                # shared-memory segments of two hosts would get the same names (a real
-                # cluster's hosts do not share them); the launcher's --simulate-hosts
-                # sets the same.
-                "OMPI_MCA_btl": "self,tcp", **extra_env})
+                **extra_env})
     return subprocess.run(["ip", "netns", "exec", head.namespace, *argv], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
