@@ -72,8 +72,9 @@ class SshRunner(HostRunner):
         config_file: ssh `-F` file, or None for the user's own configuration.
 
     Example:
-        >>> SshRunner("node2").command(["python", "t.py"], {"RANK": "1"}, "/w")[0][-1]
-        'cd /w && exec env RANK=1 python t.py'
+        >>> runner = SshRunner("node2", base_env={"PATH": "/venv/bin", "HOME": "/root"})
+        >>> runner.command(["python", "t.py"], {"RANK": "1"}, "/w")[0][-1]
+        'cd /w && exec env PATH=/venv/bin RANK=1 python t.py'
     """
 
     is_local = False
