@@ -1,6 +1,6 @@
 """Command line of `syncbn-launch` (also `python -m launch`).
 
-    syncbn-launch -np 4 [-H host1:2,host2:2 | --simulate-hosts 2]
+    syncbn-launch -np 4 [-H host1:2,host2:2 | --simulate-hosts 2 [--ssh]]
                   [--backend horovod|mpi|tf] [--timeout SECONDS] [--output-dir DIR]
                   -- python train.py ARGS
 
@@ -59,6 +59,11 @@ def build_parser():
         metavar="N",
         help="run the ranks on N simulated hosts: network namespaces on a bridge, "
              "root only (default: off; env SYNCBN_LAUNCH_SIMULATE_HOSTS)")
+    ranks.add_argument(
+        "--ssh", action="store_true", default=_env("SSH") == "1",
+        help="with --simulate-hosts: start an sshd in every simulated host, with keys "
+             "made for the job, and reach the hosts over ssh as -H reaches remote "
+             "machines, instead of `ip netns exec` (default: off; env SYNCBN_LAUNCH_SSH=1)")
     ranks.add_argument(
         "--gpus-per-host", default=_env("GPUS_PER_HOST", "auto"),
         help="GPUs per host, one per local rank via CUDA_VISIBLE_DEVICES; 'auto' uses "
@@ -161,6 +166,10 @@ def validate(args):
             f"Argument `--grace-period` must be >= 0. Received: --grace-period={args.grace_period}")
     if args.simulate_hosts is not None:
         hosts_lib.simulated_hosts_spec(args.num_proc, args.simulate_hosts)
+    if args.ssh and args.simulate_hosts is None:
+        raise ValueError(
+            "Argument `--ssh` needs `--simulate-hosts N` (remote hosts given with `-H` are "
+            "always reached over ssh). Received: --ssh without --simulate-hosts")
     if args.hosts is not None:
         hosts_lib.validate_num_proc(args.num_proc, hosts_lib.parse_hosts(args.hosts))
     if args.cpus_per_host is not None and args.cpus_per_host < 1:
@@ -210,17 +219,28 @@ def _route_to(host):
     return words[words.index("dev") + 1], words[words.index("src") + 1]
 
 
-def make_placement(args, network, cwd):
-    """Decides hosts, runners and addresses for the job."""
+def make_placement(args, network, cwd, ssh_servers=None):
+    """Decides hosts, runners and addresses for the job.
+
+    Args:
+        args: the validated arguments.
+        network: the `launch.netns.SimulatedNetwork` of `--simulate-hosts`, or None.
+        cwd: the ranks' working directory.
+        ssh_servers: the `launch.netns_ssh.SimulatedSsh` of `--ssh`, or None.
+    """
     cpus = args.cpus_per_host or len(os.sched_getaffinity(0))
     gpu_ids = parse_gpus_per_host(args.gpus_per_host, os.environ)
     if network is not None:
         counts = hosts_lib.simulated_hosts_spec(args.num_proc, args.simulate_hosts)
         host_list = [hosts_lib.Host(h.address, n) for h, n in zip(network.hosts, counts)]
         slots = hosts_lib.assign_ranks(host_list, args.num_proc)
+        if ssh_servers is not None:
+            runners = {h.address: ssh_servers.runner(h.address, exported=args.export)
+                       for h in network.hosts}
+        else:
+            runners = {h.address: NetnsRunner(h.namespace) for h in network.hosts}
         return Placement(
-            slots=slots, hosts=host_list,
-            runners={h.address: NetnsRunner(h.namespace) for h in network.hosts},
+            slots=slots, hosts=host_list, runners=runners,
             addresses={h.address: h.address for h in network.hosts},
             launcher_address=network.gateway, iface="sbn0", command=args.command, cwd=cwd,
             cpus=cpus, gpu_ids=gpu_ids, shared_machine=True, network=network,
@@ -262,12 +282,17 @@ def run(args):
     backend_name = args.backend or default_backend()
     backend = create_backend(backend_name, args)
     network = None
+    ssh_servers = None
     try:
         if args.simulate_hosts:
             from launch.netns import SimulatedNetwork
 
             network = SimulatedNetwork(args.simulate_hosts).__enter__()
-        placement = make_placement(args, network, os.getcwd())
+            if args.ssh:
+                from launch.netns_ssh import SimulatedSsh
+
+                ssh_servers = SimulatedSsh(network).__enter__()
+        placement = make_placement(args, network, os.getcwd(), ssh_servers)
         specs = backend.workers(placement)
         logger.info("backend %s: %d ranks on %s", backend_name, args.num_proc,
                     ",".join(f"{h.name}:{h.slots}" for h in placement.hosts))
@@ -278,6 +303,8 @@ def run(args):
         return supervisor.run()
     finally:
         backend.close()
+        if ssh_servers is not None:
+            ssh_servers.close()
         if network is not None:
             network.close()
 

@@ -14,6 +14,10 @@ import os
 import shlex
 
 SSH_OPTIONS = ("-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no")
+# What a remote rank needs to find the same Python, packages and libraries as the
+# launcher (the `mpi` backend hands mpirun the same names with `-x`).
+FORWARDED = ("PATH", "PYTHONPATH", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "PYTHONUNBUFFERED",
+             "OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM")
 
 
 class HostRunner:
@@ -57,7 +61,7 @@ class NetnsRunner(LocalRunner):
 
 
 class SshRunner(HostRunner):
-    """Runs on `host` over ssh; only the rank's variables (and `exported`) cross over.
+    """Runs on `host` over ssh; the rank's variables, `FORWARDED` and `exported` cross over.
 
     Args:
         host: ssh destination.
@@ -65,36 +69,47 @@ class SshRunner(HostRunner):
         identity_file: ssh `-i` file, or None.
         exported: names of launcher environment variables to forward as well.
         base_env: environment to read `exported` from (default: `os.environ`).
+        config_file: ssh `-F` file, or None for the user's own configuration.
 
     Example:
-        >>> SshRunner("node2").command(["python", "t.py"], {"RANK": "1"}, "/w")[0][-1]
-        'cd /w && exec env RANK=1 python t.py'
+        >>> runner = SshRunner("node2", base_env={"PATH": "/venv/bin", "HOME": "/root"})
+        >>> runner.command(["python", "t.py"], {"RANK": "1"}, "/w")[0][-1]
+        'cd /w && exec env PATH=/venv/bin RANK=1 python t.py'
     """
 
     is_local = False
 
-    def __init__(self, host, port=None, identity_file=None, exported=(), base_env=None):
+    def __init__(self, host, port=None, identity_file=None, exported=(), base_env=None,
+                 config_file=None):
         self.host = host
         self.port = port
         self.identity_file = identity_file
         self.exported = tuple(exported)
+        self.config_file = config_file
         self._base_env = base_env
+
+    def ssh_options(self):
+        """The ssh options (no host, no command); mpirun's `plm_rsh_args` too."""
+        options = list(SSH_OPTIONS)
+        if self.config_file:
+            options = ["-F", self.config_file, *options]
+        if self.port is not None:
+            options += ["-p", str(self.port)]
+        if self.identity_file:
+            options += ["-i", self.identity_file]
+        return options
 
     def remote_shell_command(self, argv, added_env, cwd):
         base = os.environ if self._base_env is None else self._base_env
-        env = {name: base[name] for name in self.exported if name in base}
+        env = {name: base[name] for name in (*FORWARDED, *self.exported) if name in base}
         env.update(added_env)
         assignments = " ".join(f"{name}={shlex.quote(value)}" for name, value in env.items())
         command = " ".join(shlex.quote(arg) for arg in argv)
         return f"cd {shlex.quote(cwd)} && exec env {assignments} {command}"
 
     def command(self, argv, added_env, cwd):
-        ssh = ["ssh", *SSH_OPTIONS]
-        if self.port is not None:
-            ssh += ["-p", str(self.port)]
-        if self.identity_file:
-            ssh += ["-i", self.identity_file]
-        ssh += [self.host, self.remote_shell_command(argv, added_env, cwd)]
+        ssh = ["ssh", *self.ssh_options(), self.host,
+               self.remote_shell_command(argv, added_env, cwd)]
         base = os.environ if self._base_env is None else self._base_env
         return ssh, dict(base)
 

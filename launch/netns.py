@@ -18,6 +18,11 @@ address or route of this machine. Names carry the launcher's pid (`sbn-<pid>-h<i
 bridge `sbnb<pid>`, veths `sbnv<pid>h<i>`), so concurrent jobs never collide, and
 leftovers of a launcher that was SIGKILLed (it cannot clean up) are removed by
 the next launcher that finds their pid dead.
+
+Removing a namespace first ends every process still inside it (SIGTERM, then
+SIGKILL): ranks started over ssh (`--ssh`, see `launch.netns_ssh`) are children
+of the host's sshd, not of the launcher, and a namespace whose name is deleted
+lives on as long as a process holds it.
 """
 
 import dataclasses
@@ -28,8 +33,10 @@ import os
 import re
 import shutil
 import socket
+import signal
 import subprocess
 import tempfile
+import time
 
 logger = logging.getLogger("launch")
 
@@ -39,6 +46,10 @@ LOCK_PATH = "/run/lock/syncbn-launch-netns.lock"
 NETNS_ETC = "/etc/netns"
 _NAMESPACE = re.compile(r"^sbn-(\d+)-h\d+$")
 _LINK = re.compile(r"^sbn[bv](\d+)(h\d+)?$")
+# Per-job directories under the temporary directory (Open MPI session bases,
+# `--ssh` keys): `sbn-<pid>-...` or `syncbn-ssh-<pid>-...`.
+_JOB_DIRECTORY = re.compile(r"^(?:sbn|syncbn-ssh)-(\d+)-")
+STOP_GRACE_SECONDS = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +98,40 @@ def mpi_session_base(namespace):
     return os.path.join(tempfile.gettempdir(), f"{namespace}-ompi")
 
 
+def namespace_pids(namespace):
+    """Pids of the processes inside network namespace `namespace` (none if it is gone)."""
+    listing = _ip("netns", "pids", namespace, check=False).stdout
+    return [int(word) for word in listing.split() if word.isdigit()]
+
+
+def _signal_all(pids, signum):
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def stop_namespace_processes(namespaces, grace_period=STOP_GRACE_SECONDS):
+    """Ends every process inside `namespaces`: SIGTERM, `grace_period` seconds, SIGKILL.
+
+    Returns:
+        The pids that were still there (and got SIGTERM), for the log.
+    """
+    found = [pid for namespace in namespaces for pid in namespace_pids(namespace)]
+    if not found:
+        return []
+    _signal_all(found, signal.SIGTERM)
+    deadline = time.monotonic() + grace_period
+    while time.monotonic() < deadline:
+        if not any(namespace_pids(namespace) for namespace in namespaces):
+            return found
+        time.sleep(0.05)
+    for namespace in namespaces:
+        _signal_all(namespace_pids(namespace), signal.SIGKILL)
+    return found
+
+
 def _remove_namespace_files(namespace):
     shutil.rmtree(os.path.join(NETNS_ETC, namespace), ignore_errors=True)
     shutil.rmtree(mpi_session_base(namespace), ignore_errors=True)
@@ -99,6 +144,7 @@ def remove_stale(own_pid=None):
         match = _NAMESPACE.match(name)
         if match and int(match.group(1)) != own_pid and not _pid_alive(int(match.group(1))):
             logger.info("removing stale namespace %s", name)
+            stop_namespace_processes([name], grace_period=0.0)
             _ip("netns", "del", name, check=False)
             _remove_namespace_files(name)
     for line in _ip("-o", "link", "show", check=False).stdout.splitlines():
@@ -110,6 +156,12 @@ def remove_stale(own_pid=None):
         if match and int(match.group(1)) != own_pid and not _pid_alive(int(match.group(1))):
             logger.info("removing stale link %s", name)
             _ip("link", "del", name, check=False)
+    temporary = tempfile.gettempdir()
+    for name in os.listdir(temporary):
+        match = _JOB_DIRECTORY.match(name)
+        if match and int(match.group(1)) != own_pid and not _pid_alive(int(match.group(1))):
+            logger.info("removing stale directory %s", os.path.join(temporary, name))
+            shutil.rmtree(os.path.join(temporary, name), ignore_errors=True)
 
 
 def used_networks():
@@ -220,7 +272,11 @@ class SimulatedNetwork:
                     ", ".join(f"{h.address} ({h.namespace})" for h in self.hosts))
 
     def close(self):
-        """Removes the namespaces (their veths go with them) and the bridge. Idempotent."""
+        """Ends the processes left inside the namespaces, then removes the namespaces
+        (their veths go with them) and the bridge. Idempotent."""
+        left = stop_namespace_processes(self._created_namespaces)
+        if left:
+            logger.info("stopped %d processes left in the simulated hosts", len(left))
         for namespace in self._created_namespaces:
             _ip("netns", "del", namespace, check=False)
             _remove_namespace_files(namespace)

@@ -8,6 +8,9 @@ CMD (so the rank is still mpirun's own child and its exit status is exact).
 With `--simulate-hosts`, mpirun starts its remote daemons through
 `launch.netns_rsh` (`--mca plm_rsh_agent`), which runs them inside the namespace
 of the host address it is given; TCP traffic is pinned to the simulated subnet.
+With `--simulate-hosts --ssh`, and for remote hosts given with `-H`, mpirun
+starts them over ssh with the options of the hosts' `SshRunner` (port, key,
+configuration file) in `--mca plm_rsh_args`.
 
 Note: an mpi4py rank that exits non-zero through `sys.exit` first waits in
 `MPI_Finalize` for the other ranks. For fail-fast jobs run the script as
@@ -17,16 +20,16 @@ Note: an mpi4py rank that exits non-zero through `sys.exit` first waits in
 
 import os
 import re
+import shlex
 import shutil
 import signal
 import stat
 import sys
 import tempfile
 
+from launch.hostexec import FORWARDED, LocalRunner, NetnsRunner, SshRunner
 from launch.supervisor import WorkerSpec
 
-FORWARDED = ("PATH", "PYTHONPATH", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "PYTHONUNBUFFERED",
-             "OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM")
 _PROCESS_NAME = re.compile(r"Process name:\s*\[\[\d+,\d+\],(\d+)\]")
 _EXIT_CODE = re.compile(r"Exit code:\s*(-?\d+)")
 _SIGNALLED = re.compile(r"process rank (\d+) with PID \d+ on node \S+ exited on signal (\d+)")
@@ -63,10 +66,16 @@ def mpirun_command(placement, *, mpirun="mpirun", rsh_agent=None, is_root=False,
             "--mca", "rtc_hwloc_vmhole", "none"]
     if is_root:
         argv.append("--allow-run-as-root")
+    ssh_runners = [r for r in placement.runners.values() if isinstance(r, SshRunner)]
+    if ssh_runners:
+        # mpirun runs `ssh [plm_rsh_args] HOST orted ...`; the hosts share one set of options.
+        argv += ["--mca", "plm_rsh_agent", "ssh",
+                 "--mca", "plm_rsh_args", shlex.join(ssh_runners[0].ssh_options())]
     if placement.network is not None:
         subnet = str(placement.network.subnet)
-        argv += ["--mca", "plm_rsh_agent", rsh_agent,
-                 "--mca", "btl", "self,tcp",
+        if not ssh_runners:
+            argv += ["--mca", "plm_rsh_agent", rsh_agent]
+        argv += ["--mca", "btl", "self,tcp",
                  "--mca", "btl_tcp_if_include", subnet,
                  "--mca", "oob_tcp_if_include", subnet]
     elif placement.iface and placement.iface != "lo":
@@ -89,9 +98,8 @@ def mpirun_command(placement, *, mpirun="mpirun", rsh_agent=None, is_root=False,
 
 
 def _all_hosts_on_this_machine(placement):
-    from launch.hostexec import LocalRunner, NetnsRunner
-
-    return all(isinstance(runner, (LocalRunner, NetnsRunner)) for runner in placement.runners.values())
+    return placement.shared_machine or all(
+        isinstance(runner, (LocalRunner, NetnsRunner)) for runner in placement.runners.values())
 
 
 def describe_mpirun_failure(lines, exit_code):
@@ -142,7 +150,8 @@ class MpiBackend:
         env.update(self._extra_env)
         env["PYTHONUNBUFFERED"] = "1"
         rsh_agent = None
-        if placement.network is not None:
+        over_ssh = any(isinstance(r, SshRunner) for r in placement.runners.values())
+        if placement.network is not None and not over_ssh:
             rsh_agent = self._write_rsh_agent()
             env["SYNCBN_LAUNCH_NETNS_MAP"] = ",".join(
                 f"{h.address}={h.namespace}" for h in placement.network.hosts)
