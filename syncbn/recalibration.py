@@ -19,6 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from syncbn import collectives
 from syncbn.layers import SyncBatchNormalization
 
 logger = logging.getLogger(__name__)
@@ -141,7 +142,8 @@ def recalibrate(model, data, steps=None, verbose="auto"):
     replica of a group ends with the same values. A replica whose data runs
     out goes on with empty batches; the pass ends after `steps` batches, or
     at the first step in which no replica of the group has a sample (which
-    is also how replicas with different numbers of batches stop together).
+    is also how replicas with different numbers of batches stop together;
+    in one process, empty batches are simply skipped).
     As in training, every replica must call `recalibrate` (a replica that
     does not hangs the others at their first batch).
 
@@ -203,6 +205,11 @@ def recalibrate(model, data, steps=None, verbose="auto"):
                          "process (MirroredStrategy): their groups would need different values.")
     if verbose == "auto":
         verbose = 1 if is_chief(strategy) else 0
+    # With one replica the data's end is the end; with more, the replicas must
+    # stop together, which only the global counts tell them all at once.
+    one_replica = strategy is None and all(
+        collectives.resolve(layer.communicator, layer.group_size).num_replicas == 1
+        for layer in layers)
     recorder = _Recorder(layers)
     totals = [[0.0, 0.0, 0.0] for _ in layers]  # per layer: sum n, sum n * mean, sum n * var
 
@@ -220,11 +227,13 @@ def recalibrate(model, data, steps=None, verbose="auto"):
     def distribute(x):
         if strategy is None:
             return x
-        pieces = tf.nest.map_structure(lambda a: np.array_split(a, num_local_replicas), x)
-        return strategy.experimental_distribute_values_from_function(
-            lambda context: tf.nest.map_structure(
-                lambda parts: parts[context.replica_id_in_sync_group % num_local_replicas],
-                pieces, is_leaf=lambda item: isinstance(item, list)))
+        # Each local replica gets its slice of the batch (uneven splits are exact).
+        def piece(context):
+            index = context.replica_id_in_sync_group % num_local_replicas
+            return tf.nest.map_structure(
+                lambda a: np.array_split(a, num_local_replicas)[index], x)
+
+        return strategy.experimental_distribute_values_from_function(piece)
 
     # Restored afterwards: training mode may move other layers' state.
     syncbn_state = {id(v) for layer in layers for v in layer.non_trainable_weights}
@@ -239,6 +248,8 @@ def recalibrate(model, data, steps=None, verbose="auto"):
     try:
         while steps is None or done < steps:
             element = next(iterator, None)
+            if element is None and one_replica:
+                break
             if element is None:
                 x = _empty_like(last_batch) if last_batch is not None else _empty_batch(model)
             else:
@@ -251,7 +262,7 @@ def recalibrate(model, data, steps=None, verbose="auto"):
                         np.asarray(variance, np.float64))
                        for index, (count, mean, variance) in zip(recorder.order, records)]
             # The global counts are the same on every replica of a group: all stop together.
-            if not any(count > 0 for _, count, _, _ in records):
+            if not one_replica and not any(count > 0 for _, count, _, _ in records):
                 break
             for index, count, mean, variance in records:
                 if count > 0:
