@@ -22,7 +22,7 @@ CHECKS = ("debiased", "skip", "recalibrate", "consistency")
 
 
 def _launch(backend, num_proc, out):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=TESTS_DIR)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=os.pathsep.join([TESTS_DIR, REPO]))
     command = [sys.executable, "-m", "launch", "-np", str(num_proc), "--backend", backend,
                "--timeout", str(TIMEOUT - 60), "--",
                sys.executable, JOB, "--backend", backend, "--out", str(out)]
