@@ -52,3 +52,26 @@ def test_moving_statistics_on_real_processes(backend, num_proc, tmp_path):
     if num_proc > 1:
         # The NaN was on the last rank only, and every rank skipped the step.
         assert output.count("skipped_steps=1") == num_proc
+
+
+CHECKPOINT_JOB = os.path.join(TESTS_DIR, "jobs", "consistent_checkpoint.py")
+
+
+@pytest.mark.parametrize("diverge", [False, True])
+def test_consistent_checkpoint_refuses_to_save_from_diverged_replicas(diverge, tmp_path):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=os.pathsep.join([TESTS_DIR, REPO]))
+    command = [sys.executable, "-m", "launch", "-np", "2", "--backend", "horovod",
+               "--timeout", str(TIMEOUT - 60), "--", sys.executable, CHECKPOINT_JOB,
+               "--dir", str(tmp_path)] + (["--diverge"] if diverge else [])
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT, env=env)
+    output = result.stdout + result.stderr
+    assert (tmp_path / "epoch1.keras").exists(), output[-4000:]
+    if not diverge:
+        assert result.returncode == 0, output[-4000:]
+        assert output.count("checks=2") == 2, output[-4000:]
+        assert (tmp_path / "epoch2.keras").exists()
+    else:
+        assert result.returncode != 0
+        raised = re.findall(r"rank=(\d) raised: .*'bn' \(moving_mean differs by 0\.5\)", output)
+        assert sorted(raised) == ["0", "1"], output[-4000:]
+        assert not (tmp_path / "epoch2.keras").exists()
