@@ -12,8 +12,11 @@ The whole life of a model with batch norm, on scikit-learn's digits
 4. reload the best checkpoint and report test accuracy (inference mode,
    moving statistics, no communication);
 5. the cold start and its fix: a short run at momentum 0.999 evaluated with
-   Keras's moving averages (`moving_average="ema"`), with bias-corrected
-   ones (`"debiased"`), and after `syncbn.recalibrate`.
+   Keras's moving averages (`moving_average="ema"`: still mostly their
+   initial values, chance accuracy), with bias-corrected ones (`"debiased"`:
+   no cold start, but still an average over the first steps' weights), and
+   after `syncbn.recalibrate` (the final weights' statistics). Measured with
+   2 ranks: test accuracy 0.11, 0.56 and 0.83.
 
     python examples/train_validate_test.py
     python -m launch -np 2 --backend horovod -- python examples/train_validate_test.py
