@@ -25,9 +25,6 @@ TARGETS = ("sync", "local")
 
 # Config keys that only SyncBatchNormalization has.
 _SYNC_ONLY_KEYS = ("communicator", "group_size", "moving_average", "nonfinite")
-# A SyncBatchNormalization's weights that Keras BatchNormalization does not have
-# (`moving_updates`, with moving_average="debiased") come after its four.
-_KERAS_BN_WEIGHTS = 4
 
 
 def _check_arguments(model, group_size, communicator, to, layer_kwargs):
@@ -153,9 +150,10 @@ class _Conversion:
             for source, target in zip(originals, copies):
                 store = {}
                 source.save_own_variables(store)
-                if isinstance(source, SyncBatchNormalization) and type(target) is self.target_class \
-                        and self.to == "local":
-                    store = {str(i): store[str(i)] for i in range(_KERAS_BN_WEIGHTS)}
+                if isinstance(source, SyncBatchNormalization) and self.to == "local" \
+                        and type(target) is self.target_class:
+                    # Keras BN's weights are the first ones (gamma and beta only if used).
+                    store = {str(i): store[str(i)] for i in range(len(target.weights))}
                 target.load_own_variables(
                     {key: keras.ops.convert_to_numpy(value) for key, value in store.items()}
                 )

@@ -275,11 +275,12 @@ class SyncBatchNormalization(keras.layers.Layer):
         return int(self._skipped_steps.numpy())
 
     def load_own_variables(self, store):
-        # A Keras BatchNormalization's four weights (or a `"ema"` layer's) have
+        # A Keras BatchNormalization's weights (or an `"ema"` layer's) have
         # no update count: the statistics count as initial values, which the
         # first debiased update replaces.
-        if self.moving_updates is not None and len(store.keys()) == 4:
-            for index, variable in enumerate(self.weights[:4]):
+        keras_weights = self.weights[:-1] if self.moving_updates is not None else self.weights
+        if self.moving_updates is not None and len(store.keys()) == len(keras_weights):
+            for index, variable in enumerate(keras_weights):
                 variable.assign(store[str(index)])
             self.moving_updates.assign(0.0)
             return

@@ -397,3 +397,17 @@ def test_check_consistency_one_process_and_mirrored(mirrored_strategy):
         syncbn.check_consistency(model, strict=True)
     with pytest.raises(ValueError, match="tolerance=-1"):
         syncbn.check_consistency(model, tolerance=-1)
+
+
+@pytest.mark.parametrize("center,scale", [(False, True), (True, False), (False, False)])
+def test_debiased_conversion_without_gamma_or_beta(center, scale):
+    model = keras.Sequential([keras.Input((4,)),
+                              keras.layers.BatchNormalization(center=center, scale=scale, name="bn")])
+    synced = syncbn.convert(model, moving_average="debiased")
+    layer = synced.get_layer("bn")
+    assert len(layer.weights) == len(model.get_layer("bn").weights) + 1
+    x = np.random.default_rng(12).normal(2, 1, (16, 4)).astype(np.float32)
+    synced(x, training=True)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), x.mean(0), rtol=1e-5)  # t = 1
+    exported = syncbn.convert(synced, to="local")
+    np.testing.assert_array_equal(exported.get_layer("bn").moving_mean.numpy(), layer.moving_mean.numpy())
