@@ -15,7 +15,10 @@ prints, per variant, the final validation and test accuracy, the gap between
 train and validation accuracy, the largest difference between the BN layers'
 moving statistics and the true statistics of their inputs over the training
 set (the mean's in population standard deviations, the variance's relative),
-and the median time per step; the largest weight difference from `single`
+and the median time per step; a `syncbn + recalibrate` row, the `syncbn`
+model after `syncbn.recalibrate` (its moving statistics replaced by precise
+averages over training batches; docs/moving-statistics.md); the largest
+weight difference from `single`
 after 20 steps (before chaotic SGD dynamics amplify float rounding); and it
 writes a plot of validation accuracy per epoch.
 
@@ -43,6 +46,8 @@ PER_RANK_BATCH = 4
 # Weights are saved after this many steps, before chaotic SGD dynamics amplify
 # float rounding, to show that syncbn computes what one process computes.
 COMPARE_AFTER_STEPS = 20
+# Global batches of 128 that `syncbn + recalibrate` averages its statistics over.
+RECALIBRATION_STEPS = 8
 
 logger = logging.getLogger("demo")
 
@@ -112,6 +117,20 @@ def bn_input_statistics(model, x):
     return stats
 
 
+def moving_statistics_errors(model, x_train):
+    """Largest errors of the moving statistics against the true ones of the training set.
+
+    In units that compare across layers: the mean's in population standard
+    deviations, the variance's relative to the population variance.
+    """
+    population = bn_input_statistics(model, x_train)
+    mean_gap = max(float(np.max(np.abs(l.moving_mean.numpy() - m) / np.sqrt(v + 1e-3)))
+                   for l, m, v in population)
+    var_gap = max(float(np.max(np.abs(l.moving_variance.numpy() - v) / (v + 1e-3)))
+                  for l, _, v in population)
+    return mean_gap, var_gap
+
+
 def run_variant(variant, args):
     import keras
     import tensorflow as tf
@@ -173,13 +192,7 @@ def run_variant(variant, args):
         if rank == 0:
             logger.info("%s epoch %d: val accuracy %.4f", variant, epoch + 1, history["val_accuracy"][-1])
 
-    population = bn_input_statistics(model, x_train)
-    # Errors in units that compare across layers: the mean's in population
-    # standard deviations, the variance's relative to the population variance.
-    mean_gap = max(float(np.max(np.abs(l.moving_mean.numpy() - m) / np.sqrt(v + 1e-3)))
-                   for l, m, v in population)
-    var_gap = max(float(np.max(np.abs(l.moving_variance.numpy() - v) / (v + 1e-3)))
-                  for l, _, v in population)
+    mean_gap, var_gap = moving_statistics_errors(model, x_train)
     result = {
         "variant": variant,
         "ranks": size,
@@ -194,6 +207,17 @@ def run_variant(variant, args):
         # The first epoch includes tracing; the median is the steady state.
         "median_step_ms": 1e3 * float(np.median(step_times)),
     }
+    if variant == "syncbn":
+        # Each rank recalibrates on its own rows of the training set, 64 per batch.
+        rows = np.arange(rank, len(x_train), size)
+        syncbn.recalibrate(model, [x_train[rows[i:i + 64]] for i in range(0, len(rows), 64)],
+                           steps=RECALIBRATION_STEPS, verbose=0)
+        mean_gap, var_gap = moving_statistics_errors(model, x_train)
+        result["recalibrated"] = {
+            "val_accuracy": accuracy("val"), "train_accuracy": accuracy("train"),
+            "test_accuracy": accuracy("test"), "moving_mean_error_in_std": mean_gap,
+            "moving_variance_relative_error": var_gap,
+        }
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, f"{variant}.json"), "w") as f:
@@ -247,12 +271,17 @@ def print_table(results):
               "moving-stat error: mean (in std) / var (relative) | ms per step |")
     print("\n" + header)
     print("|" + "---|" * 7)
+    rows = []
     for r in results:
-        gap = r["train_accuracy"][-1] - r["val_accuracy"][-1]
-        print(f"| {r['variant']} | {r['ranks']} x {r['per_rank_batch']} | {r['val_accuracy'][-1]:.4f} | "
-              f"{r['test_accuracy']:.4f} | {gap:+.4f} | "
+        rows.append((r["variant"], r, f"{r['median_step_ms']:.2f}"))
+        if "recalibrated" in r:  # the same model after syncbn.recalibrate: no step time
+            rows.append((f"{r['variant']} + recalibrate", {**r, **r["recalibrated"]}, "-"))
+    for name, r, step_ms in rows:
+        val, train = np.ravel(r["val_accuracy"])[-1], np.ravel(r["train_accuracy"])[-1]
+        print(f"| {name} | {r['ranks']} x {r['per_rank_batch']} | {val:.4f} | "
+              f"{r['test_accuracy']:.4f} | {train - val:+.4f} | "
               f"{r['moving_mean_error_in_std']:.3f} / {r['moving_variance_relative_error']:.3f} | "
-              f"{r['median_step_ms']:.2f} |")
+              f"{step_ms} |")
 
 
 def write_plot(results, out_dir):

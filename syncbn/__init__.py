@@ -20,16 +20,22 @@ from syncbn.collectives import Communicator, LocalCommunicator, detect  # noqa: 
 from syncbn.collectives.horovod import init_horovod  # noqa: E402
 from syncbn.convert import convert  # noqa: E402
 from syncbn.layers import SyncBatchNormalization  # noqa: E402
+from syncbn.recalibration import PreciseBN, recalibrate  # noqa: E402
+from syncbn.consistency import InconsistentReplicasError, check_consistency  # noqa: E402
 from syncbn import horovod_keras  # noqa: E402
 
 __version__ = _versions.__version__
 
 __all__ = [
     "Communicator",
+    "InconsistentReplicasError",
     "LocalCommunicator",
+    "PreciseBN",
     "SyncBatchNormalization",
+    "check_consistency",
     "convert",
     "detect",
     "horovod_keras",
     "init_horovod",
+    "recalibrate",
 ]

@@ -24,10 +24,10 @@ logger = logging.getLogger(__name__)
 TARGETS = ("sync", "local")
 
 # Config keys that only SyncBatchNormalization has.
-_SYNC_ONLY_KEYS = ("communicator", "group_size")
+_SYNC_ONLY_KEYS = ("communicator", "group_size", "moving_average", "nonfinite")
 
 
-def _check_arguments(model, group_size, communicator, to):
+def _check_arguments(model, group_size, communicator, to, layer_kwargs):
     if not isinstance(model, keras.Model):
         raise TypeError(
             "Argument `model` must be a Keras model (`keras.Model`, e.g. Functional, "
@@ -43,6 +43,15 @@ def _check_arguments(model, group_size, communicator, to):
             "Arguments `group_size` and `communicator` only apply to to='sync'. "
             f"Received: to='local', group_size={group_size!r}, communicator={communicator!r}"
         )
+    if layer_kwargs:
+        if to == "local":
+            raise ValueError(
+                "Layer keyword arguments only apply to to='sync'. "
+                f"Received: to='local', {', '.join(f'{k}={v!r}' for k, v in layer_kwargs.items())}"
+            )
+        # Validated once here (SyncBatchNormalization checks every argument),
+        # rather than at the first converted layer.
+        SyncBatchNormalization(**layer_kwargs)
 
 
 def _is_rebuildable(model):
@@ -53,10 +62,11 @@ def _is_rebuildable(model):
 class _Conversion:
     """One call of `convert`: what to swap, and the old-to-new layer pairs."""
 
-    def __init__(self, to, group_size, communicator):
+    def __init__(self, to, group_size, communicator, layer_kwargs=None):
         self.to = to
         self.group_size = group_size
         self.communicator = communicator
+        self.layer_kwargs = dict(layer_kwargs or {})
         if to == "sync":
             self.source_class, self.target_class = keras.layers.BatchNormalization, SyncBatchNormalization
         else:
@@ -113,7 +123,8 @@ class _Conversion:
         config = layer.get_config()
         if self.is_source(layer):
             if self.to == "sync":
-                config.update(communicator=self.communicator, group_size=self.group_size)
+                config.update(communicator=self.communicator, group_size=self.group_size,
+                              **self.layer_kwargs)
             else:
                 for key in _SYNC_ONLY_KEYS:
                     config.pop(key, None)
@@ -139,6 +150,10 @@ class _Conversion:
             for source, target in zip(originals, copies):
                 store = {}
                 source.save_own_variables(store)
+                if isinstance(source, SyncBatchNormalization) and self.to == "local" \
+                        and type(target) is self.target_class:
+                    # Keras BN's weights are the first ones (gamma and beta only if used).
+                    store = {str(i): store[str(i)] for i in range(len(target.weights))}
                 target.load_own_variables(
                     {key: keras.ops.convert_to_numpy(value) for key, value in store.items()}
                 )
@@ -155,7 +170,7 @@ def _copy_trainable_flags(original, copy):
             _copy_trainable_flags(original_layer, copy_layer)
 
 
-def convert(model, group_size=None, communicator="auto", to="sync"):
+def convert(model, group_size=None, communicator="auto", to="sync", **layer_kwargs):
     """Returns a copy of `model` with synchronized (or plain) batch normalization.
 
     With `to="sync"` (the default), every `keras.layers.BatchNormalization`
@@ -190,6 +205,14 @@ def convert(model, group_size=None, communicator="auto", to="sync"):
         communicator: for `to="sync"`, the new layers' `communicator`
             (default `"auto"`).
         to: `"sync"` or `"local"`.
+        **layer_kwargs: for `to="sync"`, further `SyncBatchNormalization`
+            arguments given to every converted layer, e.g.
+            `moving_average="debiased"` or `nonfinite="raise"` (they
+            override the original layer's config). The statistics copied
+            from a `BatchNormalization` count as initial values, so with
+            `"debiased"` the first update replaces them. With `to="local"`,
+            the moving statistics are copied as they are (debiased ones are
+            already corrected) and `moving_updates` is dropped.
 
     Returns:
         The converted copy of `model`.
@@ -198,7 +221,8 @@ def convert(model, group_size=None, communicator="auto", to="sync"):
         TypeError: if `model` is not a Keras model, or a layer to convert
             sits where it cannot be converted (inside a subclassed model or
             layer, or it is a subclass of the class to convert).
-        ValueError: if `to`, `group_size` or `communicator` is invalid, or a
+        ValueError: if `to`, `group_size`, `communicator` or a layer keyword
+            argument is invalid, or a
             `BatchNormalization` uses `renorm=True`.
 
     Example:
@@ -219,8 +243,8 @@ def convert(model, group_size=None, communicator="auto", to="sync"):
     >>> type(exported.layers[1]).__name__
     'BatchNormalization'
     """
-    _check_arguments(model, group_size, communicator, to)
-    conversion = _Conversion(to, group_size, communicator)
+    _check_arguments(model, group_size, communicator, to, layer_kwargs)
+    conversion = _Conversion(to, group_size, communicator, layer_kwargs)
     target = conversion.target_class.__name__
     if not _is_rebuildable(model):
         blocked = [

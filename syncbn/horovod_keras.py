@@ -19,6 +19,8 @@ This module replaces those helpers using only Horovod's core ops
 * `hvd.callbacks.MetricAverageCallback` -> `MetricAverage()`.
 * `if hvd.rank() == 0:` around callbacks and printing -> `rank()`, `size()`,
   `is_chief()`, `chief_only(*callbacks)`.
+* `chief_only(keras.callbacks.ModelCheckpoint(...))` -> `ConsistentModelCheckpoint(...)`
+  on every rank, which refuses to save from replicas that diverged.
 
 Gradient convention (Horovod's): each rank's loss is the mean over its own
 batch, and every parameter gradient is averaged over the ranks. With
@@ -479,3 +481,42 @@ class MetricAverage(keras.callbacks.Callback):
         averaged = hvd.allreduce(packed, op=hvd.Average, name="syncbn_metric_average").numpy()
         for name, value in zip(names, averaged):
             logs[name] = float(value)
+
+
+class ConsistentModelCheckpoint(keras.callbacks.ModelCheckpoint):
+    """`keras.callbacks.ModelCheckpoint` that checks the replicas agree before the chief saves.
+
+    Give it to `fit` on *every* rank (not through `chief_only`): whenever a
+    checkpoint is due (each epoch, or each `save_freq` batches, decided the
+    same way on every rank), all ranks first run
+    `syncbn.check_consistency(model, strict=True)`, one collective, and then
+    only the chief saves. If some SyncBatchNormalization's `gamma`, `beta`
+    or moving statistics differ across replicas, every rank raises
+    `syncbn.InconsistentReplicasError` naming the layers, and no checkpoint
+    is written from the diverged job. Arguments are ModelCheckpoint's, plus:
+
+    Args:
+        tolerance: relative tolerance of the check (default 1e-6).
+
+    Example:
+
+    ```python
+    model.fit(x, y, callbacks=[hk.BroadcastInitialState(), hk.MetricAverage(),
+                               hk.ConsistentModelCheckpoint("best.keras", save_best_only=True)])
+    ```
+    """
+
+    def __init__(self, filepath, *args, tolerance=None, **kwargs):
+        super().__init__(filepath, *args, **kwargs)
+        from syncbn import consistency
+
+        self.tolerance = consistency.DEFAULT_TOLERANCE if tolerance is None else tolerance
+        self.checks = 0
+
+    def _save_model(self, epoch, batch, logs):
+        from syncbn import consistency
+
+        consistency.check_consistency(self.model, strict=True, tolerance=self.tolerance)
+        self.checks += 1
+        if is_chief():
+            super()._save_model(epoch, batch, logs)

@@ -1,10 +1,14 @@
 """`SyncBatchNormalization`: a drop-in Keras 3 layer with global batch statistics."""
 
+import logging
+
 import keras
 import tensorflow as tf
 from keras import constraints, initializers, regularizers
 
-from syncbn import collectives, ops
+from syncbn import collectives, moving, ops
+
+logger = logging.getLogger(__name__)
 
 
 def _check_bool(name, value):
@@ -76,6 +80,22 @@ class SyncBatchNormalization(keras.layers.Layer):
             `keras.layers.BatchNormalization` configs and ignored: this layer
             always synchronizes.
         renorm: Must be False; batch renormalization is not supported.
+        moving_average: `"ema"` (default): Keras's exponential moving
+            average, so the layer stays a drop-in. `"debiased"`: the
+            bias-corrected average, in which the initial values have no
+            weight (after the first step the moving statistics are that
+            step's global batch statistics); the layer then has one more
+            non-trainable weight, `moving_updates`, the number of updates
+            so far (saved and restored with the others).
+        nonfinite: What a step whose *global* batch statistics are not
+            finite does to the moving statistics: `"skip"` (default) leaves
+            them unchanged, logs one warning for the layer (logger
+            `syncbn.layers`) and counts the step in `skipped_steps`;
+            `"update"` averages them in, as Keras does; `"raise"` fails the
+            step on every replica with an `InvalidArgumentError` naming the
+            layer. Outputs and gradients are the same in all three. Under
+            XLA (`jit_compile=True`) assertions and the warning are dropped
+            by the compiler; `"skip"` still skips and counts.
         **kwargs: Base layer keyword arguments (e.g. `name` and `dtype`).
 
     Call arguments:
@@ -123,6 +143,8 @@ class SyncBatchNormalization(keras.layers.Layer):
         renorm=False,
         renorm_clipping=None,
         renorm_momentum=0.99,
+        moving_average="ema",
+        nonfinite="skip",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -156,7 +178,11 @@ class SyncBatchNormalization(keras.layers.Layer):
         self.renorm = False
         self.renorm_clipping = renorm_clipping
         self.renorm_momentum = renorm_momentum
+        self.moving_average = moving.check_moving_average(moving_average)
+        self.nonfinite = moving.check_nonfinite(nonfinite)
         self.supports_masking = True
+        self.moving_updates = None
+        self._skipped_steps = None
         self.gamma = None
         self.beta = None
         self.moving_mean = None
@@ -221,7 +247,44 @@ class SyncBatchNormalization(keras.layers.Layer):
             trainable=False,
             autocast=False,
         )
+        if self.moving_average == "debiased":
+            # Only then: a default layer keeps Keras BN's four weights.
+            self.moving_updates = self.add_weight(
+                shape=(),
+                name="moving_updates",
+                initializer="zeros",
+                trainable=False,
+                autocast=False,
+            )
+        # Diagnostics, not state: a plain variable, outside `weights`, so that
+        # the layer's weights stay those of Keras BN. Every replica holds the
+        # same value (the decision is global), hence ONLY_FIRST_REPLICA.
+        with tf.init_scope():
+            self._skipped_steps = tf.Variable(
+                0, dtype=tf.int64, trainable=False, name=f"{self.name}_skipped_steps",
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+            )
+        self._warned_nonfinite = False
         self.input_spec = keras.InputSpec(ndim=rank, axes={self.axis: num_channels})
+
+    @property
+    def skipped_steps(self):
+        """Training steps whose non-finite global statistics were left out (`nonfinite="skip"`)."""
+        if self._skipped_steps is None:
+            return 0
+        return int(self._skipped_steps.numpy())
+
+    def load_own_variables(self, store):
+        # A Keras BatchNormalization's weights (or an `"ema"` layer's) have
+        # no update count: the statistics count as initial values, which the
+        # first debiased update replaces.
+        keras_weights = self.weights[:-1] if self.moving_updates is not None else self.weights
+        if self.moving_updates is not None and len(store.keys()) == len(keras_weights):
+            for index, variable in enumerate(keras_weights):
+                variable.assign(store[str(index)])
+            self.moving_updates.assign(0.0)
+            return
+        super().load_own_variables(store)
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -281,11 +344,37 @@ class SyncBatchNormalization(keras.layers.Layer):
             mask=mask,
             single_replica=communicator.num_replicas == 1,
         )
-        # With no sample on any replica there is nothing to average in.
-        decay = tf.where(count > 0, 1.0 - self.momentum, 0.0)
-        self.moving_mean.assign_sub((self.moving_mean - mean) * decay)
-        self.moving_variance.assign_sub((self.moving_variance - variance) * decay)
-        return outputs
+        return self._update_moving_statistics(outputs, mean, variance, count)
+
+    def _update_moving_statistics(self, outputs, mean, variance, count):
+        """Assigns the moving statistics after a step (syncbn/moving.py); returns `outputs`."""
+        recorder = getattr(self, "_statistics_recorder", None)
+        if recorder is not None:  # syncbn.recalibrate: record, update nothing
+            recorder(mean, variance, count)
+            return outputs
+        updates = None if self.moving_updates is None else tf.convert_to_tensor(self.moving_updates)
+        new_mean, new_variance, new_updates, nonfinite_step = moving.next_moving_statistics(
+            tf.convert_to_tensor(self.moving_mean), tf.convert_to_tensor(self.moving_variance),
+            mean, variance, count, momentum=self.momentum,
+            moving_average=self.moving_average, updates=updates, nonfinite=self.nonfinite,
+        )
+        checks = []
+        if self.nonfinite == "raise":
+            checks.append(tf.debugging.Assert(
+                tf.logical_not(nonfinite_step),
+                [f"SyncBatchNormalization '{self.name}': the global batch statistics "
+                 "are not finite (NaN or inf) and nonfinite='raise'."],
+            ))
+        elif self.nonfinite == "skip":
+            self._skipped_steps.assign_add(tf.cast(nonfinite_step, tf.int64))
+            if not _in_xla_context():
+                checks.append(_warn_once(self, nonfinite_step))
+        with tf.control_dependencies(checks):
+            self.moving_mean.assign(new_mean)
+            self.moving_variance.assign(new_variance)
+            if new_updates is not None:
+                self.moving_updates.assign(new_updates)
+            return tf.identity(outputs)
 
     def call(self, inputs, training=None, mask=None):
         if mask is not None and len(mask.shape) != len(inputs.shape) - 1:
@@ -333,5 +422,40 @@ class SyncBatchNormalization(keras.layers.Layer):
             "renorm": self.renorm,
             "renorm_clipping": self.renorm_clipping,
             "renorm_momentum": self.renorm_momentum,
+            "moving_average": self.moving_average,
+            "nonfinite": self.nonfinite,
         }
         return {**base_config, **config}
+
+
+def _in_xla_context():
+    """True while tracing for XLA (`jit_compile=True`), which has no host callbacks."""
+    try:
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # private module moved: assume no XLA, as before it existed
+        return False
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+
+
+def _warn_once(layer, nonfinite_step):
+    """The op that logs the layer's one warning about skipped steps.
+
+    A branch taken at most once per layer, in a `tf.cond` on a scalar that is
+    the same on every replica; the update itself is a select (moving.py).
+    """
+
+    def log():
+        if not layer._warned_nonfinite:
+            layer._warned_nonfinite = True
+            logger.warning(
+                "SyncBatchNormalization '%s': a training step's global batch statistics "
+                "are not finite (NaN or inf); its moving statistics were left unchanged "
+                "(nonfinite='skip'). Further skipped steps are counted, not logged: "
+                "read layer.skipped_steps.", layer.name)
+        return True
+
+    def warn():
+        return tf.reshape(tf.py_function(log, [], tf.bool), [])
+
+    # Checked in-graph first, so that a step without NaN costs no host callback.
+    return tf.cond(nonfinite_step, warn, lambda: tf.constant(False))

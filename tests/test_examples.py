@@ -50,6 +50,15 @@ def test_train_validate_test_example(tmp_path):
     assert float(match.group(2)) > 0.6, output[-3000:]
     assert len(re.findall(r"moving variance off by", output)) == 2
     assert (tmp_path / "best.keras").exists()
+    # The cold start (momentum 0.999, a short run) and its two fixes.
+    cold = dict(re.findall(r"(ema|debiased|recalibrate) ([\d.]+)", re.search(
+        r"cold start, momentum 0.999, .*", output).group(0)))
+    assert set(cold) == {"ema", "debiased", "recalibrate"}, output[-3000:]
+    # Measured: ema 0.11 (chance), debiased 0.56 (no cold start, but it still averages in the
+    # statistics of the first steps' weights), recalibrate 0.83 (neither).
+    assert float(cold["ema"]) < 0.3, cold
+    assert float(cold["debiased"]) > float(cold["ema"]) + 0.2, cold
+    assert float(cold["recalibrate"]) > max(0.6, float(cold["debiased"])), cold
 
 
 def test_convert_resnet50_example():
@@ -63,6 +72,8 @@ def test_demo_quick_mode(tmp_path):
                    "--out", str(tmp_path)])
     rows = re.findall(r"^\| (local|syncbn|single) \| (\d) x (\d) \|", output, re.M)
     assert rows == [("local", "2", "4"), ("syncbn", "2", "4"), ("single", "1", "8")], output[-3000:]
+    recalibrated = re.search(r"^\| syncbn \+ recalibrate \| 2 x 4 \| ([\d.]+) \| ([\d.]+) \|", output, re.M)
+    assert recalibrated, output[-3000:]
     gaps = dict(re.findall(r"^  (syncbn|local): ([\d.e+-]+)$", output, re.M))
     # syncbn computes what one process computes; local BN does not.
     assert float(gaps["syncbn"]) < 1e-4 < float(gaps["local"]), gaps

@@ -1,0 +1,352 @@
+"""Precise batch norm across replicas: `recalibrate` and the `PreciseBN` callback.
+
+The moving averages lag behind the weights and start from arbitrary values;
+after training, one pass over some training batches in training mode gives
+every SyncBatchNormalization layer the statistics it actually sees. Each
+step's forward pass already computes the *global* batch statistics (the same
+on every replica of a synchronization group), so accumulating those, weighted
+by the global count, gives the same totals on every replica without any
+collective beyond the forward pass's own one per layer and batch.
+
+See docs/moving-statistics.md.
+"""
+
+import logging
+import os
+import threading
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from syncbn import collectives
+from syncbn.layers import SyncBatchNormalization
+
+logger = logging.getLogger(__name__)
+
+_RANK_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+
+
+def synchronized_layers(model):
+    """Every SyncBatchNormalization inside `model` (nested models included), once each."""
+    return [layer for layer in model._flatten_layers(include_self=False)
+            if isinstance(layer, SyncBatchNormalization)]
+
+
+def _check_model(model):
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"Argument `model` must be a Keras model. Received: model={model!r}")
+
+
+def _strategy(model):
+    """The model's tf.distribute strategy, or None for the default one."""
+    # Keras records the strategy whose scope the model was created in.
+    strategy = getattr(model, "_distribute_strategy", None)
+    if strategy is None and tf.distribute.has_strategy():
+        strategy = tf.distribute.get_strategy()
+    return strategy
+
+
+def is_chief(strategy=None):
+    """True on the process that prints: rank 0 under Horovod or MPI, worker 0 under tf.distribute."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    task_id = getattr(resolver, "task_id", None)
+    if task_id is not None:
+        return task_id == 0
+    for variable in _RANK_VARIABLES:
+        if variable in os.environ:
+            return os.environ[variable] == "0"
+    return True
+
+
+def _features(element):
+    """`x` of a batch given as `x` or as a tuple `(x, ...)`."""
+    return element[0] if isinstance(element, tuple) else element
+
+
+def _to_numpy(x):
+    return tf.nest.map_structure(lambda a: np.asarray(a), x)
+
+
+def _empty_like(x):
+    return tf.nest.map_structure(lambda a: a[:0], x)
+
+
+def _empty_batch(model):
+    """A batch of no samples shaped like the model's inputs, for a rank with no data."""
+    inputs = getattr(model, "inputs", None)
+    if not inputs:
+        raise ValueError(
+            "This replica has no batch at all and the model has no known input shape to "
+            "build an empty one from: give every replica at least one batch, or use a "
+            "Functional or Sequential model with an Input."
+        )
+    arrays = [np.zeros((0,) + tuple(1 if d is None else d for d in t.shape[1:]),
+                       keras.backend.standardize_dtype(t.dtype)) for t in inputs]
+    return arrays[0] if len(arrays) == 1 else arrays
+
+
+def _expected_steps(data, steps):
+    if steps is not None:
+        return steps
+    if isinstance(data, tf.data.Dataset):
+        cardinality = int(data.cardinality())
+        return cardinality if cardinality >= 0 else None
+    try:
+        return len(data)
+    except TypeError:
+        return None
+
+
+class _Recorder:
+    """Collects, per replica thread, the global statistics the layers report in a trace."""
+
+    def __init__(self, layers):
+        self.layers = layers
+        self.index = {id(layer): i for i, layer in enumerate(layers)}
+        self.local = threading.local()
+
+        self.order = []  # layer index of each record, the same in every trace
+
+    def start(self):
+        self.local.records = []
+        self.local.order = []
+
+    def record(self, layer, mean, variance, count):
+        self.local.order.append(self.index[id(layer)])
+        self.local.records.append((count, mean, variance))
+
+    def finish(self):
+        self.order = self.local.order
+        return tuple(self.local.records)
+
+
+def recalibrate(model, data, steps=None, verbose="auto"):
+    """Sets every SyncBatchNormalization's moving statistics to precise global averages.
+
+    Runs `model` in training mode over `steps` batches of `data` (every
+    layer normalizes with its global batch statistics, as in a training
+    step), then sets each SyncBatchNormalization layer's `moving_mean` and
+    `moving_variance` to the averages over those global batches, weighted by
+    their sample counts: `sum_b n_b * mean_b / sum_b n_b` and
+    `sum_b n_b * var_b / sum_b n_b` (biased variances, as Keras stores). No
+    trainable weight and no optimizer slot changes, and every other
+    non-trainable variable (e.g. a Keras `BatchNormalization`'s, a dropout
+    seed) is restored afterwards; `moving_updates` of debiased layers is left
+    as it is.
+
+    Every replica passes its own shard; batch sizes may differ across
+    replicas and steps, empty included. Accumulation is in float64 on the
+    host, of the global statistics, so it adds no collective: the forward
+    pass's own all-reduce per layer and batch is all it costs, and every
+    replica of a group ends with the same values. A replica whose data runs
+    out goes on with empty batches; the pass ends after `steps` batches, or
+    at the first step in which no replica of the group has a sample (which
+    is also how replicas with different numbers of batches stop together;
+    in one process, empty batches are simply skipped).
+    As in training, every replica must call `recalibrate` (a replica that
+    does not hangs the others at their first batch).
+
+    Works with Horovod, MPI and MultiWorkerMirroredStrategy (one replica per
+    worker, each passing its own data), with MirroredStrategy (each batch is
+    split across the local replicas) and in one process. Not supported:
+    `group_size` with several replicas in one process (their groups would
+    need different values in one variable).
+
+    Args:
+        model: a Keras model with SyncBatchNormalization layers.
+        data: a `tf.data.Dataset` or any iterable of batches, each `x` or a
+            tuple `(x, ...)` (targets and sample weights are ignored; a list
+            or dict is one multi-input `x`).
+        steps: number of batches (None: all of `data`). Must be >= 1.
+        verbose: `"auto"` (a progress bar on the chief only), 0 or 1.
+
+    Returns:
+        The number of steps run.
+
+    Raises:
+        TypeError: if `model` is not a Keras model or `data` not iterable.
+        ValueError: if `steps` or `verbose` is invalid, or `model` has no
+            SyncBatchNormalization layer.
+
+    Example:
+
+    ```python
+    import keras, numpy as np, syncbn
+
+    model = keras.Sequential([keras.Input((4,)), syncbn.SyncBatchNormalization(momentum=0.999)])
+    data = [np.random.default_rng(b).normal(5.0, 2.0, (32, 4)).astype("float32") for b in range(10)]
+    syncbn.recalibrate(model, data, verbose=0)
+    print(model.layers[0].moving_mean.numpy())   # about 5, not 0
+    ```
+    """
+    _check_model(model)
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"Argument `steps` must be a positive integer or None. Received: steps={steps!r}")
+    if verbose not in ("auto", 0, 1):
+        raise ValueError(f"Argument `verbose` must be 'auto', 0 or 1. Received: verbose={verbose!r}")
+    try:
+        iterator = iter(data)
+    except TypeError:
+        raise TypeError(
+            "Argument `data` must be a tf.data.Dataset or an iterable of batches. "
+            f"Received: data of type {type(data).__name__}"
+        ) from None
+    layers = synchronized_layers(model)
+    if not layers:
+        raise ValueError(
+            f"Model '{model.name}' has no SyncBatchNormalization layer to recalibrate "
+            "(convert it first: `syncbn.convert(model)`)."
+        )
+    strategy = _strategy(model)
+    num_local_replicas = len(strategy.extended.worker_devices) if strategy is not None else 1
+    if num_local_replicas > 1 and any(layer.group_size for layer in layers):
+        raise ValueError("recalibrate does not support `group_size` with several replicas in one "
+                         "process (MirroredStrategy): their groups would need different values.")
+    if verbose == "auto":
+        verbose = 1 if is_chief(strategy) else 0
+    # With one replica the data's end is the end; with more, the replicas must
+    # stop together, which only the global counts tell them all at once.
+    one_replica = strategy is None and all(
+        collectives.resolve(layer.communicator, layer.group_size).num_replicas == 1
+        for layer in layers)
+    recorder = _Recorder(layers)
+    totals = [[0.0, 0.0, 0.0] for _ in layers]  # per layer: sum n, sum n * mean, sum n * var
+
+    def replica_step(x):
+        recorder.start()
+        model(x, training=True)
+        return recorder.finish()
+
+    if strategy is None:
+        step_function = tf.function(replica_step, reduce_retracing=True)
+    else:
+        step_function = tf.function(lambda x: strategy.run(replica_step, args=(x,)),
+                                    reduce_retracing=True)
+
+    def distribute(x):
+        if strategy is None:
+            return x
+        # Each local replica gets its slice of the batch (uneven splits are exact).
+        def piece(context):
+            index = context.replica_id_in_sync_group % num_local_replicas
+            return tf.nest.map_structure(
+                lambda a: np.array_split(a, num_local_replicas)[index], x)
+
+        return strategy.experimental_distribute_values_from_function(piece)
+
+    # Restored afterwards: training mode may move other layers' state.
+    syncbn_state = {id(v) for layer in layers for v in layer.non_trainable_weights}
+    others = [v for v in model.non_trainable_variables if id(v) not in syncbn_state]
+    saved = [np.array(v.numpy()) for v in others]
+    progress = keras.utils.Progbar(_expected_steps(data, steps)) if verbose else None
+    last_batch = None
+    done = 0
+    for layer in layers:
+        layer._statistics_recorder = lambda mean, variance, count, layer=layer: recorder.record(
+            layer, mean, variance, count)
+    try:
+        while steps is None or done < steps:
+            element = next(iterator, None)
+            if element is None and one_replica:
+                break
+            if element is None:
+                x = _empty_like(last_batch) if last_batch is not None else _empty_batch(model)
+            else:
+                x = last_batch = _to_numpy(_features(element))
+            records = step_function(distribute(x))
+            if strategy is not None:
+                records = tf.nest.map_structure(
+                    lambda value: strategy.experimental_local_results(value)[0], records)
+            records = [(index, float(count), np.asarray(mean, np.float64),
+                        np.asarray(variance, np.float64))
+                       for index, (count, mean, variance) in zip(recorder.order, records)]
+            # The global counts are the same on every replica of a group: all stop together.
+            if not one_replica and not any(count > 0 for _, count, _, _ in records):
+                break
+            for index, count, mean, variance in records:
+                if count > 0:
+                    total = totals[index]
+                    total[0] += count
+                    total[1] = total[1] + count * mean
+                    total[2] = total[2] + count * variance
+            done += 1
+            if progress is not None:
+                progress.update(done)
+    finally:
+        for layer in layers:
+            layer._statistics_recorder = None
+        for variable, value in zip(others, saved):
+            variable.assign(value)
+    for layer, (count, sum_mean, sum_variance) in zip(layers, totals):
+        if count == 0:
+            logger.warning("recalibrate: layer '%s' saw no sample; its moving statistics "
+                           "are unchanged.", layer.name)
+            continue
+        layer.moving_mean.assign((sum_mean / count).astype(np.float32))
+        layer.moving_variance.assign((sum_variance / count).astype(np.float32))
+    return done
+
+
+class PreciseBN(keras.callbacks.Callback):
+    """Recalibrates the moving statistics during `fit`, before each epoch's validation.
+
+    Every `every_n_epochs` epochs, after the epoch's training steps,
+    `recalibrate(model, data, steps)` runs on every replica, so that the
+    epoch's validation metrics (and checkpoints chosen by them) use the
+    recalibrated statistics. Keras runs validation inside `fit` after the
+    epoch's last step; this callback recalibrates when that validation
+    begins (`on_test_begin`), or at the epoch's end when there is none.
+
+    Args:
+        data: a `tf.data.Dataset` or an iterable of batches that can be
+            iterated once per recalibration (a list, a dataset; not a
+            one-shot generator), each rank its own shard.
+        steps: batches per recalibration (None: all of `data`).
+        every_n_epochs: recalibrate after epochs `n - 1, 2n - 1, ...` (0-based).
+        verbose: as for `recalibrate` (default 0).
+
+    Example:
+
+    ```python
+    model.fit(x, y, validation_data=(x_val, y_val),
+              callbacks=[syncbn.PreciseBN(calibration_batches, steps=20)])
+    ```
+    """
+
+    def __init__(self, data, steps=None, every_n_epochs=1, verbose=0):
+        super().__init__()
+        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
+            raise ValueError("Argument `every_n_epochs` must be a positive integer. "
+                             f"Received: every_n_epochs={every_n_epochs!r}")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"Argument `steps` must be a positive integer or None. Received: steps={steps!r}")
+        self.data = data
+        self.steps = steps
+        self.every_n_epochs = every_n_epochs
+        self.verbose = verbose
+        self.recalibrations = 0
+        self._epoch = None
+        self._done = True
+
+    def _recalibrate(self):
+        self._done = True
+        recalibrate(self.model, self.data, self.steps, verbose=self.verbose)
+        self.recalibrations += 1
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        self._done = (epoch + 1) % self.every_n_epochs != 0
+
+    def on_test_begin(self, logs=None):
+        # Also called by a plain `evaluate`, outside `fit`: only the epoch's own validation counts.
+        if self._epoch is not None and not self._done:
+            self._recalibrate()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self._done:
+            self._recalibrate()
+
+    def on_train_end(self, logs=None):
+        self._epoch = None
+        self._done = True
