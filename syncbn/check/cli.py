@@ -3,6 +3,7 @@
 import argparse
 import importlib
 import json
+import logging
 import os
 import sys
 
@@ -27,7 +28,7 @@ def build_parser():
              "MPI, else one process, and the layer uses communicator='auto'), horovod, "
              "tf.distribute (MultiWorkerMirroredStrategy from TF_CONFIG, else "
              "MirroredStrategy over this process's devices), mpi, local, or MODULE:ATTRIBUTE "
-             "naming a communicator object (or a zero-argument callable returning one) to "
+             "naming a communicator object (or a class or zero-argument function returning one) to "
              "check your own; the job is then set up as for auto")
     parser.add_argument("--json", metavar="PATH",
                         help="the chief also writes the results as JSON (default: off)")
@@ -61,8 +62,6 @@ def load_communicator(spec):
         ValueError: if the module or attribute cannot be found.
         TypeError: if the object is not a communicator.
     """
-    from syncbn import collectives
-
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
         raise ValueError("Argument `--communicator` must be MODULE:ATTRIBUTE for a custom "
@@ -77,9 +76,13 @@ def load_communicator(spec):
             raise ValueError(f"Argument `--communicator` names an attribute {attribute!r} that "
                              f"{module_name} does not have. Received: --communicator={spec!r}")
         found = getattr(found, part)
-    if not hasattr(found, "all_sum") and callable(found):
-        found = found()
-    return collectives.validate_spec(found)
+    if isinstance(found, type) or (callable(found) and not hasattr(found, "all_sum")):
+        found = found()  # a communicator class or factory
+    if not (hasattr(found, "all_sum") and hasattr(found, "num_replicas")):
+        raise TypeError("Argument `--communicator` must name a communicator (an object with "
+                        "`num_replicas` and `all_sum(tensor, name)`) or a zero-argument callable "
+                        f"returning one. Received: --communicator={spec!r}, giving {found!r}")
+    return found
 
 
 def format_errors(errors):
@@ -183,6 +186,10 @@ def run(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    import tensorflow as tf
+
+    # Each case traces its own layer's step; TensorFlow's retracing advice does not apply.
+    tf.get_logger().setLevel(logging.ERROR)
     summary = run(args)
     if summary.pop("is_chief"):
         print(f"syncbn.check: {summary['processes']} processes, {summary['replicas']} replicas, "

@@ -60,7 +60,7 @@ def horovod():
     except Exception as error:  # a broken build is worth reporting, not raising
         return f"installed, but `import horovod.tensorflow` fails: {error}"
     flags = [f"mpi_built={bool(hvd.mpi_built())}", f"gloo_built={bool(hvd.gloo_built())}",
-             f"nccl_built={hvd.nccl_built()}", f"cuda_built={bool(hvd.cuda_built())}"]
+             f"nccl_built={hvd.nccl_built() or False}", f"cuda_built={bool(hvd.cuda_built())}"]
     text = f"{horovod_package.__version__} ({', '.join(flags)})"
     if hvd.is_initialized():
         text += f"; controller {'mpi' if hvd.mpi_enabled() else 'gloo'}"
@@ -72,9 +72,14 @@ def _in_mpi_job():
                for v in MPI_SIZE_VARIABLES)
 
 
+def _short_library_version(text):
+    """`'Open MPI v4.1.4, package: Debian OpenMPI, ...'` -> `'Open MPI v4.1.4'`."""
+    return text.strip().splitlines()[0].split(",")[0].strip()
+
+
 _LIBRARY_VERSION_PROBE = (
     "import mpi4py; mpi4py.rc.initialize = False; mpi4py.rc.finalize = False; "
-    "from mpi4py import MPI; print(MPI.Get_library_version().strip().splitlines()[0])")
+    "from mpi4py import MPI; print(MPI.Get_library_version())")
 
 
 def mpi():
@@ -91,11 +96,12 @@ def mpi():
                                capture_output=True, text=True, timeout=60)
         if probe.returncode != 0:
             return mpi4py.__version__, f"unknown ({probe.stderr.strip()[-200:]})"
-        return mpi4py.__version__, probe.stdout.strip() + "; not initialized (no MPI job)"
+        return (mpi4py.__version__,
+                _short_library_version(probe.stdout) + "; not initialized (no MPI job)")
     try:
         from mpi4py import MPI
 
-        library = MPI.Get_library_version().strip().splitlines()[0].strip()
+        library = _short_library_version(MPI.Get_library_version())
     except Exception as error:  # reported, not raised: see the module docstring
         return mpi4py.__version__, f"unknown ({error})"
     if MPI.Is_initialized():

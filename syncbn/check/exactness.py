@@ -28,7 +28,9 @@ from syncbn.check import reference
 MOMENTUM = 0.7  # far from 1, so that two steps move the moving statistics visibly
 EPSILON = 1e-3
 STEPS = 2
-DEFAULT_TOLERANCE = 2e-4
+# float32 rounding gives errors below 1e-6 on these sizes (measured on CPU); a lost
+# contribution or a wrong formula gives 1e-3 to 1.
+DEFAULT_TOLERANCE = 1e-5
 QUANTITIES = ("y", "dx", "dgamma", "dbeta", "moving_mean", "moving_variance")
 REFERENCES = ("keras", "float64")
 SEED = 20240613
@@ -50,7 +52,7 @@ def replica_counts(num_replicas):
 
     Example:
         >>> replica_counts(2), replica_counts(4)
-        ([[5, 9], [12, 0]], [[3, 0, 8, 5]])
+        ([[5, 9], [12, 0]], [[3, 0, 5, 10]])
     """
     if num_replicas < 1:
         raise ValueError(f"Argument `num_replicas` must be >= 1. Received: num_replicas={num_replicas}")
