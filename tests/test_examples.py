@@ -5,6 +5,7 @@ The Horovod examples (`horovodrun_fit.py`, `horovodrun_custom_loop.py`) run in
 tests/test_horovod_keras.py, with one process and with two.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -78,3 +79,10 @@ def test_demo_quick_mode(tmp_path):
     # syncbn computes what one process computes; local BN does not.
     assert float(gaps["syncbn"]) < 1e-4 < float(gaps["local"]), gaps
     assert (tmp_path / "val_accuracy.png").stat().st_size > 10_000
+    # The plot's second panel: distance from `single` per step, every step at first.
+    distances = json.loads((tmp_path / "weight_distance.json").read_text())
+    assert distances["syncbn"]["steps"][:100] == list(range(1, 101))
+    assert distances["local"]["steps"] == distances["syncbn"]["steps"]
+    assert max(distances["syncbn"]["largest_difference"][:20]) < 1e-4
+    assert distances["local"]["largest_difference"][19] > 1e-4
+    assert not list(tmp_path.glob("*.trajectory.npz"))  # only the distances are kept
