@@ -368,7 +368,10 @@ class SyncBatchNormalization(keras.layers.Layer):
         elif self.nonfinite == "skip":
             self._skipped_steps.assign_add(tf.cast(nonfinite_step, tf.int64))
             if not _in_xla_context():
-                checks.append(_warn_once(self, nonfinite_step))
+                # Off the outputs' path, on the host: nothing waits for it. A
+                # stateful op, so tf.function runs it without a dependency.
+                with tf.device("/CPU:0"):
+                    _warn_once(self, nonfinite_step)
         with tf.control_dependencies(checks):
             self.moving_mean.assign(new_mean)
             self.moving_variance.assign(new_variance)

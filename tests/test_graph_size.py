@@ -76,10 +76,19 @@ PATHS = {
 }
 
 
+@pytest.mark.parametrize("nonfinite", ["update", "raise", "skip"])
 @pytest.mark.parametrize("path", sorted(PATHS))
-def test_no_control_flow_on_any_path(path):
+def test_no_control_flow_on_any_path(path, nonfinite):
     make_layer, shape, axis, masked, fused = PATHS[path]
-    types = _traced_step_op_types(make_layer(), shape, axis, masked)
+    layer = make_layer()
+    layer.nonfinite = nonfinite
+    types = _traced_step_op_types(layer, shape, axis, masked)
+    if nonfinite == "skip":
+        # The one exception: nonfinite='skip' logs its warning from a host
+        # callback behind one If on a global (replica-identical) scalar. It runs
+        # on the CPU and nothing in the step depends on it (layers.py).
+        assert types["If"] + types["StatelessIf"] == 1 and types["EagerPyFunc"] == 1, types
+        types = {op: n for op, n in types.items() if op not in ("If", "StatelessIf")}
     assert not CONTROL_FLOW & set(types), types
     # The count saw the layer's own ops (it cannot pass on an empty count).
     if fused:
@@ -104,13 +113,14 @@ def test_check_sees_a_cond_on_data():
 def test_ops_per_layer_stay_near_keras_batch_normalization():
     # Keras BatchNormalization adds about 90 ops here. The design with a
     # tf.cond per sub-step added 2.9x (one replica) and 4.0x (synchronized)
-    # as many, its branch functions included.
+    # as many, its branch functions included. The default nonfinite='skip'
+    # adds its counter and its warning's branch (about 20 ops).
     keras_ops = sum(_traced_step_op_types(keras.layers.BatchNormalization(), SHAPE).values())
     single = sum(_traced_step_op_types(SyncBatchNormalization(communicator="local"), SHAPE).values())
     synced = sum(_traced_step_op_types(
         SyncBatchNormalization(communicator=PretendTwoReplicas()), SHAPE).values())
-    assert single <= keras_ops, (single, keras_ops)
-    assert synced <= 1.6 * keras_ops, (synced, keras_ops)
+    assert single <= 1.25 * keras_ops, (single, keras_ops)
+    assert synced <= 1.8 * keras_ops, (synced, keras_ops)
 
 
 def test_shifted_kernels_stay_exact_with_one_and_no_sample():
