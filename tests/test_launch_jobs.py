@@ -16,6 +16,8 @@ import uuid
 
 import pytest
 
+from fault_matrix import processes_with
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOBS_DIR = os.path.join(REPO, "tests", "launch_jobs")
 # Launcher arguments per backend under test; "horovod" and "tf" are the defaults
@@ -59,19 +61,6 @@ def launcher(*args):
     return [sys.executable, "-m", "launch", *args]
 
 
-def processes_with(marker):
-    """Pids of processes whose command line contains `marker` (a /proc scan)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
-                if marker.encode() in cmdline.read():
-                    pids.append(int(entry))
-        except OSError:
-            continue
-    return [pid for pid in pids if pid != os.getpid()]
 
 
 def wait_for_no_processes(marker, seconds=10.0):
