@@ -18,7 +18,8 @@ run_suite() {  # run_suite TF_VERSION PYTEST_ARGS...
     export SYNCBN_TF_VERSION=$version
     source .ci/bootstrap.sh
     echo "== pytest on TensorFlow $(python -c 'import tensorflow as tf; print(tf.__version__)' 2>/dev/null)" >&2
-    python -m pytest "$@"
+    # The slowest tests, so that a CI log shows where its time goes.
+    python -m pytest --durations=15 "$@"
   )
 }
 
