@@ -1,14 +1,10 @@
 """`SyncBatchNormalization`: a drop-in Keras 3 layer with global batch statistics."""
 
-import logging
-
 import keras
 import tensorflow as tf
 from keras import constraints, initializers, regularizers
 
-from syncbn import collectives, moving, ops
-
-logger = logging.getLogger(__name__)
+from syncbn import collectives, moving, ops, skip_monitor
 
 
 def _check_bool(name, value):
@@ -89,13 +85,15 @@ class SyncBatchNormalization(keras.layers.Layer):
             so far (saved and restored with the others).
         nonfinite: What a step whose *global* batch statistics are not
             finite does to the moving statistics: `"skip"` (default) leaves
-            them unchanged, logs one warning for the layer (logger
-            `syncbn.layers`) and counts the step in `skipped_steps`;
-            `"update"` averages them in, as Keras does; `"raise"` fails the
-            step on every replica with an `InvalidArgumentError` naming the
-            layer. Outputs and gradients are the same in all three. Under
-            XLA (`jit_compile=True`) assertions and the warning are dropped
-            by the compiler; `"skip"` still skips and counts.
+            them unchanged and counts the step in `skipped_steps`, with no
+            branch in the step; a host thread that reads the counters logs
+            one warning for the layer (logger `syncbn.layers`; see
+            `syncbn.skip_monitor`). `"update"` averages them in, as Keras
+            does; `"raise"` fails the step on every replica with an
+            `InvalidArgumentError` naming the layer. Outputs and gradients
+            are the same in all three. Under XLA (`jit_compile=True`) the
+            compiler drops the assertion of `"raise"`; `"skip"` still skips,
+            counts and warns.
         **kwargs: Base layer keyword arguments (e.g. `name` and `dtype`).
 
     Call arguments:
@@ -264,15 +262,19 @@ class SyncBatchNormalization(keras.layers.Layer):
                 0, dtype=tf.int64, trainable=False, name=f"{self.name}_skipped_steps",
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
             )
-        self._warned_nonfinite = False
         self.input_spec = keras.InputSpec(ndim=rank, axes={self.axis: num_channels})
 
     @property
     def skipped_steps(self):
-        """Training steps whose non-finite global statistics were left out (`nonfinite="skip"`)."""
+        """Training steps whose non-finite global statistics were left out (`nonfinite="skip"`).
+
+        Reading it also logs the layer's warning, if not yet logged.
+        """
         if self._skipped_steps is None:
             return 0
-        return int(self._skipped_steps.numpy())
+        count = int(self._skipped_steps.numpy())
+        skip_monitor.monitor().observe(self, count)
+        return count
 
     def load_own_variables(self, store):
         # A Keras BatchNormalization's weights (or an `"ema"` layer's) have
@@ -366,12 +368,10 @@ class SyncBatchNormalization(keras.layers.Layer):
                  "are not finite (NaN or inf) and nonfinite='raise'."],
             ))
         elif self.nonfinite == "skip":
+            # Arithmetic only, no branch or host callback (issue #10); the
+            # warning comes from a host thread that reads the counter.
             self._skipped_steps.assign_add(tf.cast(nonfinite_step, tf.int64))
-            if not _in_xla_context():
-                # Off the outputs' path, on the host: nothing waits for it. A
-                # stateful op, so tf.function runs it without a dependency.
-                with tf.device("/CPU:0"):
-                    _warn_once(self, nonfinite_step)
+            skip_monitor.monitor().watch(self)
         with tf.control_dependencies(checks):
             self.moving_mean.assign(new_mean)
             self.moving_variance.assign(new_variance)
@@ -429,36 +429,3 @@ class SyncBatchNormalization(keras.layers.Layer):
             "nonfinite": self.nonfinite,
         }
         return {**base_config, **config}
-
-
-def _in_xla_context():
-    """True while tracing for XLA (`jit_compile=True`), which has no host callbacks."""
-    try:
-        from tensorflow.python.ops import control_flow_util
-    except ImportError:  # private module moved: assume no XLA, as before it existed
-        return False
-    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
-
-
-def _warn_once(layer, nonfinite_step):
-    """The op that logs the layer's one warning about skipped steps.
-
-    A branch taken at most once per layer, in a `tf.cond` on a scalar that is
-    the same on every replica; the update itself is a select (moving.py).
-    """
-
-    def log():
-        if not layer._warned_nonfinite:
-            layer._warned_nonfinite = True
-            logger.warning(
-                "SyncBatchNormalization '%s': a training step's global batch statistics "
-                "are not finite (NaN or inf); its moving statistics were left unchanged "
-                "(nonfinite='skip'). Further skipped steps are counted, not logged: "
-                "read layer.skipped_steps.", layer.name)
-        return True
-
-    def warn():
-        return tf.reshape(tf.py_function(log, [], tf.bool), [])
-
-    # Checked in-graph first, so that a step without NaN costs no host callback.
-    return tf.cond(nonfinite_step, warn, lambda: tf.constant(False))

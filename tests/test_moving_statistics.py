@@ -4,7 +4,14 @@ recalibrate, PreciseBN and check_consistency. The multi-process runs are in
 tests/test_moving_multiprocess.py.
 """
 
+import gc
 import logging
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import weakref
 
 import keras
 import numpy as np
@@ -12,7 +19,7 @@ import pytest
 import tensorflow as tf
 
 import syncbn
-from syncbn import moving
+from syncbn import moving, skip_monitor
 
 
 def debiased_reference(batch_stats, momentum):
@@ -200,23 +207,153 @@ def _with_nan(x):
     return x
 
 
-def test_skip_leaves_statistics_finite_counts_and_warns_once(caplog):
+@pytest.fixture
+def monitor(monkeypatch):
+    """A fresh process-wide skipped-steps monitor that checks every 50 ms, stopped afterwards."""
+    fresh = skip_monitor.SkippedStepsMonitor(interval=0.05)
+    monkeypatch.setattr(skip_monitor, "_monitor", fresh)
+    yield fresh
+    fresh.stop()
+
+
+class _Records(logging.Handler):
+    """Collects the `syncbn.layers` records; `wait_for(text)` waits until one contains text."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.records = []
+        self._arrived = threading.Condition()
+
+    def emit(self, record):
+        with self._arrived:
+            self.records.append(record)
+            self._arrived.notify_all()
+
+    def naming(self, text):
+        return [r for r in self.records if text in r.getMessage()]
+
+    def wait_for(self, text, timeout=120.0):
+        # A liveness bound (the thread checks every 50 ms), not a timing assertion.
+        with self._arrived:
+            return self._arrived.wait_for(lambda: self.naming(text), timeout)
+
+
+@pytest.fixture
+def records():
+    handler = _Records()
+    layer_logger = logging.getLogger("syncbn.layers")
+    layer_logger.addHandler(handler)
+    yield handler
+    layer_logger.removeHandler(handler)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_skip_leaves_statistics_finite_counts_and_warns_once(monitor, records, jit_compile):
     data = batches(4, seed=5)
-    layer = syncbn.SyncBatchNormalization(momentum=0.5, name="bn_skip")
+    layer = syncbn.SyncBatchNormalization(momentum=0.5, name=f"bn_skip_{jit_compile}")
     layer.build((None, 3))
     train_steps(layer, data[:2])
     before = layer.moving_mean.numpy().copy()
-    step = tf.function(lambda x: layer(x, training=True))
-    with caplog.at_level(logging.WARNING, logger="syncbn.layers"):
-        step(tf.constant(_with_nan(data[2])))
-        step(tf.constant(_with_nan(data[3])))
+    step = tf.function(lambda x: layer(x, training=True), jit_compile=jit_compile)
+    step(tf.constant(_with_nan(data[2])))
+    step(tf.constant(_with_nan(data[3])))
     np.testing.assert_array_equal(layer.moving_mean.numpy(), before)
     assert np.all(np.isfinite(layer.moving_variance.numpy()))
+    # Nobody reads the counter: the monitor's thread logs the warning.
+    assert records.wait_for(layer.name), records.records
     assert layer.skipped_steps == 2
-    warnings = [r for r in caplog.records if "bn_skip" in r.getMessage()]
-    assert len(warnings) == 1, caplog.records
+    step(tf.constant(_with_nan(data[3])))
+    assert layer.skipped_steps == 3
+    monitor.check()
+    warnings = records.naming(layer.name)
+    assert len(warnings) == 1, warnings
+    assert "training step(s) had non-finite" in warnings[0].getMessage()
     step(tf.constant(data[3]))  # a good step updates again
     assert not np.array_equal(layer.moving_mean.numpy(), before)
+    assert layer.skipped_steps == 3
+
+
+def test_reading_skipped_steps_logs_the_warning(caplog):
+    # The default monitor checks every few seconds; a read does not wait for it.
+    layer = syncbn.SyncBatchNormalization(name="bn_read")
+    layer.build((None, 3))
+    with caplog.at_level(logging.WARNING, logger="syncbn.layers"):
+        layer(tf.constant(_with_nan(batches(1)[0])), training=True)  # eager
+        assert layer.skipped_steps == 1
+    assert skip_monitor.monitor().is_watching(layer)
+    warnings = [r for r in caplog.records if "'bn_read'" in r.getMessage()]
+    assert len(warnings) == 1 and "1 training step(s)" in warnings[0].getMessage(), caplog.records
+
+
+def test_monitor_warns_once_per_layer_across_models_and_lets_layers_go(monitor, records):
+    def model(prefix):
+        return keras.Sequential([keras.Input((3,)), keras.layers.Dense(3),
+                                 syncbn.SyncBatchNormalization(name=f"{prefix}_bn1"),
+                                 syncbn.SyncBatchNormalization(name=f"{prefix}_bn2")])
+
+    first, second = model("first"), model("second")
+    x = _with_nan(batches(1)[0])
+    tf.function(lambda x: first(x, training=True))(tf.constant(x))
+    tf.function(lambda x: second(x, training=True))(tf.constant(batches(1)[0]))
+    for name in ["first_bn1", "first_bn2"]:
+        assert records.wait_for(f"'{name}'"), records.records
+    monitor.check(final=True)
+    assert all(len(records.naming(f"'{n}'")) == 1 for n in ["first_bn1", "first_bn2"])
+    assert not records.naming("second_"), records.records  # no skipped step, no warning
+    assert monitor.running and monitor.is_watching(second.layers[1])
+    # Weak references: the monitor keeps no layer alive, and its thread ends
+    # once no watched layer is left.
+    bn, thread = weakref.ref(first.layers[1]), monitor._thread
+    del first, second
+    gc.collect()
+    assert bn() is None
+    thread.join(120.0)  # a liveness bound, not a timing assertion
+    assert not monitor.running
+
+
+def test_monitor_reports_the_total_at_the_last_check(monitor, records):
+    layer = syncbn.SyncBatchNormalization(name="bn_total")
+    layer.build((None, 3))
+    step = tf.function(lambda x: layer(x, training=True))
+    step(tf.constant(_with_nan(batches(1)[0])))
+    assert layer.skipped_steps == 1
+    step(tf.constant(_with_nan(batches(1)[0])))
+    step(tf.constant(_with_nan(batches(1)[0])))
+    monitor.stop()  # what interpreter exit runs
+    assert not monitor.running
+    messages = [r.getMessage() for r in records.naming("'bn_total'")]
+    assert len(messages) == 2 and "3 training steps skipped in all" in messages[1], messages
+
+
+def test_monitor_rejects_a_bad_interval():
+    with pytest.raises(ValueError, match=r"interval=0"):
+        skip_monitor.SkippedStepsMonitor(interval=0)
+    with pytest.raises(TypeError, match=r"interval='5'"):
+        skip_monitor.SkippedStepsMonitor(interval="5")
+
+
+def test_a_script_that_skips_a_step_warns_at_exit_and_exits(tmp_path):
+    # The script never reads the counter and ends before the monitor's thread
+    # checks (its interval is set to an hour here): the last check at exit
+    # logs the warning, and the thread neither keeps the process alive nor
+    # crashes at shutdown.
+    script = tmp_path / "skip.py"
+    script.write_text(textwrap.dedent("""
+        import numpy as np, tensorflow as tf, syncbn
+        syncbn.skip_monitor.monitor().interval = 3600.0
+        layer = syncbn.SyncBatchNormalization(name="bn_exit")
+        step = tf.function(lambda x: layer(x, training=True))
+        x = np.ones((4, 3), "float32")
+        x[0, 0] = np.nan
+        step(tf.constant(x))
+        print("done", flush=True)
+    """))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "done", result.stdout
+    assert "SyncBatchNormalization 'bn_exit': 1 training step(s) had non-finite" in result.stderr, \
+        result.stderr
 
 
 def test_update_is_keras_behaviour_and_outputs_do_not_depend_on_the_mode():
