@@ -11,7 +11,7 @@ def _seconds(settings):
 
 
 @pytest.mark.parametrize("timeout,period,shutdown", [
-    (20, 5, 10), (20.0, 5, 10), (600, 10, 580), (40, 10, 20), (8, 2, 4), (3, 1, 1), (0.5, 1, 1)])
+    (20, 2, 16), (20.0, 2, 16), (600, 10, 580), (80, 10, 60), (40, 5, 30), (16, 2, 12), (3, 1, 1), (0.5, 1, 1)])
 def test_stall_settings(timeout, period, shutdown):
     assert _seconds(stall_settings(timeout)) == (period, shutdown)
 

@@ -60,7 +60,7 @@ def stall_settings(timeout):
     """Horovod's stall check for a collective timeout of `timeout` seconds.
 
     Horovod's coordinator checks for stalled collectives once per period `P`
-    (`HOROVOD_STALL_CHECK_TIME_SECONDS`, a quarter of the timeout, 1 to 10 s;
+    (`HOROVOD_STALL_CHECK_TIME_SECONDS`, an eighth of the timeout, 1 to 10 s;
     it also warns then) and shuts Horovod down when a collective has waited
     longer than `HOROVOD_STALL_SHUTDOWN_TIME_SECONDS`; it ignores a shutdown
     time shorter than the period. A collective found in Horovod's response
@@ -83,12 +83,12 @@ def stall_settings(timeout):
 
     Example:
         >>> stall_settings(20.0)
-        {'HOROVOD_STALL_CHECK_TIME_SECONDS': '5', 'HOROVOD_STALL_SHUTDOWN_TIME_SECONDS': '10'}
+        {'HOROVOD_STALL_CHECK_TIME_SECONDS': '2', 'HOROVOD_STALL_SHUTDOWN_TIME_SECONDS': '16'}
     """
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
         raise ValueError(f"Argument `timeout` must be a positive number of seconds. "
                          f"Received: timeout={timeout!r}")
-    period = max(1, min(10, int(timeout / 4)))
+    period = max(1, min(10, int(timeout / 8)))
     shutdown = max(period, int(timeout) - 2 * period)
     return {"HOROVOD_STALL_CHECK_TIME_SECONDS": str(period),
             "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": str(shutdown)}
