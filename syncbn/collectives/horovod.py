@@ -6,8 +6,9 @@ sets); its Keras helpers are written for Keras 2.
 Through `hvd.allreduce`, Horovod matches collectives by name, so the ranks
 may reach the layers in different orders without mixing statistics; a rank
 that never reaches one stalls the job, and `init_horovod` sets Horovod's
-stall shutdown so such a job fails after `SYNCBN_COLLECTIVE_TIMEOUT` seconds
-instead of hanging forever. Over MPI directly (below) the sums behave like the
+stall shutdown so such a job fails after about `SYNCBN_COLLECTIVE_TIMEOUT`
+seconds instead of hanging forever (over Gloo, only with a Horovod whose
+stall check is fixed: see `stall_settings`). Over MPI directly (below) the sums behave like the
 MPI communicator's: in call order, fingerprinted (ranks at different layers
 raise at once) and with the same timeout.
 
@@ -55,6 +56,44 @@ def process_sets_for(world_size, group_size):
     return consecutive_groups(world_size, group_size)
 
 
+def stall_settings(timeout):
+    """Horovod's stall check for a collective timeout of `timeout` seconds.
+
+    Horovod's coordinator checks for stalled collectives once per period `P`
+    (`HOROVOD_STALL_CHECK_TIME_SECONDS`, an eighth of the timeout, 1 to 10 s;
+    it also warns then) and shuts Horovod down when a collective has waited
+    longer than `HOROVOD_STALL_SHUTDOWN_TIME_SECONDS`; it ignores a shutdown
+    time shorter than the period. A collective found in Horovod's response
+    cache (any collective after the first step) is only counted as waiting
+    once the cache has given it up, one to two periods after it started, and
+    the check that sees the shutdown time passed comes up to a period later.
+    So the shutdown time is the timeout minus two periods: the job ends
+    between the timeout and the timeout + `P` after the wait began (between
+    the timeout - 2 `P` and the timeout - `P` with `HOROVOD_CACHE_CAPACITY=0`).
+
+    Over Gloo, Horovod 0.28.1's stall check never finds a missing rank (its
+    Gloo controller reserves, but does not size, the list of ranks the check
+    walks), unless Horovod is built with that fixed (docs/faults.md, issue #11).
+
+    Args:
+        timeout: the collective timeout in seconds, a positive number.
+
+    Returns:
+        A dict of the two environment variables and their values.
+
+    Example:
+        >>> stall_settings(20.0)
+        {'HOROVOD_STALL_CHECK_TIME_SECONDS': '2', 'HOROVOD_STALL_SHUTDOWN_TIME_SECONDS': '16'}
+    """
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"Argument `timeout` must be a positive number of seconds. "
+                         f"Received: timeout={timeout!r}")
+    period = max(1, min(10, int(timeout / 8)))
+    shutdown = max(period, int(timeout) - 2 * period)
+    return {"HOROVOD_STALL_CHECK_TIME_SECONDS": str(period),
+            "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": str(shutdown)}
+
+
 def init_horovod(group_size=None):
     """Initializes Horovod with the process sets that `group_size` needs.
 
@@ -63,12 +102,11 @@ def init_horovod(group_size=None):
     (dynamic ones need `HOROVOD_DYNAMIC_PROCESS_SETS=1` and a collective call
     on every rank), so layers with `group_size=k` need them declared here.
 
-    It also sets, unless already set, `HOROVOD_STALL_SHUTDOWN_TIME_SECONDS`
-    to the collective timeout and `HOROVOD_STALL_CHECK_TIME_SECONDS` to a
-    quarter of it, at most 10 s (Horovod then warns about a collective that
-    waited that long, and ends the job at the timeout), so a rank that never joins
-    a collective fails the job rather than hanging it, `HOROVOD_GLOO_TIMEOUT_SECONDS`
-    to the collective timeout as well (at least 20 s), and, when Horovod's controller is Gloo
+    It also sets, unless already set, Horovod's stall check from the
+    collective timeout (see `stall_settings`), so that a rank that never joins
+    a collective ends the job within about the timeout rather than hanging it,
+    `HOROVOD_GLOO_TIMEOUT_SECONDS` to the collective timeout (at least 20 s),
+    and, when Horovod's controller is Gloo
     (`HOROVOD_CONTROLLER=gloo`, as `horovodrun --gloo` and `syncbn-launch
     --horovod-controller gloo` set), `HOROVOD_CYCLE_TIME` to 0.1 ms, so that
     the small sequential collectives of sync BN are not each delayed by
@@ -87,12 +125,9 @@ def init_horovod(group_size=None):
     import horovod.tensorflow as hvd
 
     timeout = collective_timeout_seconds()
-    os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(max(1, int(timeout))))
-    # Horovod ignores a shutdown time shorter than its stall check period
-    # (60 s by default) and checks once per period, so with a period of at
-    # most 10 s a stall ends the job within the timeout + 10 s (issue #11).
-    os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS",
-                          str(max(1, min(10, int(timeout / 4)))))
+    # Horovod reads these in its background thread at hvd.init (issue #11).
+    for variable, value in stall_settings(timeout).items():
+        os.environ.setdefault(variable, value)
     # Gloo's own deadline for a transfer whose peer went away (a cut network),
     # 30 s by default: the collective timeout instead. It also bounds the wait
     # for the other ranks at hvd.init, hence at least 20 s.
