@@ -18,8 +18,8 @@
 #   allows (TF 2.18 caps it below 2.1; TF 2.21 takes numpy 2.x).
 # * Horovod 0.28.1, the last release, has no wheels: `syncbn-build-horovod`
 #   (launch/build_horovod.py) builds it from the sdist with TensorFlow, Gloo
-#   and MPI, against Debian's Open MPI, and patches it for TF >= 2.19
-#   (launch/patches/horovod-0.28.1-tf2.19-xla.patch says what and why).
+#   and MPI, against Debian's Open MPI, with the patches of launch/patches/
+#   (each says what and why: Gloo's stall check; XLA for TF >= 2.19).
 # * mpi4py is built from source against the same Open MPI.
 set -euo pipefail
 

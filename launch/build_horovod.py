@@ -5,15 +5,19 @@ against TensorFlow 2.19 or newer. This command:
 
 1. finds the installed TensorFlow (in the Python that runs it, or `--python`);
 2. downloads Horovod's sdist with pip and unpacks it;
-3. applies `launch/patches/horovod-0.28.1-tf2.19-xla.patch` when TensorFlow is
-   2.19 or newer (it says what it changes and why), and nothing otherwise;
+3. applies the patches in `launch/patches/` (each says what it changes and
+   why): `horovod-0.28.1-gloo-stall-check.patch` always, so that Horovod's
+   stall check works over Gloo, and `horovod-0.28.1-tf2.19-xla.patch` when
+   TensorFlow is 2.19 or newer;
 4. builds a wheel with TensorFlow, Gloo and MPI, and with NCCL
    (`HOROVOD_GPU_OPERATIONS=NCCL`) when CUDA and NCCL are found (`--gpu`);
 5. installs it and prints `horovodrun --check-build`.
 
 Wheels are cached in `--wheel-dir`, by default one folder per TensorFlow
 version and flavour under `$SYNCBN_CACHE_DIR/wheels` (`~/.cache/syncbn`), so
-a second run only installs. The CPU path is what `.ci/bootstrap.sh` runs, so
+a second run only installs. A cached wheel is reused only if it was built
+with the same patches (a fingerprint file beside it says which); otherwise it
+is rebuilt. The CPU path is what `.ci/bootstrap.sh` runs, so
 CI builds through it; the GPU path follows Horovod's documented build
 variables and is not exercised here (no GPU).
 
@@ -27,6 +31,7 @@ target Python.
 
 import argparse
 import glob
+import hashlib
 import logging
 import os
 import runpy
@@ -39,10 +44,13 @@ import tempfile
 logger = logging.getLogger("syncbn-build-horovod")
 
 HOROVOD_VERSION = "0.28.1"
-PATCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "patches",
-                     "horovod-0.28.1-tf2.19-xla.patch")
-# The patch is needed from this TensorFlow on (see its header).
+PATCH_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "patches")
+PATCH = os.path.join(PATCH_DIR, "horovod-0.28.1-tf2.19-xla.patch")
+# The XLA patch is needed from this TensorFlow on (see its header).
 PATCH_FROM_TF = (2, 19)
+# Applied to every build (see its header).
+GLOO_STALL_PATCH = os.path.join(PATCH_DIR, "horovod-0.28.1-gloo-stall-check.patch")
+FINGERPRINT_FILE = "horovod.fingerprint"
 GPU_CHOICES = ("auto", "yes", "no")
 # Build tools, with the Debian packages that provide them.
 BUILD_TOOLS = {"cmake": "cmake", "g++": "g++", "make": "make", "mpicxx": "libopenmpi-dev",
@@ -81,6 +89,20 @@ def needs_patch(tf_version):
     if parsed is None:
         raise BuildError(f"Cannot parse the TensorFlow version. Received: tf_version={tf_version!r}")
     return parsed >= PATCH_FROM_TF
+
+
+def patches_for(tf_version):
+    """The patch files a build against `tf_version` applies, in order."""
+    return [GLOO_STALL_PATCH] + ([PATCH] if needs_patch(tf_version) else [])
+
+
+def build_fingerprint(tf_version, flavour):
+    """What a cached wheel must have been built from: Horovod, TF, flavour and the patches' text."""
+    digest = hashlib.sha256(f"horovod {HOROVOD_VERSION}; tf {tf_version}; {flavour}\n".encode())
+    for patch in patches_for(tf_version):
+        with open(patch, "rb") as handle:
+            digest.update(os.path.basename(patch).encode() + b"\n" + handle.read())
+    return digest.hexdigest()[:16]
 
 
 def _first_existing(paths):
@@ -153,9 +175,19 @@ def default_wheel_dir(tf_version, flavour):
     return os.path.join(cache, "wheels", f"tf-{tf_version}{suffix}")
 
 
-def cached_wheel(wheel_dir):
-    wheels = sorted(glob.glob(os.path.join(wheel_dir, f"horovod-{HOROVOD_VERSION}-*.whl")))
-    return wheels[-1] if wheels else None
+def _wheels(wheel_dir):
+    return sorted(glob.glob(os.path.join(wheel_dir, f"horovod-{HOROVOD_VERSION}-*.whl")))
+
+
+def cached_wheel(wheel_dir, fingerprint):
+    """The wheel in `wheel_dir` if it was built with `fingerprint`, else None."""
+    try:
+        with open(os.path.join(wheel_dir, FINGERPRINT_FILE)) as handle:
+            recorded = handle.read().strip()
+    except OSError:
+        return None
+    wheels = _wheels(wheel_dir)
+    return wheels[-1] if wheels and recorded == fingerprint else None
 
 
 def _run(command, log_path=None, **kwargs):
@@ -173,8 +205,8 @@ def _run(command, log_path=None, **kwargs):
                          f"{result.returncode}; the end of {log_path}:\n{tail}")
 
 
-def build_wheel(python, tf_version, env, wheel_dir):
-    """Downloads, patches where needed and builds Horovod; returns the wheel's path."""
+def build_wheel(python, tf_version, env, wheel_dir, fingerprint):
+    """Downloads, patches and builds Horovod; returns the wheel's path."""
     with tempfile.TemporaryDirectory(prefix="syncbn-horovod-") as work:
         _run([python, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
               "-d", work, f"horovod=={HOROVOD_VERSION}"])
@@ -183,17 +215,22 @@ def build_wheel(python, tf_version, env, wheel_dir):
             # The "data" filter refuses links and paths that leave `work` (Python >= 3.11.4).
             tar.extractall(work, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
         source = os.path.join(work, f"horovod-{HOROVOD_VERSION}")
-        if needs_patch(tf_version):
-            logger.info("TensorFlow %s >= 2.19: applying %s", tf_version, os.path.basename(PATCH))
-            _run(["patch", "-p1", "--forward", "--batch", "-i", PATCH], cwd=source)
+        for patch in patches_for(tf_version):
+            logger.info("applying %s", os.path.basename(patch))
+            _run(["patch", "-p1", "--forward", "--batch", "-i", patch], cwd=source)
         os.makedirs(wheel_dir, exist_ok=True)
+        for stale in _wheels(wheel_dir) + [os.path.join(wheel_dir, FINGERPRINT_FILE)]:
+            if os.path.exists(stale):
+                os.remove(stale)
         # Horovod's build prints thousands of lines; they are kept beside the wheel.
         _run([python, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps",
               "-w", wheel_dir, source], log_path=os.path.join(wheel_dir, "build.log"), env=env)
-    wheel = cached_wheel(wheel_dir)
-    if wheel is None:
+    wheels = _wheels(wheel_dir)
+    if not wheels:
         raise BuildError(f"pip reported success but left no Horovod wheel in {wheel_dir}")
-    return wheel
+    with open(os.path.join(wheel_dir, FINGERPRINT_FILE), "w") as handle:
+        handle.write(fingerprint + "\n")
+    return wheels[-1]
 
 
 def check_build(python):
@@ -243,10 +280,11 @@ def main(argv=None):
                            tf_version, versions["tf_range_text"]())
         env, flavour = build_environment(os.environ, args.gpu, args.jobs)
         wheel_dir = args.wheel_dir or default_wheel_dir(tf_version, flavour)
-        wheel = None if args.rebuild else cached_wheel(wheel_dir)
-        logger.info("TensorFlow %s; Horovod %s with TensorFlow, Gloo, MPI%s; patch: %s; wheel: %s",
+        fingerprint = build_fingerprint(tf_version, flavour)
+        wheel = None if args.rebuild else cached_wheel(wheel_dir, fingerprint)
+        logger.info("TensorFlow %s; Horovod %s with TensorFlow, Gloo, MPI%s; patches: %s; wheel: %s",
                     tf_version, HOROVOD_VERSION, ", NCCL" if flavour == "nccl" else "",
-                    "yes" if needs_patch(tf_version) else "no",
+                    ", ".join(os.path.basename(p) for p in patches_for(tf_version)),
                     wheel or f"to build into {wheel_dir}")
         if args.dry_run:
             return 0
@@ -256,7 +294,7 @@ def main(argv=None):
                 raise BuildError("missing build requirements; on Debian/Ubuntu: "
                                  f"apt-get install {' '.join(sorted(set(missing)))}")
             logger.info("building (about 6 minutes on 2 cores)")
-            wheel = build_wheel(args.python, tf_version, env, wheel_dir)
+            wheel = build_wheel(args.python, tf_version, env, wheel_dir, fingerprint)
         if args.install:
             _run([args.python, "-m", "pip", "install", "--quiet", "--force-reinstall", "--no-deps", wheel])
             # Horovod's own run-time requirements, without touching TensorFlow.

@@ -80,6 +80,59 @@ def test_wheel_dir_is_keyed_by_tensorflow_version_and_flavour(monkeypatch, tmp_p
     assert build_horovod.default_wheel_dir("2.18.1", "nccl").endswith("tf-2.18.1-nccl")
 
 
+@pytest.mark.parametrize("version,expected", [
+    ("2.18.1", ["horovod-0.28.1-gloo-stall-check.patch"]),
+    ("2.21.0", ["horovod-0.28.1-gloo-stall-check.patch", "horovod-0.28.1-tf2.19-xla.patch"]),
+])
+def test_every_build_gets_the_gloo_fix_and_tf_2_19_on_the_xla_patch(version, expected):
+    patches = build_horovod.patches_for(version)
+    assert [os.path.basename(p) for p in patches] == expected
+    assert all(os.path.exists(p) for p in patches)
+
+
+def test_cached_wheel_is_reused_only_when_built_with_the_same_patches(monkeypatch, tmp_path):
+    wheel = tmp_path / "horovod-0.28.1-cp311-cp311-linux_x86_64.whl"
+    wheel.write_bytes(b"wheel")
+    fingerprint = build_horovod.build_fingerprint("2.21.0", "cpu")
+    # A wheel from before fingerprints (built without the Gloo fix) is not reused.
+    assert build_horovod.cached_wheel(str(tmp_path), fingerprint) is None
+    (tmp_path / build_horovod.FINGERPRINT_FILE).write_text(fingerprint + "\n")
+    assert build_horovod.cached_wheel(str(tmp_path), fingerprint) == str(wheel)
+    assert build_horovod.cached_wheel(str(tmp_path), build_horovod.build_fingerprint("2.18.1", "cpu")) is None
+    assert fingerprint != build_horovod.build_fingerprint("2.21.0", "nccl")
+    # Editing a patch changes the fingerprint, so the wheel is rebuilt.
+    edited = tmp_path / "edited.patch"
+    edited.write_text(open(build_horovod.GLOO_STALL_PATCH).read() + "\n")
+    monkeypatch.setattr(build_horovod, "GLOO_STALL_PATCH", str(edited))
+    assert build_horovod.build_fingerprint("2.21.0", "cpu") != fingerprint
+    assert build_horovod.cached_wheel(str(tmp_path), build_horovod.build_fingerprint("2.21.0", "cpu")) is None
+
+
+@pytest.mark.skipif(shutil.which("patch") is None, reason="needs the `patch` tool")
+def test_gloo_patch_sizes_the_global_rank_list(tmp_path):
+    # A stand-in with the patched line where Horovod 0.28.1 has it (line 92).
+    context = ["  if (gloo_context_.cross_ctx != nullptr) {",
+               "    cross_rank_ = gloo_context_.cross_ctx->rank;",
+               "    cross_size_ = gloo_context_.cross_ctx->size;",
+               "  }",
+               "",
+               "  global_ranks_.reserve(size_);",
+               "  {",
+               "    auto this_global_rank = gloo_context_.global_ctx->rank;",
+               "    gloo::AllgatherOptions opts(gloo_context_.ctx);",
+               "    opts.setInput(&this_global_rank, 1);"]
+    lines = ["// line"] * 86 + context + ["// more"] * 20
+    target = tmp_path / "horovod" / "common" / "gloo" / "gloo_controller.cc"
+    target.parent.mkdir(parents=True)
+    target.write_text("\n".join(lines) + "\n")
+    subprocess.run(["patch", "-p1", "--forward", "--batch", "-i", build_horovod.GLOO_STALL_PATCH],
+                   cwd=tmp_path, check=True, capture_output=True)
+    patched = target.read_text().splitlines()
+    assert patched[91] == "  global_ranks_.resize(size_);"
+    assert "reserve" not in target.read_text()
+    assert len(patched) == len(lines)
+
+
 PATCHED_FILE_HEAD = """\
 #include <memory>
 #include <queue>
@@ -130,4 +183,5 @@ def test_dry_run_reports_the_plan(capsys, caplog):
     assert "Horovod 0.28.1 with TensorFlow, Gloo, MPI;" in plan
     import tensorflow as tf
     assert f"TensorFlow {tf.__version__}" in plan
-    assert f"patch: {'yes' if build_horovod.needs_patch(tf.__version__) else 'no'}" in plan
+    assert "patches: horovod-0.28.1-gloo-stall-check.patch" in plan
+    assert ("horovod-0.28.1-tf2.19-xla.patch" in plan) is build_horovod.needs_patch(tf.__version__)
