@@ -52,6 +52,7 @@ DEFAULT_TIMEOUT = 20.0
 _EXPLANATIONS = [
     r"syncbn: [^\n]*",
     r"Mismatched [^\n]*(?:\n[^\n]*){0,3}",  # Horovod names the tensor a few lines on
+    r"Missing ranks:[^\n]*(?:\n[^\n]*){0,2}",  # Horovod's stall check: rank: [tensor names]
     r"[^\n]*(?:[Ss]tall|Horovod has been shut down|DeadlineExceeded|Deadline Exceeded|"
     r"timed out|Connection reset|failed to connect|Broken pipe)[^\n]*",
     r"injected fault[^\n]*",
@@ -104,6 +105,8 @@ def _leftovers(marker, tmpdir, launcher_pid):
 
 
 def _explain(output):
+    # The job's own "rank 1 injects fault 'stall'" line explains nothing.
+    output = "\n".join(line for line in output.splitlines() if "injects fault" not in line)
     for pattern in _EXPLANATIONS:
         match = re.search(pattern, output)
         if match:

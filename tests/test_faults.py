@@ -8,11 +8,10 @@ is left behind (processes, network namespaces, Open MPI session directories,
 launcher files). The only time assertion is the issue's bound: the job stops
 within the collective timeout + 10 s of the fault.
 
-CI runs faults (a) kill, (b) raise, (e) shape and (f) skip on every backend
-(except (f) on horovod-gloo), (c) stall on horovod-mpi and (d) network cut on
-mpi; the other cells run from `python tests/fault_matrix.py` (docs/faults.md
-has the table, and says which cells do not yet meet the bound).
-`SCRIPT_ONLY_CELLS` and `NOT_YET_BOUNDED` name each cell left out, and say why.
+CI runs faults (a) kill, (b) raise, (e) shape and (f) skip on every backend,
+(c) stall on horovod-mpi and horovod-gloo, and (d) network cut on mpi; the
+other cells run from `python tests/fault_matrix.py` (docs/faults.md has the
+table). `SCRIPT_ONLY_CELLS` names each cell left out, and says why.
 """
 
 import re
@@ -33,14 +32,8 @@ SCRIPT_ONLY_CELLS = (
     {(backend, "stall") for backend in ("mpi", "tf-mpi", "tf-grpc")}
     # A network cut needs simulated hosts: CI runs it on mpi only, for time.
     | {(backend, "netcut") for backend in fault_matrix.BACKENDS if backend != "mpi"})
-# Horovod 0.28.1 over Gloo never ends a job whose rank does not reach a
-# collective (stall, skip): its Gloo controller leaves the list of ranks that
-# the stall check walks empty, so the check never finds a missing rank
-# (docs/faults.md). These cells meet the bound only with a Horovod built with
-# that fixed.
-NOT_YET_BOUNDED = {("horovod-gloo", "stall"), ("horovod-gloo", "skip")}
 CI_CELLS = [cell for cell in ALL_CELLS
-            if cell not in SCRIPT_ONLY_CELLS and cell not in NOT_YET_BOUNDED]
+            if cell not in SCRIPT_ONLY_CELLS]
 # Cells whose output must name the layer: the fault happens inside a collective
 # that knows it (a mismatch, a timeout) rather than in user code.
 LAYER_NAMED = {"shape", "skip", "stall", "netcut"}
@@ -53,12 +46,11 @@ LAYER_NOT_NAMED = {("tf-grpc", "shape"), ("tf-mpi", "shape")}
 def test_every_ci_cell_is_a_real_cell():
     # The parametrization below cannot silently drop a cell: every cell of the
     # matrix is either in CI or excluded by name, and every exclusion is a real cell.
-    assert SCRIPT_ONLY_CELLS | NOT_YET_BOUNDED <= set(ALL_CELLS)
-    assert not SCRIPT_ONLY_CELLS & NOT_YET_BOUNDED
-    assert set(CI_CELLS) == set(ALL_CELLS) - SCRIPT_ONLY_CELLS - NOT_YET_BOUNDED
+    assert SCRIPT_ONLY_CELLS <= set(ALL_CELLS)
+    assert set(CI_CELLS) == set(ALL_CELLS) - SCRIPT_ONLY_CELLS
     assert {b for b, _ in CI_CELLS} == set(fault_matrix.BACKENDS)
     assert {f for _, f in CI_CELLS} == set(fault_matrix.FAULTS)
-    assert len(set(CI_CELLS)) == len(CI_CELLS) == 21
+    assert len(set(CI_CELLS)) == len(CI_CELLS) == 23
 
 
 @pytest.mark.parametrize("backend,fault", CI_CELLS, ids=[f"{b}-{f}" for b, f in CI_CELLS])
