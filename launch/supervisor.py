@@ -36,7 +36,12 @@ TIMEOUT_EXIT_CODE = 124
 _POLL_SECONDS = 0.05
 # Lines kept for describe_failure: mpirun's verdict may follow long tracebacks of every rank.
 _TAIL_LINES = 400
+# Lines matching a spec's keep_line that scroll out of the tail are kept, up to this many.
+_KEPT_LINES = 1000
 FATAL_LINE_GRACE = 2.0
+# After a worker exits, its reader gets this long to reach the end of its output when
+# describe_failure names no rank yet (a busy machine can hold a reader back).
+DRAIN_SECONDS = 10.0
 _PREFIXED = re.compile(rb"^\[(\d+)\] ?(.*)$", re.S)
 _TRACEBACK = b"Traceback (most recent call last):"
 
@@ -63,13 +68,16 @@ class WorkerSpec:
         death_signal: what the kernel sends the worker when the launcher dies.
         demux_ranks: True if the worker's lines already carry `[N] ` rank prefixes
             (mpirun with our rank wrapper); they are then routed to rank N's log.
-        describe_failure: optional function(lines, exit_code) -> message, for workers
-            (mpirun) that know better which rank failed.
-        fatal_line: optional compiled bytes regex with a group `code`: a line that
-            means the job has failed with exit code `code` even if the worker does not
-            exit. mpirun prints one after MPI_Abort, then can wait forever for the
-            daemon of a host it can no longer reach (issue #11, a cut network); the
-            worker is stopped `FATAL_LINE_GRACE` seconds after such a line.
+        describe_failure: optional function(lines, exit_code) -> message or None, for
+            workers (mpirun) that know better which rank failed. It gets the lines in
+            the order they came: those that matched `keep_line` and scrolled out of the
+            last `_TAIL_LINES`, then those.
+        keep_line: optional compiled bytes regex of the lines describe_failure needs.
+        fatal_code: optional function(line) -> exit code or None: a line that means the
+            job has failed with that code even if the worker does not exit. mpirun can
+            wait forever after MPI_Abort for the daemon of a host it can no longer reach
+            (issue #11, a cut network); the worker is stopped `FATAL_LINE_GRACE` seconds
+            after such a line.
     """
 
     label: str
@@ -81,7 +89,8 @@ class WorkerSpec:
     death_signal: int = signal.SIGKILL
     demux_ranks: bool = False
     describe_failure: Optional[Callable] = None
-    fatal_line: Optional[re.Pattern] = None
+    keep_line: Optional[re.Pattern] = None
+    fatal_code: Optional[Callable] = None
 
 
 class _Output:
@@ -130,6 +139,7 @@ class _Worker:
         self.spec = spec
         self.process = process
         self.tail = collections.deque(maxlen=_TAIL_LINES)  # for describe_failure
+        self.kept = []  # keep_line lines that left the tail
         self.reader = None
         self.fatal = None  # (time seen, exit code) of a fatal line
         self.traceback_at = None  # when it printed its first Python traceback
@@ -190,14 +200,19 @@ class Supervisor:
         return _Worker(spec, process)
 
     def _pump(self, worker):
+        spec = worker.spec
         for line in iter(worker.process.stdout.readline, b""):
+            if len(worker.tail) == worker.tail.maxlen and spec.keep_line is not None:
+                leaving = worker.tail[0]
+                if len(worker.kept) < _KEPT_LINES and spec.keep_line.search(leaving):
+                    worker.kept.append(leaving)
             worker.tail.append(line)
             if worker.traceback_at is None and line.startswith(_TRACEBACK):
                 worker.traceback_at = time.monotonic()
-            if worker.spec.fatal_line is not None and worker.fatal is None:
-                match = worker.spec.fatal_line.search(line)
-                if match:
-                    worker.fatal = (time.monotonic(), int(match.group("code")))
+            if spec.fatal_code is not None and worker.fatal is None:
+                code = spec.fatal_code(line)
+                if code is not None:
+                    worker.fatal = (time.monotonic(), code)
             self.output.write(worker.spec, line)
         worker.process.stdout.close()
 
@@ -279,12 +294,24 @@ class Supervisor:
         logger.info("job finished: every process exited with code 0")
         return 0
 
+    def _describe(self, worker, code):
+        if not worker.spec.describe_failure:
+            return None
+        # The reader thread appends while this reads: copy first.
+        return worker.spec.describe_failure(list(worker.kept) + list(worker.tail), code)
+
     def _report_failure(self, worker, code, workers):
-        if worker.reader and worker.process.poll() is not None:
+        exited = worker.process.poll() is not None
+        if worker.reader and exited:
             worker.reader.join(timeout=2.0)  # its last lines may explain the failure
-        message = None
-        if worker.spec.describe_failure:
-            message = worker.spec.describe_failure(worker.tail, code)
+        message = self._describe(worker, code)
+        if not message and worker.reader and exited and worker.spec.describe_failure:
+            # The lines that name the rank may still be in the pipe, behind a reader
+            # that the machine's load holds back: wait for them, or for the end of output.
+            deadline = time.monotonic() + DRAIN_SECONDS
+            while not message and worker.reader.is_alive() and time.monotonic() < deadline:
+                worker.reader.join(timeout=_POLL_SECONDS)
+                message = self._describe(worker, code)
         if not message:
             message = f"{_name(worker.spec)} failed first with {describe_exit(code)}"
             # A rank that raised can take longer to exit (framework teardown) than a

@@ -6,19 +6,22 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 
 import pytest
 
 from launch import cli
 from launch.backends import Placement
-from launch.backends.mpi import ABORT_LINE, describe_mpirun_failure, mpirun_command
+from launch import supervisor
+from launch.backends.mpi import (ABORT_LINE, VERDICT_LINE, describe_mpirun_failure,
+                                 mpirun_command, mpirun_fatal_code)
 from launch.environment import build_rank_env, horovod_env, slot_from_mpi_env, tf_config
 from launch.hostexec import LocalRunner, NetnsRunner, SshRunner
 from launch.hosts import (Host, Slot, assign_ranks, is_local_host, parse_hosts,
                           simulated_hosts_spec, validate_num_proc)
 from launch.netns import POOL, choose_subnet
 from launch.netns_rsh import parse_agent_args, parse_namespace_map
-from launch.supervisor import describe_exit, shell_exit_code
+from launch.supervisor import Supervisor, WorkerSpec, describe_exit, shell_exit_code
 
 
 # --- hosts -------------------------------------------------------------------------------
@@ -265,6 +268,125 @@ def test_describe_mpirun_failure_without_mpiruns_notice():
              b"[1] RuntimeError: boom\n", b"[0] Traceback (most recent call last):\n"]
     assert describe_mpirun_failure(lines, 1) == (
         "rank 1 failed first (its traceback came first); mpirun exited with 1")
+
+
+# What a stalled job's mpirun printed in the runs whose verdict named no rank: the
+# rank's timeout line, then Open MPI 4.1 failing to relay its own MPI_ABORT notice
+# (open-mpi/ompi#8356), as reproduced with 2 of 10 small aborting jobs on this machine.
+TIMEOUT_LINE = (b"[0] syncbn: MPI all-reduce 'syncbn/bn_b/backward' waited more than 20 s "
+                b"(SYNCBN_COLLECTIVE_TIMEOUT) for the other ranks; one of them has died or is "
+                b"stuck. Aborting the MPI job.\n")
+LOST_NOTICE = (b"[vm:26416] [[3022,0],0] ORTE_ERROR_LOG: Data unpack would read past end of "
+               b"buffer in file ../../../orte/util/show_help.c at line 501\n")
+TIMED_OUT_VERDICT = ("rank 0 failed first: its MPI all-reduce 'syncbn/bn_b/backward' timed out "
+                     "and it called MPI_Abort; mpirun exited with 124 (mpirun's MPI_ABORT "
+                     "notice is missing)")
+
+
+def test_describe_mpirun_failure_when_mpiruns_abort_notice_is_lost():
+    lines = [b"[1] rank 1 injects fault 'stall' between forward and backward\n",
+             TIMEOUT_LINE, LOST_NOTICE]
+    assert describe_mpirun_failure(lines, 124) == TIMED_OUT_VERDICT
+
+
+def test_describe_mpirun_failure_names_the_rank_whose_own_failure_came_first():
+    traceback_first = [b"[1] Traceback (most recent call last):\n", b"[1] RuntimeError: x\n",
+                       TIMEOUT_LINE]
+    assert describe_mpirun_failure(traceback_first, 124).startswith(
+        "rank 1 failed first (its traceback came first)")
+    timeout_first = [TIMEOUT_LINE, b"[1] Traceback (most recent call last):\n"]
+    assert describe_mpirun_failure(timeout_first, 124) == TIMED_OUT_VERDICT
+
+
+def test_describe_mpirun_failure_reads_a_notice_the_rank_printed_itself():
+    # When the relay to mpirun is not up, the aborting rank prints the notice: its
+    # lines carry the rank's prefix, and another rank's line can come between them.
+    lines = [b"[0] MPI_ABORT was invoked on rank 0 in communicator MPI_COMM_WORLD \n",
+             b"[1] rank 1 step 0 done\n", b"[0] with errorcode 124.\n"]
+    assert describe_mpirun_failure(lines, 124) == (
+        "rank 0 failed first: it called MPI_Abort with error code 124 (mpirun)")
+
+
+def test_describe_mpirun_failure_on_a_split_communicator_names_the_world_rank():
+    # `group_size` splits COMM_WORLD; the notice then gives the rank within the group.
+    lines = [b"[3] syncbn: MPI all-reduce 'syncbn/bn/forward' waited more than 20 s\n",
+             b"MPI_ABORT was invoked on rank 1 in communicator MPI COMMUNICATOR 4 SPLIT FROM 0\n",
+             b"with errorcode 124.\n"]
+    assert describe_mpirun_failure(lines, 124) == (
+        "rank 3 failed first: it called MPI_Abort with error code 124 "
+        "(mpirun: rank 1 of communicator MPI COMMUNICATOR 4 SPLIT FROM 0)")
+    assert describe_mpirun_failure(lines[1:], 124) == (
+        "rank 1 failed first: it called MPI_Abort with error code 124 (mpirun) "
+        "(rank 1 of communicator MPI COMMUNICATOR 4 SPLIT FROM 0)")
+
+
+def test_describe_mpirun_failure_after_mpiruns_ordered_abort_message():
+    lines = [b"mpirun has exited due to process rank 1 with PID 0 on\n",
+             b"node vm calling \"abort\". This may have caused other processes\n"]
+    assert describe_mpirun_failure(lines, 7) == (
+        "rank 1 failed first: it called abort (mpirun); mpirun exited with 7")
+
+
+def test_mpirun_fatal_code():
+    assert mpirun_fatal_code(TIMEOUT_LINE) == 124
+    assert mpirun_fatal_code(b"[1] with errorcode 1.\n") == 1
+    assert mpirun_fatal_code(LOST_NOTICE) is None
+    assert mpirun_fatal_code(b"[0] print('syncbn: MPI all-reduce')\n") is None
+    for line in (TIMEOUT_LINE, b"MPI_ABORT was invoked on rank 0 in communicator X\n",
+                 b"with errorcode 1.\n", b"  Process name: [[1,1],0]\n", b"  Exit code: 3\n",
+                 b"[2] Traceback (most recent call last):\n",
+                 b"mpirun noticed that process rank 1 with PID 7 on node h exited on signal 9\n"):
+        assert VERDICT_LINE.search(line), line
+
+
+def _fake_mpirun(script, **spec):
+    """A WorkerSpec like the mpi backend's, for a Python script standing in for mpirun."""
+    spec = {"demux_ranks": True, "describe_failure": describe_mpirun_failure,
+            "keep_line": VERDICT_LINE, "fatal_code": mpirun_fatal_code, **spec}
+    return WorkerSpec("mpirun", [sys.executable, "-c", script], dict(os.environ), **spec)
+
+
+def _verdict(caplog):
+    return [r.getMessage() for r in caplog.records if "failed first" in r.getMessage()]
+
+
+def test_supervisor_keeps_the_lines_that_name_the_rank_past_its_tail(caplog):
+    # The timeout line, then more than the tail holds (other ranks' tracebacks, say).
+    script = (f"import sys; sys.stdout.buffer.write({TIMEOUT_LINE!r} + {LOST_NOTICE!r}"
+              " + b'[1] some line\\n' * 1000); sys.exit(124)")
+    assert Supervisor([_fake_mpirun(script)]).run() == 124
+    assert _verdict(caplog) == [f"{TIMED_OUT_VERDICT}; stopping the other ranks"]
+
+
+def test_supervisor_waits_for_a_reader_held_back_after_mpirun_exits(caplog, monkeypatch):
+    # mpirun has written everything and exited, but the reader is still busy (here, its
+    # first line takes 3 s to write out, as when the launcher's own stdout is slow).
+    write = supervisor._Output.write
+    calls = []
+
+    def slow_write(self, spec, line):
+        calls.append(line)
+        if len(calls) == 1:
+            time.sleep(3.0)
+        write(self, spec, line)
+
+    monkeypatch.setattr(supervisor._Output, "write", slow_write)
+    script = (f"import sys; sys.stdout.buffer.write(b'[1] step done\\n' + {TIMEOUT_LINE!r}"
+              f" + {LOST_NOTICE!r}); sys.exit(124)")
+    # No fatal_code here: the verdict must come from the exit, after the drain.
+    assert Supervisor([_fake_mpirun(script, fatal_code=None)]).run() == 124
+    assert _verdict(caplog) == [f"{TIMED_OUT_VERDICT}; stopping the other ranks"]
+
+
+def test_supervisor_stops_mpirun_that_hangs_after_a_rank_timed_out(caplog):
+    # With a host's network cut, mpirun may never exit, and its notice may be lost.
+    script = (f"import sys, time; sys.stdout.buffer.write({TIMEOUT_LINE!r}); "
+              "sys.stdout.flush(); time.sleep(600)")
+    assert Supervisor([_fake_mpirun(script)], timeout=120).run() == 124
+    assert _verdict(caplog) == [
+        "rank 0 failed first: its MPI all-reduce 'syncbn/bn_b/backward' timed out and it "
+        "called MPI_Abort; mpirun exited with 124 (mpirun's MPI_ABORT notice is missing); "
+        "stopping the other ranks"]
 
 
 def test_exit_descriptions():

@@ -33,13 +33,54 @@ from launch.supervisor import WorkerSpec
 _PROCESS_NAME = re.compile(r"Process name:\s*\[\[\d+,\d+\],(\d+)\]")
 _EXIT_CODE = re.compile(r"Exit code:\s*(-?\d+)")
 _SIGNALLED = re.compile(r"process rank (\d+) with PID \d+ on node \S+ exited on signal (\d+)")
-# The second line of Open MPI's MPI_ABORT notice, carrying the exit code.
-ABORT_LINE = re.compile(rb"^(?:\[\d+\] )?with errorcode (?P<code>\d+)\.")
-_FIRST_TRACEBACK = re.compile(r"^\[(\d+)\] Traceback \(most recent call last\):", re.M)
-# The rank's own stderr (prefixed with "[rank] " by launch.mpi_rank) or mpirun's.
-# The communicator's name may have spaces ("MPI COMMUNICATOR 3 DUP FROM 0").
-_ABORTED = re.compile(r"MPI_ABORT was invoked on rank (\d+) in communicator [^\n]*\n"
-                      r"(?:\[\w+\] )?with errorcode (-?\d+)")
+_ORDERED_ABORT = re.compile(r"has exited due to process rank (\d+) with PID \d+ on\s+"
+                            r"node \S+ calling \"abort\"")
+# Open MPI's MPI_ABORT notice: printed by mpirun, or by the aborting rank itself (then
+# every line carries its "[rank] " prefix, and another rank's line may come between
+# the two). The communicator's name may have spaces ("MPI COMMUNICATOR 3 DUP FROM 0").
+_ABORTED = re.compile(r"^(?:\[\d+\] )?MPI_ABORT was invoked on rank (\d+) in communicator "
+                      r"([^\n]*?) *$", re.M)
+_ABORT_CODE = re.compile(r"^(?:\[\d+\] )?with errorcode (-?\d+)\.", re.M)
+# Communicators whose ranks are COMM_WORLD's (cid 0); a split one numbers its own.
+_WORLD_COMMUNICATOR = re.compile(r"^(?:MPI_COMM_WORLD|MPI COMMUNICATOR \d+ DUP FROM 0)$")
+# The rank's own account, prefixed with "[rank] " by launch.mpi_rank: a traceback, or
+# syncbn's collective timeout (syncbn/collectives/mpi.py and mpi_all_sum.cc print it,
+# then call MPI_Abort(SYNCBN_TIMEOUT_EXIT_CODE)).
+_RANK_FAILURE = re.compile(r"^\[(\d+)\] (?:Traceback \(most recent call last\):|"
+                           r"syncbn: MPI all-reduce '([^']*)' waited more than)", re.M)
+SYNCBN_TIMEOUT_EXIT_CODE = 124
+# The second line of the MPI_ABORT notice, carrying the exit code, and syncbn's
+# timeout line: the job has failed even if mpirun never exits (fatal_code).
+ABORT_LINE = re.compile(rb"^(?:\[\d+\] )?with errorcode (?P<code>-?\d+)\.")
+_TIMEOUT_LINE = re.compile(rb"^\[\d+\] syncbn: MPI all-reduce '[^']*' waited more than")
+# Lines describe_mpirun_failure reads; the supervisor keeps them even when they scroll
+# out of its tail (a rank's timeout line can be followed by long tracebacks).
+VERDICT_LINE = re.compile(rb"MPI_ABORT was invoked|with errorcode|Process name:|Exit code:|"
+                          rb"exited on signal|has exited due to process rank|node \S+ calling|"
+                          rb"^\[\d+\] (?:Traceback \(most recent call last\):|"
+                          rb"syncbn: MPI all-reduce)")
+
+
+def mpirun_fatal_code(line):
+    """The exit code a line of mpirun's output announces for the whole job, or None.
+
+    After MPI_Abort, mpirun can wait forever for the daemon of a host it can no
+    longer reach (issue #11, a cut network), so the supervisor stops it shortly
+    after such a line. Open MPI 4.1 sometimes loses its own MPI_ABORT notice
+    (mpirun logs `ORTE_ERROR_LOG: Data unpack would read past end of buffer in file
+    ../../../orte/util/show_help.c`, open-mpi/ompi#8356), so syncbn's timeout line,
+    which the rank prints just before `MPI_Abort(124)`, counts too.
+
+    Example:
+        >>> mpirun_fatal_code(b"with errorcode 1.\\n"), mpirun_fatal_code(b"[1] step done\\n")
+        (1, None)
+    """
+    aborted = ABORT_LINE.search(line)
+    if aborted:
+        return int(aborted.group("code"))
+    if _TIMEOUT_LINE.search(line):
+        return SYNCBN_TIMEOUT_EXIT_CODE
+    return None
 
 
 def mpirun_command(placement, *, mpirun="mpirun", rsh_agent=None, is_root=False,
@@ -103,12 +144,42 @@ def _all_hosts_on_this_machine(placement):
 
 
 def describe_mpirun_failure(lines, exit_code):
-    """Finds which rank mpirun blames in its closing message, e.g. 'rank 1 ... exit code 3'."""
+    """Names the rank that failed first, from mpirun's output (its closing message or the
+    ranks' own lines). Pure.
+
+    In order of authority: Open MPI's MPI_ABORT notice; mpirun's closing message (a
+    rank's exit code or signal, or its call to abort); else the rank whose own output
+    first reported a failure, a Python traceback or syncbn's collective timeout. That
+    last one matters: mpirun's notice can be missing (its show_help relay fails under
+    load, open-mpi/ompi#8356), while the rank's lines went out before it aborted.
+
+    Args:
+        lines: mpirun's output lines (bytes), in the order they came.
+        exit_code: mpirun's exit code.
+
+    Returns:
+        The verdict, or None if the output names no rank.
+
+    Example:
+        >>> describe_mpirun_failure([b"[0] syncbn: MPI all-reduce 'bn/forward' waited more "
+        ...                          b"than 20 s\\n"], 124)  # doctest: +ELLIPSIS
+        "rank 0 failed first: its MPI all-reduce 'bn/forward' timed out and it called MPI_Abort; ..."
+    """
     text = b"".join(lines).decode(errors="replace")
+    own = _RANK_FAILURE.search(text)
     aborted = _ABORTED.search(text)
     if aborted:
-        return (f"rank {aborted.group(1)} failed first: it called MPI_Abort with error code "
-                f"{aborted.group(2)} (mpirun)")
+        rank, communicator = aborted.group(1), aborted.group(2)
+        code = _ABORT_CODE.search(text, aborted.end())
+        code = code.group(1) if code else str(exit_code)
+        if _WORLD_COMMUNICATOR.match(communicator) or own is None:
+            where = "" if _WORLD_COMMUNICATOR.match(communicator) else (
+                f" (rank {rank} of communicator {communicator})")
+            return (f"rank {rank} failed first: it called MPI_Abort with error code {code} "
+                    f"(mpirun){where}")
+        # A split communicator numbers its own ranks: the rank's own lines say which it is.
+        return (f"rank {own.group(1)} failed first: it called MPI_Abort with error code "
+                f"{code} (mpirun: rank {rank} of communicator {communicator})")
     name, code = _PROCESS_NAME.search(text), _EXIT_CODE.search(text)
     if name and code:
         return f"rank {name.group(1)} failed first with exit code {code.group(1)} (mpirun)"
@@ -116,13 +187,18 @@ def describe_mpirun_failure(lines, exit_code):
     if signalled:
         signame = signal.Signals(int(signalled.group(2))).name
         return f"rank {signalled.group(1)} failed first with signal {signame} (mpirun)"
-    # mpirun's own notice can be missing (its show_help fails under load); the
-    # rank whose traceback came first is then the best guess.
-    traceback = _FIRST_TRACEBACK.search(text)
-    if traceback:
-        return (f"rank {traceback.group(1)} failed first (its traceback came first); "
+    ordered = _ORDERED_ABORT.search(text)
+    if ordered:
+        return (f"rank {ordered.group(1)} failed first: it called abort (mpirun); "
                 f"mpirun exited with {exit_code}")
-    return None
+    if own is None:
+        return None
+    if own.group(2) is not None:
+        return (f"rank {own.group(1)} failed first: its MPI all-reduce '{own.group(2)}' timed "
+                f"out and it called MPI_Abort; mpirun exited with {exit_code} (mpirun's "
+                "MPI_ABORT notice is missing)")
+    return (f"rank {own.group(1)} failed first (its traceback came first); "
+            f"mpirun exited with {exit_code}")
 
 
 class MpiBackend:
@@ -174,7 +250,8 @@ class MpiBackend:
             death_signal=signal.SIGTERM,
             demux_ranks=True,
             describe_failure=describe_mpirun_failure,
-            fatal_line=ABORT_LINE,
+            fatal_code=mpirun_fatal_code,
+            keep_line=VERDICT_LINE,
         )]
 
     def close(self):
