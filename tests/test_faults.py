@@ -9,7 +9,7 @@ launcher files). The only time assertion is the issue's bound: the job stops
 within the collective timeout + 10 s of the fault.
 
 CI runs faults (a) kill, (b) raise, (e) shape and (f) skip on every backend,
-(c) stall on horovod-mpi and horovod-gloo, and (d) network cut on mpi; the
+(c) stall on every backend but tf-grpc, and (d) network cut on mpi; the
 other cells run from `python tests/fault_matrix.py` (docs/faults.md has the
 table). `SCRIPT_ONLY_CELLS` names each cell left out, and says why.
 """
@@ -24,12 +24,10 @@ TIMEOUT = 20.0
 ALL_CELLS = [(backend, fault) for fault in fault_matrix.FAULTS for backend in fault_matrix.BACKENDS]
 # Cells that run from `python tests/fault_matrix.py` only.
 SCRIPT_ONLY_CELLS = (
-    # (c) stall on mpi passed in every run but one, a fresh-clone CI run, whose
-    # reason was not captured; until it is, it runs from the script with the
-    # tf stall cells, and the MPI timeout firing and naming the collective stays
-    # covered in CI by
-    # tests/test_multiprocess.py::test_mpi_rank_that_never_arrives_times_out_instead_of_hanging.
-    {(backend, "stall") for backend in ("mpi", "tf-mpi", "tf-grpc")}
+    # (c) stall over gRPC: not in CI for time (27.6 s measured, near the bound).
+    # (On mpi and tf-mpi it is back: its one CI failure was the launcher's verdict
+    # naming no rank when Open MPI lost its MPI_ABORT notice, which no longer matters.)
+    {("tf-grpc", "stall")}
     # A network cut needs simulated hosts: CI runs it on mpi only, for time.
     | {(backend, "netcut") for backend in fault_matrix.BACKENDS if backend != "mpi"})
 CI_CELLS = [cell for cell in ALL_CELLS
@@ -50,7 +48,8 @@ def test_every_ci_cell_is_a_real_cell():
     assert set(CI_CELLS) == set(ALL_CELLS) - SCRIPT_ONLY_CELLS
     assert {b for b, _ in CI_CELLS} == set(fault_matrix.BACKENDS)
     assert {f for _, f in CI_CELLS} == set(fault_matrix.FAULTS)
-    assert len(set(CI_CELLS)) == len(CI_CELLS) == 23
+    assert len(set(CI_CELLS)) == len(CI_CELLS) == 25
+    assert {("mpi", "stall"), ("tf-mpi", "stall"), ("mpi", "netcut")} <= set(CI_CELLS)
 
 
 @pytest.mark.parametrize("backend,fault", CI_CELLS, ids=[f"{b}-{f}" for b, f in CI_CELLS])
