@@ -211,6 +211,12 @@ class SyncBatchNormalization(keras.layers.Layer):
                 f"Received: input_shape={tuple(input_shape)}, axis={self.axis}"
             )
         shape = (num_channels,)
+        if self.communicator in ("auto", "tf.distribute"):
+            # Before any weight: MultiWorkerMirroredStrategy broadcasts each weight's
+            # initial value as it is created, and a shape mismatch there names no layer.
+            from syncbn.collectives.tf_distribute import check_build_agreement
+
+            check_build_agreement(self.name, num_channels, self.dtype)
         if self.scale:
             self.gamma = self.add_weight(
                 shape=shape,

@@ -35,10 +35,9 @@ CI_CELLS = [cell for cell in ALL_CELLS
 # Cells whose output must name the layer: the fault happens inside a collective
 # that knows it (a mismatch, a timeout) rather than in user code.
 LAYER_NAMED = {"shape", "skip", "stall", "netcut"}
-# MultiWorkerMirroredStrategy meets a channel mismatch first when it broadcasts
-# the weights' initial values, before any sync BN collective; its error names no
-# variable.
-LAYER_NOT_NAMED = {("tf-grpc", "shape"), ("tf-mpi", "shape")}
+# Cells whose output may name no layer. (tf-grpc and tf-mpi (e) used to: there
+# the weights' initial broadcast fails first; the layer now checks at build time.)
+LAYER_NOT_NAMED = set()
 
 
 def test_every_ci_cell_is_a_real_cell():
@@ -72,3 +71,24 @@ def test_control_job_without_a_fault_succeeds(tmp_path):
     assert result.exit_code == 0, result.output[-6000:]
     assert result.output.count("fault_job rank") == 2, result.output[-6000:]
     assert result.leftovers == []
+
+
+def test_build_mismatch_message_names_the_layer_and_both_sides():
+    # The error every worker raises at build time under MultiWorkerMirroredStrategy
+    # (cells tf-grpc-shape and tf-mpi-shape above run it for real).
+    import numpy as np
+    from syncbn.collectives.tf_distribute import build_mismatch_message
+
+    same = np.array([[7, 8, 1], [7, 8, 1]])
+    assert build_mismatch_message("bn_a", [7, 8, 1], same, 0) is None
+    channels = build_mismatch_message("bn_a", [7, 8, 1], np.array([[7, 8, 1], [7, 4, 1]]), 0)
+    assert channels.startswith("syncbn: workers disagree when building SyncBatchNormalization "
+                               "layer 'bn_a': this worker (rank 0) has 8 channels of float32; "
+                               "rank 1 has 4 channels of float32.")
+    dtype = build_mismatch_message("bn_a", [7, 8, 1], np.array([[7, 8, 1], [7, 8, 2]]), 0)
+    assert "rank 1 has 8 channels of float64" in dtype
+    # Two local replicas per worker: rows 2 and 3 are worker 1, named once.
+    layer = build_mismatch_message("bn_a", [7, 8, 1], np.array([[7, 8, 1]] * 2 + [[9, 8, 1]] * 2),
+                                   0, local_replicas=2)
+    assert layer.count("rank 1 ") == 1
+    assert "rank 1 has 8 channels of float32 at another layer (name fingerprint 00000009" in layer

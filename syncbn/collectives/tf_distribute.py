@@ -143,3 +143,111 @@ def _direct_mpi_for_task(group_size, num_replicas, task_id):
 
     return mpi.direct_mpi_communicator(num_replicas, task_id, group_size,
                                        "tf.distribute's all-reduce")
+
+
+def _multi_worker_strategy():
+    """The current MultiWorkerMirroredStrategy when it spans several workers, else None."""
+    if not tf.distribute.has_strategy():
+        return None
+    strategy = tf.distribute.get_strategy()
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return None
+    local_replicas = len(strategy.extended.worker_devices)
+    return strategy if strategy.num_replicas_in_sync > local_replicas else None
+
+
+def check_build_agreement(layer_name, num_channels, dtype):
+    """Raises on every worker if workers build a layer with different channels or dtype.
+
+    Under MultiWorkerMirroredStrategy every variable's initial value is broadcast
+    from worker 0 as it is created; with different shapes that broadcast fails with
+    TensorFlow's `Shape mismatch in the collective instance ...`, which names no
+    variable (issue #11). So before its weights exist, a layer built in the
+    strategy's cross-replica context exchanges a header of 3 int64 per replica
+    (a fingerprint of the layer's name, its channel count, its dtype) in one
+    all-gather, bounded by `SYNCBN_COLLECTIVE_TIMEOUT`, and every worker raises
+    the same kind of error, naming the layer and both sides. Once per build, never
+    per step. Elsewhere (one worker, MirroredStrategy, Horovod, MPI, or a build
+    inside a replica function) it does nothing: the sync BN collectives' own
+    checks catch a mismatch at the first step.
+
+    Args:
+        layer_name: the layer's name.
+        num_channels: its number of channels.
+        dtype: its variables' dtype.
+
+    Raises:
+        ValueError: if any replica's header differs from this one's.
+    """
+    if not tf.distribute.has_strategy() or not tf.distribute.in_cross_replica_context():
+        return
+    with tf.init_scope():
+        strategy = _multi_worker_strategy()
+        if strategy is None:
+            return
+        dtype = tf.as_dtype(dtype)
+        header = tf.constant([[_layer_fingerprint(layer_name), num_channels,
+                               dtype.as_datatype_enum]], tf.int64)
+        options = tf.distribute.experimental.CommunicationOptions(
+            timeout_seconds=collective_timeout_seconds())
+
+        def gather():
+            context = tf.distribute.get_replica_context()
+            return context.all_gather(header, axis=0, options=options)  # [1, 3] -> [R, 3]
+
+        headers = strategy.experimental_local_results(strategy.run(gather))[0].numpy()
+        task_id = strategy.cluster_resolver.task_id
+        local_replicas = len(strategy.extended.worker_devices)
+        message = build_mismatch_message(layer_name, header.numpy()[0], headers, task_id,
+                                         local_replicas)
+    if message is not None:
+        raise ValueError(message)
+
+
+def _layer_fingerprint(layer_name):
+    return zlib.crc32(layer_name.encode())
+
+
+def build_mismatch_message(layer_name, own, headers, task_id, local_replicas=1):
+    """The error for workers whose build headers differ from this worker's, or None.
+
+    Args:
+        layer_name: this worker's layer.
+        own: this worker's header, `[name fingerprint, channels, dtype enum]`.
+        headers: `[num_replicas, 3]`, every replica's header, in replica order
+            (`local_replicas` consecutive replicas per worker).
+        task_id: this worker's index.
+        local_replicas: replicas per worker.
+
+    Example:
+        >>> import numpy as np
+        >>> print(build_mismatch_message("bn_a", [7, 4, 1], np.array([[7, 8, 1], [7, 4, 1]]), 1))
+        ... # doctest: +NORMALIZE_WHITESPACE
+        syncbn: workers disagree when building SyncBatchNormalization layer 'bn_a': this worker
+        (rank 1) has 4 channels of float32; rank 0 has 8 channels of float32. Every worker must
+        build the same SyncBatchNormalization layers, in the same order, with the same number
+        of channels and dtype.
+    """
+    own = [int(v) for v in own]
+    differing = {}
+    for replica, header in enumerate(headers):
+        header = [int(v) for v in header]
+        if header != own:
+            differing.setdefault(replica // local_replicas, header)
+    if not differing:
+        return None
+
+    def describe(header, name):
+        fingerprint, channels, dtype_enum = header
+        where = "" if fingerprint == own[0] else (
+            f" at another layer (name fingerprint {fingerprint:08x}, not '{name}')")
+        return f"has {channels} channels of {tf.as_dtype(dtype_enum).name}{where}"
+
+    others = "; ".join(f"rank {worker} {describe(header, layer_name)}"
+                       for worker, header in sorted(differing.items())[:4])
+    if len(differing) > 4:
+        others += f"; and {len(differing) - 4} more"
+    return (f"syncbn: workers disagree when building SyncBatchNormalization layer "
+            f"'{layer_name}': this worker (rank {task_id}) {describe(own, layer_name)}; "
+            f"{others}. Every worker must build the same SyncBatchNormalization layers, in "
+            "the same order, with the same number of channels and dtype.")
