@@ -297,8 +297,10 @@ class Supervisor:
     def _describe(self, worker, code):
         if not worker.spec.describe_failure:
             return None
-        # The reader thread appends while this reads: copy first.
-        return worker.spec.describe_failure(list(worker.kept) + list(worker.tail), code)
+        # The reader thread moves lines from the tail to `kept` while this reads: copy
+        # the tail first, so that a line moving meanwhile is seen twice, never missed.
+        tail = list(worker.tail)
+        return worker.spec.describe_failure(list(worker.kept) + tail, code)
 
     def _report_failure(self, worker, code, workers):
         exited = worker.process.poll() is not None
