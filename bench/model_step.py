@@ -67,7 +67,7 @@ SINGLE_VARIANTS = ["keras", "syncbn", "synced"]
 MIRRORED_VARIANTS = ["keras", "keras-sync", "syncbn"]
 LAUNCH_VARIANTS = ["local", "sync"]
 LAUNCH_MODEL = "mobilenetv2"
-# The launcher's arguments for each backend name; the job's --backend is the first word.
+# The launcher's arguments for each backend name (the job's --backend is the name).
 LAUNCH_BACKENDS = {
     "horovod": ["--backend", "horovod"],
     "mpi": ["--backend", "mpi"],
