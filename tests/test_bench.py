@@ -22,7 +22,8 @@ def table_rows(output):
     """Markdown rows (lists of cells) of the printed table, header and separator dropped."""
     rows = [[cell.strip() for cell in line.strip().strip("|").split("|")]
             for line in output.splitlines() if line.startswith("| ")]
-    return rows[1:]
+    assert len(rows) >= 2 and set(rows[1]) <= {"---", "---:"}, output  # header, separator
+    return rows[2:]
 
 
 def ratios(cell):
