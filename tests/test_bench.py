@@ -1,0 +1,102 @@
+"""bench/model_step.py: its launcher mode end to end, and its arguments and table.
+
+The end-to-end test runs `--launch 2 --quick` (every backend, the 6-BN
+`small_cnn` at 32x32, 2 samples per rank, one step per epoch) and checks that the printed
+table has a row per backend with finite, positive ratios. It asserts no time.
+"""
+
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "bench"))
+import model_step  # noqa: E402
+
+
+def table_rows(output):
+    """Markdown rows (lists of cells) of the printed table, header and separator dropped."""
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")]
+            for line in output.splitlines() if line.startswith("| ")]
+    assert len(rows) >= 2 and set(rows[1]) <= {"---", "---:"}, output  # header, separator
+    return rows[2:]
+
+
+def ratios(cell):
+    return [float(value) for value in cell.split(",")]
+
+
+def test_launch_mode_prints_every_backend_with_finite_positive_ratios():
+    command = [sys.executable, os.path.join(REPO, "bench", "model_step.py"),
+               "--launch", "2", "--quick", "--timeout", "600"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=4000)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    rows = {row[0]: row for row in table_rows(result.stdout)}
+    expected = [f"{backend} {model_step.QUICK['models']}" for backend in model_step.LAUNCH_BACKENDS]
+    labels = [re.sub(r" \(\d+\)$", "", label) for label in rows]
+    assert labels == expected, result.stdout
+    for label, row in rows.items():
+        assert int(re.search(r"\((\d+)\)$", label).group(1)) > 0, row  # BN layers counted
+        # backend model (BN) | first epoch s | ratio | steady step ms | ratio
+        assert len(row) == 5, row
+        for cell in (row[2], row[4]):
+            (ratio,) = ratios(cell)
+            assert math.isfinite(ratio) and ratio > 0, row
+        for cell in (row[1], row[3]):
+            local, sync = (float(value) for value in cell.split(" / "))
+            assert math.isfinite(local) and local > 0 and math.isfinite(sync) and sync > 0, row
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--launch", "1"], "Argument `--launch` must be 0 or >= 2. Received: --launch=1"),
+    (["--launch", "2", "--mirrored", "2"], "Received: --launch=2 --mirrored=2"),
+    (["--launch", "2", "--backends", "horovod,nccl"], "Received: --backends='horovod,nccl'"),
+    (["--models", "vgg16"], "Received: --models='vgg16'"),
+    (["--steps", "0"], "Argument `--steps` must be >= 1. Received: --steps=0"),
+    (["--timeout", "0"], "Argument `--timeout` must be > 0. Received: --timeout=0.0"),
+])
+def test_bad_arguments_name_the_argument_and_value(argv, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        model_step.parse_args(argv)
+
+
+def test_quick_and_launch_defaults():
+    args = model_step.parse_args(["--launch", "2", "--quick", "--steps", "7"])
+    assert (args.model_list, args.size, args.batch, args.steps) == (["small_cnn"], 32, 2, 1)
+    assert args.backend_list == list(model_step.LAUNCH_BACKENDS)
+    assert model_step.parse_args(["--launch", "2"]).model_list == [model_step.LAUNCH_MODEL]
+    assert model_step.parse_args([]).model_list == model_step.MODELS
+
+
+def test_launch_command_runs_the_job_through_the_launcher():
+    spec = {"backend": "tf", "model": "mobilenetv2", "variant": "sync", "batch": 2, "size": 32,
+            "steps": 1, "launch": 2, "timeout": 60}
+    command = model_step.launch_command(spec)
+    separator = command.index("--")
+    assert command[1:separator] == ["-m", "launch", "-np", "2", "--backend", "tf",
+                                    "--timeout", "60"]
+    job = command[separator + 1:]
+    assert job[1].endswith("bench/model_fit_job.py")
+    assert job[2:] == ["--backend", "tf", "--model", "mobilenetv2", "--variant", "sync",
+                       "--batch", "2", "--size", "32", "--steps", "1"]
+
+
+def test_table_has_medians_and_per_round_ratios():
+    def run(first, steady):
+        return {"first_epoch_s": first, "steady_ms": steady, "bn_layers": 52}
+
+    results = {"mpi mobilenetv2": {"local": [run(10.0, 20.0), run(30.0, 40.0)],
+                                   "sync": [run(12.0, 22.0), run(30.0, 48.0)]}}
+    table = model_step.markdown_side_by_side(results, ["local", "sync"],
+                                             model_step.LAUNCH_COLUMNS, traced_ops=False,
+                                             row_title="backend model (BN layers)")
+    header, separator, row = table.splitlines()
+    assert header.startswith("| backend model (BN layers) | first epoch s, local / sync |")
+    assert separator == "| --- | ---: | ---: | ---: | ---: |"
+    # medians 20.0 / 21.0 and 30.0 / 35.0; ratios per round (1.2, 1.0) and (1.1, 1.2)
+    assert row == "| mpi mobilenetv2 (52) | 20.0 / 21.0 | 1.10 | 30.0 / 35.0 | 1.15 |"
