@@ -43,22 +43,24 @@ _ABORTED = re.compile(r"^(?:\[\d+\] )?MPI_ABORT was invoked on rank (\d+) in com
 _ABORT_CODE = re.compile(r"^(?:\[\d+\] )?with errorcode (-?\d+)\.", re.M)
 # Communicators whose ranks are COMM_WORLD's (cid 0); a split one numbers its own.
 _WORLD_COMMUNICATOR = re.compile(r"^(?:MPI_COMM_WORLD|MPI COMMUNICATOR \d+ DUP FROM 0)$")
+# syncbn's collective timeout, as syncbn/collectives/mpi.py and mpi_all_sum.cc print
+# it before they call MPI_Abort(SYNCBN_TIMEOUT_EXIT_CODE); group 1 is the collective.
+_TIMEOUT_MESSAGE = r"syncbn: MPI all-reduce '([^']*)' waited more than"
 # The rank's own account, prefixed with "[rank] " by launch.mpi_rank: a traceback, or
-# syncbn's collective timeout (syncbn/collectives/mpi.py and mpi_all_sum.cc print it,
-# then call MPI_Abort(SYNCBN_TIMEOUT_EXIT_CODE)).
+# syncbn's collective timeout.
 _RANK_FAILURE = re.compile(r"^\[(\d+)\] (?:Traceback \(most recent call last\):|"
-                           r"syncbn: MPI all-reduce '([^']*)' waited more than)", re.M)
+                           + _TIMEOUT_MESSAGE + ")", re.M)
 SYNCBN_TIMEOUT_EXIT_CODE = 124
 # The second line of the MPI_ABORT notice, carrying the exit code, and syncbn's
 # timeout line: the job has failed even if mpirun never exits (fatal_code).
 ABORT_LINE = re.compile(rb"^(?:\[\d+\] )?with errorcode (?P<code>-?\d+)\.")
-_TIMEOUT_LINE = re.compile(rb"^\[\d+\] syncbn: MPI all-reduce '[^']*' waited more than")
+_TIMEOUT_LINE = re.compile(rb"^\[\d+\] " + _TIMEOUT_MESSAGE.encode())
 # Lines describe_mpirun_failure reads; the supervisor keeps them even when they scroll
 # out of its tail (a rank's timeout line can be followed by long tracebacks).
 VERDICT_LINE = re.compile(rb"MPI_ABORT was invoked|with errorcode|Process name:|Exit code:|"
                           rb"exited on signal|has exited due to process rank|node \S+ calling|"
                           rb"^\[\d+\] (?:Traceback \(most recent call last\):|"
-                          rb"syncbn: MPI all-reduce)")
+                          + _TIMEOUT_MESSAGE.encode() + rb")")
 
 
 def mpirun_fatal_code(line):
