@@ -60,6 +60,9 @@ class TFDistributeCommunicator(Communicator):
         consecutive_groups(self._world_size, group_size)  # validates
         self._group_size = group_size if group_size not in (None, self._world_size) else None
         self._direct = _direct_mpi(group_size, self._world_size) if direct_mpi else None
+        # Replicas in one process (MirroredStrategy) run one traced function,
+        # so they cannot reach different call sites; workers can.
+        self._fingerprinted = _multi_worker_strategy() is not None
 
     @property
     def num_replicas(self):
@@ -73,8 +76,10 @@ class TFDistributeCommunicator(Communicator):
     def all_sum(self, tensor, name):
         if self._direct is not None:
             return self._direct.all_sum(tensor, name)
+        if not self._fingerprinted:
+            return self._sum_packed(tensor)
         # tf.distribute matches collectives by program order, not by name, so a
-        # replica at another layer with the same shape would be summed in
+        # worker at another layer with the same shape would be summed in
         # silently: the call site's fingerprint rides along (issue #11). A
         # different shape or dtype already fails in the collective itself,
         # whose error names this layer's node.
