@@ -58,15 +58,18 @@ subtraction pass per layer buys exactness with no far-from-zero check.
 Fused kernels on a GPU, element-wise math on a CPU. The two channels-last
 paths above are what a GPU runs: cuDNN's fused kernels are one launch each,
 where element-wise math is several. On a CPU the fused kernels are the slow
-choice for the small tensors of most of a model's layers (on MobileNetV2's 52
-layer shapes at batch 8, forward and backward, about 1.6x the element-wise
-ops that Keras's BatchNormalization runs), so channels-last data on a CPU
-runs `_channels_last_elementwise`: the same shift, the same one all-sum each
-way, a handful of element-wise ops. `kernels_for` makes that choice from the
-device, statically; `SYNCBN_KERNELS=fused` or `=elementwise` overrides it
-(the tests run both on CPUs).
+choice for the small tensors of most of a model's layers (1.7x the
+element-wise path at 50k values, bench/model_layers.py and
+docs/performance.md), so channels-last data on a CPU runs
+`_channels_last_elementwise`: the same shift, the same one all-sum each way,
+a handful of element-wise ops. One exception: with one replica, from 2M
+values on, the fused training kernel is faster and runs. `kernels_for` makes
+that choice statically, from the device and the static shape;
+`SYNCBN_KERNELS=fused` or `=elementwise` overrides it (the tests run both on
+CPUs).
 """
 
+import math
 import os
 
 import tensorflow as tf
@@ -89,12 +92,26 @@ def fused_kernels_apply(rank, axis, mask):
     return mask is None and axis == rank - 1
 
 
-def kernels_for(x):
+# One replica on a CPU: from this many values per replica on, the fused
+# training kernel beats element-wise math (bench/model_layers.py, and the
+# size sweep in docs/performance.md: 1.08x at 1.6M values, 1.33x at 3.2M).
+FUSED_MIN_VALUES_ON_CPU = 1 << 21
+
+
+def _static_size(x):
+    """Values in `x`, counting each unknown dimension (usually the batch) as 1."""
+    return math.prod(1 if d is None else d for d in x.shape.as_list())
+
+
+def kernels_for(x, single_replica=False):
     """`"fused"` or `"elementwise"`: the kernels for channels-last data `x`, a static choice.
 
     `$SYNCBN_KERNELS` (`auto`, `fused` or `elementwise`) decides; with `auto`
     (the default) the fused kernels run where `x` is placed on a GPU, or,
     placed nowhere yet (inside a `tf.function`), when the machine has a GPU.
+    On a CPU the element-wise kernels run, except with one replica on a
+    tensor of at least `FUSED_MIN_VALUES_ON_CPU` values (static shape), where
+    the fused training kernel is faster.
     """
     choice = os.environ.get(KERNELS_ENV, "auto").strip().lower() or "auto"
     if choice not in KERNELS:
@@ -107,9 +124,10 @@ def kernels_for(x):
     device = (getattr(x, "device", "") or "").upper()
     if "GPU" in device:
         return "fused"
-    if "CPU" in device:
-        return "elementwise"
-    return "fused" if tf.config.list_logical_devices("GPU") else "elementwise"
+    on_gpu = "CPU" not in device and bool(tf.config.list_logical_devices("GPU"))
+    if on_gpu or (single_replica and _static_size(x) >= FUSED_MIN_VALUES_ON_CPU):
+        return "fused"
+    return "elementwise"
 
 
 def _channels_last_4d(x):
@@ -397,7 +415,7 @@ def sync_batch_norm(x, gamma, beta, *, axis, epsilon, all_sum, name, mask=None, 
     gamma = _as_vector(gamma, num_channels, 1.0)
     beta = _as_vector(beta, num_channels, 0.0)
     # The one decision, from static facts: no branch in the graph.
-    if fused_kernels_apply(rank, axis, mask) and kernels_for(x) == "elementwise":
+    if fused_kernels_apply(rank, axis, mask) and kernels_for(x, single_replica) == "elementwise":
         y, mean, variance, count = _channels_last_elementwise(
             x, gamma, beta, epsilon, all_sum, name, single_replica
         )

@@ -17,7 +17,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import KERNELS, kernels_env
-from syncbn import SyncBatchNormalization
+from syncbn import SyncBatchNormalization, ops
 
 CONTROL_FLOW = {"If", "StatelessIf", "Switch", "Merge", "While", "StatelessWhile", "Case",
                 "StatelessCase"}
@@ -136,6 +136,28 @@ def test_ops_per_layer_stay_near_keras_batch_normalization(kernels):
         SyncBatchNormalization(communicator=PretendTwoReplicas()), SHAPE).values())
     assert single <= 1.25 * keras_ops, (single, keras_ops)
     assert synced <= 1.8 * keras_ops, (synced, keras_ops)
+
+
+def test_kernels_follow_the_device_the_size_and_syncbn_kernels(monkeypatch):
+    monkeypatch.delenv("SYNCBN_KERNELS", raising=False)
+    small = tf.zeros([8, 4, 4, 16])
+    large = tf.TensorSpec([None, 1024, 512, 4])  # 2M values per sample: fused with one replica
+    assert ops.FUSED_MIN_VALUES_ON_CPU == 1024 * 512 * 4
+    assert ops.kernels_for(small) == ops.kernels_for(small, single_replica=True) == "elementwise"
+    assert ops.kernels_for(large, single_replica=True) == "fused"
+    assert ops.kernels_for(large, single_replica=False) == "elementwise"
+    one = _traced_step_op_types(SyncBatchNormalization(communicator="local"), (2, 1024, 512, 4))
+    synced = _traced_step_op_types(SyncBatchNormalization(communicator=PretendTwoReplicas()),
+                                   (2, 1024, 512, 4))
+    assert one["FusedBatchNormV3"] == 1 and "FusedBatchNormV3" not in synced, (one, synced)
+    monkeypatch.setenv("SYNCBN_KERNELS", "fused")
+    assert ops.kernels_for(small) == "fused"
+    monkeypatch.setenv("SYNCBN_KERNELS", "Elementwise")
+    assert ops.kernels_for(large, single_replica=True) == "elementwise"
+    monkeypatch.setenv("SYNCBN_KERNELS", "gpu")
+    with pytest.raises(ValueError, match=r"SYNCBN_KERNELS must be one of auto, fused, "
+                                         r"elementwise\. Received: SYNCBN_KERNELS='gpu'"):
+        ops.kernels_for(small)
 
 
 def test_shifted_kernels_stay_exact_with_one_and_no_sample(kernels):
