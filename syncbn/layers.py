@@ -339,8 +339,8 @@ class SyncBatchNormalization(keras.layers.Layer):
         communicator = collectives.resolve(self.communicator, self.group_size)
         inputs = self._check_channels(inputs)
         gamma, beta = self._gamma_beta()
-        # The one fallback rule: a single replica communicates nothing (and runs
-        # TensorFlow's fused training kernel where the layout allows).
+        # The one fallback rule: a single replica communicates nothing (and, on
+        # a GPU, runs TensorFlow's fused training kernel where the layout allows).
         outputs, mean, variance, count = ops.sync_batch_norm(
             inputs,
             gamma,

@@ -54,7 +54,23 @@ subtraction pass per layer buys exactness with no far-from-zero check.
 * A mask or another channel axis: element-wise float32 math, centred on the
   first sample's mean (`stats.local_moments`) and on the float64 global mean
   split into two float32 parts (`stats.split_mean`).
+
+Fused kernels on a GPU, element-wise math on a CPU. The two channels-last
+paths above are what a GPU runs: cuDNN's fused kernels are one launch each,
+where element-wise math is several. On a CPU the fused kernels are the slow
+choice for the small tensors of most of a model's layers (1.7x the
+element-wise path at 50k values, bench/model_layers.py and
+docs/performance.md), so channels-last data on a CPU runs
+`_channels_last_elementwise`: the same shift, the same one all-sum each way,
+a handful of element-wise ops. One exception: with one replica, from 2M
+values on, the fused training kernel is faster and runs. `kernels_for` makes
+that choice statically, from the device and the static shape;
+`SYNCBN_KERNELS=fused` or `=elementwise` overrides it (the tests run both on
+CPUs).
 """
+
+import math
+import os
 
 import tensorflow as tf
 
@@ -67,9 +83,51 @@ def _as_vector(value, num_channels, fill):
     return tf.cast(value, tf.float32)
 
 
+KERNELS_ENV = "SYNCBN_KERNELS"
+KERNELS = ("auto", "fused", "elementwise")
+
+
 def fused_kernels_apply(rank, axis, mask):
     """True if the layout can use the fused kernels: channels last, no mask."""
     return mask is None and axis == rank - 1
+
+
+# One replica on a CPU: from this many values per replica on, the fused
+# training kernel beats element-wise math (bench/model_layers.py, and the
+# size sweep in docs/performance.md: 1.08x at 1.6M values, 1.33x at 3.2M).
+FUSED_MIN_VALUES_ON_CPU = 1 << 21
+
+
+def _static_size(x):
+    """Values in `x`, counting each unknown dimension (usually the batch) as 1."""
+    return math.prod(1 if d is None else d for d in x.shape.as_list())
+
+
+def kernels_for(x, single_replica=False):
+    """`"fused"` or `"elementwise"`: the kernels for channels-last data `x`, a static choice.
+
+    `$SYNCBN_KERNELS` (`auto`, `fused` or `elementwise`) decides; with `auto`
+    (the default) the fused kernels run where `x` is placed on a GPU, or,
+    placed nowhere yet (inside a `tf.function`), when the machine has a GPU.
+    On a CPU the element-wise kernels run, except with one replica on a
+    tensor of at least `FUSED_MIN_VALUES_ON_CPU` values (static shape), where
+    the fused training kernel is faster.
+    """
+    choice = os.environ.get(KERNELS_ENV, "auto").strip().lower() or "auto"
+    if choice not in KERNELS:
+        raise ValueError(
+            f"{KERNELS_ENV} must be one of {', '.join(KERNELS)}. "
+            f"Received: {KERNELS_ENV}={os.environ[KERNELS_ENV]!r}"
+        )
+    if choice != "auto":
+        return choice
+    device = (getattr(x, "device", "") or "").upper()
+    if "GPU" in device:
+        return "fused"
+    on_gpu = "CPU" not in device and bool(tf.config.list_logical_devices("GPU"))
+    if on_gpu or (single_replica and _static_size(x) >= FUSED_MIN_VALUES_ON_CPU):
+        return "fused"
+    return "elementwise"
 
 
 def _channels_last_4d(x):
@@ -210,6 +268,72 @@ def _synced_kernels(x, gamma, beta, epsilon, all_sum, name):
     return normalize(x, gamma, beta)
 
 
+def _channels_last_elementwise(x, gamma, beta, epsilon, all_sum, name, single_replica):
+    """Channels last, no mask, on a CPU: element-wise float32 math on shifted data, custom gradient.
+
+    The same shift as the fused paths (`_shifted`), then two passes for this
+    replica's moments, one for `c = shifted - (global mean - shift)` and two
+    for `y = c * gamma * inv_std + beta`. With one replica the moments are the
+    global ones and stay in float32; otherwise they are packed in float64 for
+    one all-sum, as on every path. Backward: `sum(dy)` and `sum(dy * c)`, one
+    all-sum (none with one replica), and `dx` in four element-wise passes.
+    """
+    rank = x.shape.rank
+    num_channels = x.shape[-1]
+    axes = list(range(rank - 1))
+
+    @tf.custom_gradient
+    def normalize(x, gamma, beta):
+        # [..., C] -> [C]: the first position, or zeros for an empty batch
+        # (a constant to the gradient below, which is written out).
+        shift = tf.reduce_sum(x[(slice(0, 1),) * (rank - 1)], axis=axes)
+        shifted = x - shift
+        count = tf.cast(tf.size(x, out_type=tf.int64) // num_channels, tf.float32)
+        inv_count = 1.0 / tf.maximum(count, 1.0)
+        mean_offset = tf.reduce_sum(shifted, axis=axes) * inv_count
+        m2 = tf.reduce_sum(tf.math.squared_difference(shifted, mean_offset), axis=axes)
+        if single_replica:
+            global_count, shifted_mean, variance = count, mean_offset, m2 * inv_count
+            mean = shift + mean_offset
+        else:
+            shift64 = tf.cast(shift, stats.STATS_DTYPE)
+            local_mean = shift64 + tf.cast(mean_offset, stats.STATS_DTYPE)
+            # [1], [C], [C] -> [2C + 1] -> [], [C], [C]
+            global_count, mean64, variance = stats.unpack_moments(
+                all_sum(stats.pack_moments(count, local_mean, m2), name + "/forward"), num_channels
+            )
+            # Small, so exact in float32 even when the mean itself is 1e5.
+            shifted_mean = tf.cast(mean64 - shift64, tf.float32)
+            mean = tf.cast(mean64, tf.float32)
+        inv_std = tf.math.rsqrt(variance + epsilon)
+        scale = gamma * inv_std
+        centred = shifted - shifted_mean
+        y = centred * scale + beta
+
+        def grad(dy, d_mean, d_variance, d_count):
+            del d_mean, d_variance, d_count  # Statistics are not differentiable.
+            dy = tf.cast(dy, tf.float32)
+            sum_dy = tf.reduce_sum(dy, axis=axes)
+            sum_dy_centred = tf.reduce_sum(dy * centred, axis=axes)
+            if single_replica:
+                global_sum_dy, global_sum_dy_centred = sum_dy, sum_dy_centred
+            else:
+                # [C], [C] -> [2C] -> [C], [C]
+                global_sum_dy, global_sum_dy_centred = stats.unpack_grad_sums(
+                    all_sum(stats.pack_grad_sums(sum_dy, sum_dy_centred), name + "/backward"),
+                    num_channels,
+                )
+            # dx = scale * (dy - (sum dy + x_hat * sum dy x_hat) / N), x_hat = centred * inv_std.
+            minus_scale_per_count = -scale / tf.maximum(global_count, 1.0)
+            per_centred = minus_scale_per_count * tf.square(inv_std) * global_sum_dy_centred
+            dx = dy * scale + (centred * per_centred + minus_scale_per_count * global_sum_dy)
+            return dx, sum_dy_centred * inv_std, sum_dy
+
+        return (y, mean, variance, global_count), grad
+
+    return normalize(x, gamma, beta)
+
+
 def _elementwise(x, gamma, beta, epsilon, all_sum, name, axis, selection):
     """A mask or channels not last: float32 element-wise math, custom gradient."""
     rank = x.shape.rank
@@ -276,8 +400,8 @@ def sync_batch_norm(x, gamma, beta, *, axis, epsilon, all_sum, name, mask=None, 
             positions are left out of the (global) statistics but still
             normalized.
         single_replica: True when `all_sum` is the identity (one replica): on
-            channels-last data without a mask, the fused training kernel and
-            its gradient then do everything, and `all_sum` is not called.
+            channels-last data without a mask, `all_sum` is then not called
+            (on a GPU the fused training kernel and its gradient do everything).
 
     Returns:
         `(y, mean, variance, count)`: `y` in float32, shaped like `x`; the
@@ -291,15 +415,21 @@ def sync_batch_norm(x, gamma, beta, *, axis, epsilon, all_sum, name, mask=None, 
     gamma = _as_vector(gamma, num_channels, 1.0)
     beta = _as_vector(beta, num_channels, 0.0)
     # The one decision, from static facts: no branch in the graph.
-    if fused_kernels_apply(rank, axis, mask):
-        if single_replica:
-            y, mean, variance, count = _single_replica_kernels(x, gamma, beta, epsilon)
-        else:
-            y, mean, variance, count = _synced_kernels(x, gamma, beta, epsilon, all_sum, name)
+    if fused_kernels_apply(rank, axis, mask) and kernels_for(x, single_replica) == "elementwise":
+        y, mean, variance, count = _channels_last_elementwise(
+            x, gamma, beta, epsilon, all_sum, name, single_replica
+        )
+    elif fused_kernels_apply(rank, axis, mask) and single_replica:
+        # Autodiff runs through this path: the statistics must not carry a gradient.
+        y, mean, variance, count = _single_replica_kernels(x, gamma, beta, epsilon)
+        return y, tf.stop_gradient(mean), tf.stop_gradient(variance), tf.stop_gradient(count)
+    elif fused_kernels_apply(rank, axis, mask):
+        y, mean, variance, count = _synced_kernels(x, gamma, beta, epsilon, all_sum, name)
     else:
         selection = stats.mask_weights(mask, x, axis) if mask is not None else None
         y, mean, variance, count = _elementwise(x, gamma, beta, epsilon, all_sum, name, axis, selection)
-    return y, tf.stop_gradient(mean), tf.stop_gradient(variance), tf.stop_gradient(count)
+    # The other paths' custom gradients ignore the statistics' gradients.
+    return y, mean, variance, count
 
 
 def batch_norm_inference(x, mean, variance, gamma, beta, *, axis, epsilon):

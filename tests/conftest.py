@@ -5,6 +5,7 @@ accepts the split before it initializes its devices, so it happens here,
 before any test module runs a TensorFlow op.
 """
 
+import contextlib
 import os
 import sys
 
@@ -21,6 +22,35 @@ _cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(
     _cpu, [tf.config.LogicalDeviceConfiguration()] * NUM_VIRTUAL_CPUS
 )
+
+
+KERNELS = ("elementwise", "fused")  # syncbn.ops.kernels_for's two answers
+
+
+@contextlib.contextmanager
+def kernels_env(kernels):
+    """`SYNCBN_KERNELS=kernels` for what is traced inside the block."""
+    saved = os.environ.get("SYNCBN_KERNELS")
+    os.environ["SYNCBN_KERNELS"] = kernels
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["SYNCBN_KERNELS"]
+        else:
+            os.environ["SYNCBN_KERNELS"] = saved
+
+
+@pytest.fixture(params=KERNELS)
+def kernels(request, monkeypatch):
+    """Runs a test with each kernel set for channels-last data.
+
+    On a CPU syncbn runs element-wise kernels and on a GPU TensorFlow's fused
+    ones (syncbn.ops.kernels_for); no GPU reaches the tests, so the fused
+    path is forced here, through `SYNCBN_KERNELS`.
+    """
+    monkeypatch.setenv("SYNCBN_KERNELS", request.param)
+    return request.param
 
 
 def pytest_configure(config):

@@ -1,4 +1,5 @@
-"""bench/model_step.py: its launcher mode end to end, and its arguments and table.
+"""bench/model_step.py: its launcher mode end to end, and its arguments and table;
+bench/model_layers.py: a smallest run and its arguments.
 
 The end-to-end test runs `--launch 2 --quick` (every backend, the 6-BN
 `small_cnn` at 32x32, 2 samples per rank, one step per epoch) and checks that the printed
@@ -15,6 +16,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "bench"))
+import model_layers  # noqa: E402
 import model_step  # noqa: E402
 
 
@@ -100,3 +102,29 @@ def test_table_has_medians_and_per_round_ratios():
     assert separator == "| --- | ---: | ---: | ---: | ---: |"
     # medians 20.0 / 21.0 and 30.0 / 35.0; ratios per round (1.2, 1.0) and (1.1, 1.2)
     assert row == "| mpi mobilenetv2 (52) | 20.0 / 21.0 | 1.10 | 30.0 / 35.0 | 1.15 |"
+
+
+def test_model_layers_runs_every_variant_on_the_model_shapes():
+    # bench/model_layers.py, smallest settings: one row per variant, keras's ratio 1,
+    # every time finite and positive; the header names the model's 52 BN layers.
+    command = [sys.executable, os.path.join(REPO, "bench", "model_layers.py"), "--size", "32",
+               "--batch", "2", "--rounds", "2", "--repeat", "1"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    assert "mobilenetv2: 52 BN layers at batch 2, 32x32" in result.stdout, result.stdout
+    rows = {row[0]: row for row in table_rows(result.stdout)}
+    assert list(rows) == list(model_layers.VARIANTS), result.stdout
+    assert rows["keras"][2] == "1.00", rows
+    for row in rows.values():
+        milliseconds, ratio = float(row[1]), float(row[2])
+        assert math.isfinite(milliseconds) and milliseconds > 0, row
+        assert math.isfinite(ratio) and ratio > 0, row
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "vgg16"], "Received: --model='vgg16'"),
+    (["--rounds", "0"], "Argument `--rounds` must be >= 1. Received: --rounds=0"),
+])
+def test_model_layers_bad_arguments(argv, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        model_layers.parse_args(argv)

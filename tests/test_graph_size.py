@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from syncbn import SyncBatchNormalization
+from conftest import KERNELS, kernels_env
+from syncbn import SyncBatchNormalization, ops
 
 CONTROL_FLOW = {"If", "StatelessIf", "Switch", "Merge", "While", "StatelessWhile", "Case",
                 "StatelessCase"}
@@ -66,7 +67,7 @@ def _traced_step_op_types(layer, shape, axis=-1, masked=False):
 
 
 PATHS = {
-    # name: (layer factory, shape, axis, masked, fused kernels expected)
+    # name: (layer factory, shape, axis, masked, fused kernels possible)
     "one replica, channels last": (lambda: SyncBatchNormalization(communicator="local"),
                                    SHAPE, -1, False, True),
     "synchronized, channels last": (lambda: SyncBatchNormalization(communicator=PretendTwoReplicas()),
@@ -80,8 +81,8 @@ PATHS = {
 
 @pytest.mark.parametrize("nonfinite", ["update", "raise", "skip"])
 @pytest.mark.parametrize("path", sorted(PATHS))
-def test_no_control_flow_on_any_path(path, nonfinite):
-    make_layer, shape, axis, masked, fused = PATHS[path]
+def test_no_control_flow_on_any_path(path, nonfinite, kernels):
+    make_layer, shape, axis, masked, fusable = PATHS[path]
     layer = make_layer()
     layer.nonfinite = nonfinite
     types = _traced_step_op_types(layer, shape, axis, masked)
@@ -91,7 +92,7 @@ def test_no_control_flow_on_any_path(path, nonfinite):
         # The skip is a select and a counter (the warning is logged off the step).
         assert types["AssignAddVariableOp"] == 1 and types["SelectV2"] >= 2, types
     # The count saw the layer's own ops (it cannot pass on an empty count).
-    if fused:
+    if fusable and kernels == "fused":
         assert types["FusedBatchNormGradV3"] == 1, types
     else:
         assert types["Rsqrt"] >= 1 and "FusedBatchNormV3" not in types, types
@@ -124,7 +125,7 @@ def test_check_sees_a_host_callback():
     assert HOST_CALLBACKS & set(types), types
 
 
-def test_ops_per_layer_stay_near_keras_batch_normalization():
+def test_ops_per_layer_stay_near_keras_batch_normalization(kernels):
     # Keras BatchNormalization adds about 90 ops here. The design with a
     # tf.cond per sub-step added 2.9x (one replica) and 4.0x (synchronized)
     # as many, its branch functions included. The default nonfinite='skip'
@@ -137,7 +138,29 @@ def test_ops_per_layer_stay_near_keras_batch_normalization():
     assert synced <= 1.8 * keras_ops, (synced, keras_ops)
 
 
-def test_shifted_kernels_stay_exact_with_one_and_no_sample():
+def test_kernels_follow_the_device_the_size_and_syncbn_kernels(monkeypatch):
+    monkeypatch.delenv("SYNCBN_KERNELS", raising=False)
+    small = tf.zeros([8, 4, 4, 16])
+    large = tf.TensorSpec([None, 1024, 512, 4])  # 2M values per sample: fused with one replica
+    assert ops.FUSED_MIN_VALUES_ON_CPU == 1024 * 512 * 4
+    assert ops.kernels_for(small) == ops.kernels_for(small, single_replica=True) == "elementwise"
+    assert ops.kernels_for(large, single_replica=True) == "fused"
+    assert ops.kernels_for(large, single_replica=False) == "elementwise"
+    one = _traced_step_op_types(SyncBatchNormalization(communicator="local"), (2, 1024, 512, 4))
+    synced = _traced_step_op_types(SyncBatchNormalization(communicator=PretendTwoReplicas()),
+                                   (2, 1024, 512, 4))
+    assert one["FusedBatchNormV3"] == 1 and "FusedBatchNormV3" not in synced, (one, synced)
+    monkeypatch.setenv("SYNCBN_KERNELS", "fused")
+    assert ops.kernels_for(small) == "fused"
+    monkeypatch.setenv("SYNCBN_KERNELS", "Elementwise")
+    assert ops.kernels_for(large, single_replica=True) == "elementwise"
+    monkeypatch.setenv("SYNCBN_KERNELS", "gpu")
+    with pytest.raises(ValueError, match=r"SYNCBN_KERNELS must be one of auto, fused, "
+                                         r"elementwise\. Received: SYNCBN_KERNELS='gpu'"):
+        ops.kernels_for(small)
+
+
+def test_shifted_kernels_stay_exact_with_one_and_no_sample(kernels):
     # The selects that replace the old `count < 2` branch: a batch of one
     # normalizes to beta with zero variance, an empty one updates nothing.
     for communicator in ("local", PretendTwoReplicas()):
@@ -179,10 +202,13 @@ def print_node_counts(shape=(8, 16, 16, 32)):
                                                         nonfinite=n), channels_first, 1),
         ]
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, input {shape[1:]}")
-    for name, make_layer, layer_shape, axis in rows:
-        types = _traced_step_op_types(make_layer(), layer_shape, axis)
-        flagged = {op: n for op, n in types.items() if op in CONTROL_FLOW | HOST_CALLBACKS}
-        print(f"{name:60s} {sum(types.values()):4d}  {flagged or 'none'}")
+    for kernels in KERNELS:
+        print(f"SYNCBN_KERNELS={kernels} (syncbn's channels-last rows)")
+        with kernels_env(kernels):
+            for name, make_layer, layer_shape, axis in rows:
+                types = _traced_step_op_types(make_layer(), layer_shape, axis)
+                flagged = {op: n for op, n in types.items() if op in CONTROL_FLOW | HOST_CALLBACKS}
+                print(f"  {name:60s} {sum(types.values()):4d}  {flagged or 'none'}")
 
 
 if __name__ == "__main__":

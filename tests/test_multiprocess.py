@@ -135,8 +135,9 @@ SUM_PATHS = {
 }
 
 
-def _run_path(path, np_, args):
+def _run_path(path, np_, args, **extra_env):
     launcher, backend, env, _ = SUM_PATHS[path]
+    env = {**env, **extra_env}
     args = ["--backend", backend] + args
     if launcher == "horovodrun":
         return _horovodrun(np_, args, **env)
@@ -162,6 +163,7 @@ def test_three_ranks_uneven_with_empty_rank_match_global_batch(path, tmp_path):
     result = _run_path(path, 3, ["--counts", "4,0,7", "--steps", str(steps), "--out", str(tmp_path)])
     lines = _check_job(result, expected_lines=3 * len(layouts))
     assert sum("rows=0 " in line for line in lines) == len(layouts)  # the empty rank took part
+    assert all("kernels=elementwise " in line for line in lines), lines  # what CPUs run
     _check_sum_path(path, lines)
     _check_summed_parameter_gradients(str(tmp_path), counts, layouts, steps)
 
@@ -173,6 +175,17 @@ def test_large_offset_across_ranks(backend, offset):
                                "--offset", str(offset), "--tolerance", "1e-3"])
     lines = _check_job(result, expected_lines=2)
     assert all("reference=float64" in line for line in lines)
+
+
+@pytest.mark.parametrize("path", ["horovod-gloo", "mpi-compiled"])
+def test_fused_kernels_across_ranks_uneven_with_empty_rank(path):
+    # GPUs run the fused kernels (syncbn.ops.kernels_for); CPUs, as everywhere
+    # else in these tests, the element-wise ones. Forced here, far from zero.
+    result = _run_path(path, 3, ["--counts", "4,0,7", "--layouts", "2d,nhwc", "--offset", "1e4",
+                                 "--tolerance", "1e-3"], SYNCBN_KERNELS="fused")
+    lines = _check_job(result, expected_lines=3 * 2)
+    assert all("reference=float64" in line and "kernels=fused " in line for line in lines), lines
+    _check_sum_path(path, lines)
 
 
 @pytest.mark.parametrize("path", ["horovod-gloo", "horovod-mpi", "mpi-compiled"])

@@ -14,6 +14,9 @@ import reference
 from reference import relative_error
 from syncbn import SyncBatchNormalization
 
+# Every test runs on both channels-last kernel sets (conftest.kernels).
+pytestmark = pytest.mark.usefixtures("kernels")
+
 SHAPES_AND_AXES = [
     ((12, 5), -1),
     ((6, 4, 7), 1),

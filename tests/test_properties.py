@@ -4,7 +4,9 @@ Each example draws an input rank (2-5), a channel axis, a dtype (float16,
 bfloat16, float32), an optional mask, four per-replica batch sizes (0 and 1
 included), a data offset up to 1e5 and a `group_size`, and runs one training
 step of `SyncBatchNormalization` on `MirroredStrategy` with 4 in-process
-replicas. Outputs, input gradients, gamma/beta gradients (summed over each
+replicas. Channels-last cases without a mask also draw the kernels
+(`SYNCBN_KERNELS`: the element-wise ones CPUs run, or the fused ones GPUs
+run). Outputs, input gradients, gamma/beta gradients (summed over each
 group's replicas) and every replica's moving statistics must match
 `tests/reference.py` on each group's samples concatenated.
 
@@ -32,6 +34,7 @@ import tensorflow as tf
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from conftest import KERNELS, kernels_env
 from reference import batch_norm, moving_average, relative_error
 from syncbn import SyncBatchNormalization
 
@@ -94,7 +97,9 @@ def cases(draw):
                             st.floats(-1e5, 1e5)))
     offset = float(np.clip(offset, -MAX_OFFSET[dtype], MAX_OFFSET[dtype]))
     seed = draw(st.integers(0, 2 ** 32 - 1))
-    return bucket, counts, offset, seed
+    channels_last = axis % rank == rank - 1 and not masked
+    kernels = draw(st.sampled_from(KERNELS)) if channels_last else "elementwise"
+    return bucket, counts, offset, seed, kernels
 
 
 def input_shape(rank, axis, batch):
@@ -219,7 +224,7 @@ def compare(name, actual, expected, dtype, tol, scale=0.0):
 class Bucket:
     """One layer and its traced step, reused by every example of a bucket."""
 
-    def __init__(self, strategy, rank, axis, dtype, masked, group_size):
+    def __init__(self, strategy, rank, axis, dtype, masked, group_size, kernels):
         self.strategy = strategy
         self.masked = masked
         with strategy.scope():
@@ -239,12 +244,14 @@ class Bucket:
         @tf.function(reduce_retracing=True)
         def step(x, dy, mask):
             self.traces += 1  # Python side effect: runs once per trace
-            return strategy.run(replica_step, args=(x, dy, mask))
+            with kernels_env(kernels):
+                return strategy.run(replica_step, args=(x, dy, mask))
 
         @tf.function(reduce_retracing=True)
         def step_without_mask(x, dy):
             self.traces += 1
-            return strategy.run(replica_step, args=(x, dy, None))
+            with kernels_env(kernels):
+                return strategy.run(replica_step, args=(x, dy, None))
 
         self.step = step if masked else step_without_mask
 
@@ -284,7 +291,7 @@ def bucket_for(strategy, key):
 
 
 def check_case(strategy, case):
-    (rank, axis, dtype, masked, group_size), counts, offset, seed = case
+    (rank, axis, dtype, masked, group_size), counts, offset, seed, kernels = case
     rng = np.random.default_rng(seed)
     channel_axis = axis % rank
     std = data_std(dtype, offset)
@@ -297,7 +304,7 @@ def check_case(strategy, case):
         masks.append(rng.random(mask_shape) < 0.7 if masked else None)
     weights = [rng.normal(1.0, 0.3, CHANNELS), rng.normal(0.0, 0.3, CHANNELS),
                offset + rng.normal(0.0, 1.0, CHANNELS), rng.uniform(0.5, 2.0, CHANNELS)]
-    bucket = bucket_for(strategy, (rank, axis, dtype, masked, group_size))
+    bucket = bucket_for(strategy, (rank, axis, dtype, masked, group_size, kernels))
     y, dx, dgamma, dbeta, (moving_mean, moving_variance) = bucket.run(xs, dys, masks, weights)
     tol = tolerance(dtype, abs(offset) / std)
     size = group_size or NUM_REPLICAS
@@ -326,7 +333,7 @@ def check_case(strategy, case):
 @given(case=cases())
 # Found by the CI profile: float16 dx of a 2-sample group is ~1e-6, float16
 # subnormals, where the first tolerance (relative to max|dx|) was wrong.
-@example(case=((2, 1, "float16", True, 2), [0, 1, 0, 2], 1000.0, 0))
+@example(case=((2, 1, "float16", True, 2), [0, 1, 0, 2], 1000.0, 0, "elementwise"))
 def test_replicas_match_float64_reference(mirrored_strategy, case):
     check_case(mirrored_strategy, case)
 
@@ -356,6 +363,6 @@ def test_a_wrong_layer_fails_the_check(mirrored_strategy, monkeypatch):
         return [v * 1.01 for v in y], dx, dgamma, dbeta, moving
 
     monkeypatch.setattr(Bucket, "run", off_run)
-    case = ((2, -1, "float32", False, None), [3, 2, 0, 4], 0.0, 7)
+    case = ((2, -1, "float32", False, None), [3, 2, 0, 4], 0.0, 7, "elementwise")
     with pytest.raises(AssertionError, match="y of group 0: error"):
         check_case(mirrored_strategy, case)

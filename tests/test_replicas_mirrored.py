@@ -15,6 +15,9 @@ from jobs import exactness
 from reference import relative_error
 from syncbn import SyncBatchNormalization
 
+# Every test runs on both channels-last kernel sets (conftest.kernels).
+pytestmark = pytest.mark.usefixtures("kernels")
+
 COUNTS = [5, 0, 11, 3]
 LAYOUTS = {"2d": ((7,), -1), "nhwc": ((3, 3, 4), -1), "ncw": ((4, 6), 1)}
 STEPS = 3

@@ -60,6 +60,13 @@ class TFDistributeCommunicator(Communicator):
         consecutive_groups(self._world_size, group_size)  # validates
         self._group_size = group_size if group_size not in (None, self._world_size) else None
         self._direct = _direct_mpi(group_size, self._world_size) if direct_mpi else None
+        # Replicas in one process (MirroredStrategy) run one traced function:
+        # they cannot reach different call sites, nor can one of them be
+        # missing while the others wait. Workers can do both, so between
+        # workers every sum carries the call site's fingerprint and a timeout.
+        # In one process neither is paid for: the timeout alone costs 0.3-0.7
+        # ms per collective on CPUs (bench/model_step.py --mirrored 2).
+        self._across_workers = _multi_worker_strategy() is not None
 
     @property
     def num_replicas(self):
@@ -73,8 +80,10 @@ class TFDistributeCommunicator(Communicator):
     def all_sum(self, tensor, name):
         if self._direct is not None:
             return self._direct.all_sum(tensor, name)
+        if not self._across_workers:
+            return self._sum_packed(tensor)
         # tf.distribute matches collectives by program order, not by name, so a
-        # replica at another layer with the same shape would be summed in
+        # worker at another layer with the same shape would be summed in
         # silently: the call site's fingerprint rides along (issue #11). A
         # different shape or dtype already fails in the collective itself,
         # whose error names this layer's node.
@@ -98,9 +107,11 @@ class TFDistributeCommunicator(Communicator):
     def _sum_packed(self, packed):
         """The strategy's all-reduce of `packed` ([D]) over this replica's group."""
         context = _replica_context()
-        options = tf.distribute.experimental.CommunicationOptions(
-            timeout_seconds=collective_timeout_seconds()
-        )
+        options = None
+        if self._across_workers:
+            options = tf.distribute.experimental.CommunicationOptions(
+                timeout_seconds=collective_timeout_seconds()
+            )
         if self._group_size is None:
             return context.all_reduce(tf.distribute.ReduceOp.SUM, packed, options=options)
         replica_id = tf.cast(context.replica_id_in_sync_group, tf.int32)

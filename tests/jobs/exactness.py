@@ -201,15 +201,15 @@ def main(argv=None):
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     rank, world_size, communicator, strategy = setup_backend(args.backend, args.group_size)
+    import tensorflow as tf
+
     import syncbn
-    from syncbn import collectives
+    from syncbn import collectives, ops
 
     # Every communicator but local reports what sums (e.g. compiled, mpi-direct).
     if strategy is None:
         kernel = collectives.resolve(communicator, args.group_size).kernel
     else:
-        import tensorflow as tf
-
         with strategy.scope():
             per_replica = strategy.run(
                 lambda: tf.constant(collectives.resolve(communicator, args.group_size).kernel))
@@ -224,6 +224,8 @@ def main(argv=None):
     lo = sum(group_counts[: rank - group_start])
     hi = lo + counts[rank]
     failures = 0
+    # The channels-last kernels this rank's layers run (syncbn.ops.kernels_for).
+    kernels = ops.kernels_for(tf.zeros([1]))
     for layout in args.layouts.split(","):
         feature_shape, axis = LAYOUTS[layout]
         batches = global_batches(layout, counts, args.steps, args.offset)
@@ -250,7 +252,7 @@ def main(argv=None):
         # One write per line, so that lines of different ranks do not interleave.
         sys.stdout.write(f"exactness rank={rank}/{world_size} layout={layout} rows={hi - lo} "
                          f"reference={'float64' if args.offset else 'keras'} offset={args.offset:g} "
-                         f"kernel={kernel} "
+                         f"kernel={kernel} kernels={kernels} "
                          f"{'FAIL' if worst else 'ok'} {summary}\n")
         sys.stdout.flush()
         if args.out:
