@@ -30,9 +30,8 @@ import os
 import sys
 import time
 
-import numpy as np
-
 import sync_step
+from tables import median_and_ratio_table
 
 
 def parse_args(argv=None):
@@ -127,12 +126,8 @@ def main(argv=None):
     for key, value in backend.settings().items():
         print(f"{key}: {value}")
     print()
-    first = np.array(samples[paths[0]])
-    print(f"| path | us per all-sum | / {paths[0]} |")
-    print("| --- | ---: | ---: |")
-    for path in paths:
-        values = np.array(samples[path])
-        print(f"| {path} | {np.median(values):.1f} | {np.median(values / first):.2f} |")
+    header = ("path", "us per all-sum", f"/ {paths[0]}")
+    print("\n".join(median_and_ratio_table(samples, paths, header, digits=1)))
     return 0
 
 

@@ -37,6 +37,8 @@ BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH_DIR)
 sys.path.insert(0, os.path.dirname(BENCH_DIR))
 
+from tables import median_and_ratio_table  # noqa: E402
+
 MODELS = ("mobilenetv2", "resnet50", "efficientnetb0")
 VARIANTS = ("keras", "syncbn-elementwise", "syncbn-fused", "synced-elementwise", "synced-fused")
 
@@ -142,12 +144,8 @@ def main(argv=None):
           f"{min(values)} to {max(values)} values each (median {int(np.median(values))}); "
           f"{args.rounds} rounds x {args.repeat} calls")
     print()
-    print("| variant | ms per forward + backward over every layer | ratio to keras |")
-    print("| --- | ---: | ---: |")
-    keras_times = np.array(samples["keras"])
-    for variant in VARIANTS:
-        times = np.array(samples[variant])
-        print(f"| {variant} | {1e3 * np.median(times):.2f} | {np.median(times / keras_times):.2f} |")
+    header = ("variant", "ms per forward + backward over every layer", "ratio to keras")
+    print("\n".join(median_and_ratio_table(samples, VARIANTS, header, scale=1e3)))
     return 0
 
 
