@@ -30,6 +30,7 @@ import platform
 import shlex
 import sys
 import time
+from unittest import mock
 
 import numpy as np
 
@@ -99,16 +100,9 @@ def build_step(variant, shapes):
                              for layer, x in zip(layers, xs)])
         return loss, tape.gradient(loss, xs + weights)
 
-    saved = os.environ.get("SYNCBN_KERNELS")
-    if kernels is not None:
-        os.environ["SYNCBN_KERNELS"] = kernels  # read when the step is traced
-    try:
+    # SYNCBN_KERNELS is read when the step is traced.
+    with mock.patch.dict(os.environ, {} if kernels is None else {"SYNCBN_KERNELS": kernels}):
         step.get_concrete_function()
-    finally:
-        if saved is None:
-            os.environ.pop("SYNCBN_KERNELS", None)
-        else:
-            os.environ["SYNCBN_KERNELS"] = saved
     return step
 
 

@@ -122,9 +122,8 @@ def kernels_for(x, single_replica=False):
     if choice != "auto":
         return choice
     device = (getattr(x, "device", "") or "").upper()
-    if "GPU" in device:
-        return "fused"
-    on_gpu = "CPU" not in device and bool(tf.config.list_logical_devices("GPU"))
+    on_gpu = "GPU" in device or (
+        "CPU" not in device and bool(tf.config.list_logical_devices("GPU")))
     if on_gpu or (single_replica and _static_size(x) >= FUSED_MIN_VALUES_ON_CPU):
         return "fused"
     return "elementwise"
@@ -138,21 +137,23 @@ def _channels_last_4d(x):
     return tf.reshape(x, [-1, 1, 1, x.shape[-1]])
 
 
-def _shifted(x4):
-    """`(x4 - shift, shift)`, shift `[C]` the batch's first position (0 if empty).
+def _shifted(x):
+    """`(x - shift, shift)` for channels-last `x`, shift `[C]` the batch's first position (0 if empty).
 
-    A sum over a `[0 or 1, 1, 1, C]` slice: the first position, or zeros for
-    an empty batch, with no branch. The gradient treats the shift as a
+    A sum over a `[0 or 1, 1, ..., 1, C]` slice: the first position, or zeros
+    for an empty batch, with no branch. The gradient treats the shift as a
     constant, which is exact: batch norm's output does not depend on it.
     """
-    shift = tf.stop_gradient(tf.reduce_sum(x4[:1, :1, :1], axis=[0, 1, 2]))
-    return x4 - shift, shift
+    rank = x.shape.rank
+    first = x[(slice(0, 1),) * (rank - 1)]
+    shift = tf.stop_gradient(tf.reduce_sum(first, axis=list(range(rank - 1))))
+    return x - shift, shift
 
 
-def _position_count(x4):
-    """Samples per channel, float32: `N * H * W` of a `[N, H, W, C]` batch."""
+def _position_count(x):
+    """Samples per channel of channels-last `x`, float32: `N * H * W` of `[N, H, W, C]`."""
     # Integer division before the cast: exact up to 2**24 samples per channel.
-    return tf.cast(tf.size(x4, out_type=tf.int64) // x4.shape[-1], tf.float32)
+    return tf.cast(tf.size(x, out_type=tf.int64) // x.shape[-1], tf.float32)
 
 
 def _fused_train(x4, gamma, beta, epsilon):
@@ -278,17 +279,13 @@ def _channels_last_elementwise(x, gamma, beta, epsilon, all_sum, name, single_re
     one all-sum, as on every path. Backward: `sum(dy)` and `sum(dy * c)`, one
     all-sum (none with one replica), and `dx` in four element-wise passes.
     """
-    rank = x.shape.rank
     num_channels = x.shape[-1]
-    axes = list(range(rank - 1))
+    axes = list(range(x.shape.rank - 1))
 
     @tf.custom_gradient
     def normalize(x, gamma, beta):
-        # [..., C] -> [C]: the first position, or zeros for an empty batch
-        # (a constant to the gradient below, which is written out).
-        shift = tf.reduce_sum(x[(slice(0, 1),) * (rank - 1)], axis=axes)
-        shifted = x - shift
-        count = tf.cast(tf.size(x, out_type=tf.int64) // num_channels, tf.float32)
+        shifted, shift = _shifted(x)
+        count = _position_count(x)
         inv_count = 1.0 / tf.maximum(count, 1.0)
         mean_offset = tf.reduce_sum(shifted, axis=axes) * inv_count
         m2 = tf.reduce_sum(tf.math.squared_difference(shifted, mean_offset), axis=axes)
@@ -415,21 +412,17 @@ def sync_batch_norm(x, gamma, beta, *, axis, epsilon, all_sum, name, mask=None, 
     gamma = _as_vector(gamma, num_channels, 1.0)
     beta = _as_vector(beta, num_channels, 0.0)
     # The one decision, from static facts: no branch in the graph.
-    if fused_kernels_apply(rank, axis, mask) and kernels_for(x, single_replica) == "elementwise":
-        y, mean, variance, count = _channels_last_elementwise(
-            x, gamma, beta, epsilon, all_sum, name, single_replica
-        )
-    elif fused_kernels_apply(rank, axis, mask) and single_replica:
-        # Autodiff runs through this path: the statistics must not carry a gradient.
+    if not fused_kernels_apply(rank, axis, mask):
+        selection = stats.mask_weights(mask, x, axis) if mask is not None else None
+        return _elementwise(x, gamma, beta, epsilon, all_sum, name, axis, selection)
+    # The custom-gradient paths ignore the statistics' gradients; autodiff
+    # runs through the one-replica fused path, so its statistics stop them.
+    if kernels_for(x, single_replica) == "elementwise":
+        return _channels_last_elementwise(x, gamma, beta, epsilon, all_sum, name, single_replica)
+    if single_replica:
         y, mean, variance, count = _single_replica_kernels(x, gamma, beta, epsilon)
         return y, tf.stop_gradient(mean), tf.stop_gradient(variance), tf.stop_gradient(count)
-    elif fused_kernels_apply(rank, axis, mask):
-        y, mean, variance, count = _synced_kernels(x, gamma, beta, epsilon, all_sum, name)
-    else:
-        selection = stats.mask_weights(mask, x, axis) if mask is not None else None
-        y, mean, variance, count = _elementwise(x, gamma, beta, epsilon, all_sum, name, axis, selection)
-    # The other paths' custom gradients ignore the statistics' gradients.
-    return y, mean, variance, count
+    return _synced_kernels(x, gamma, beta, epsilon, all_sum, name)
 
 
 def batch_norm_inference(x, mean, variance, gamma, beta, *, axis, epsilon):

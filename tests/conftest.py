@@ -5,9 +5,9 @@ accepts the split before it initializes its devices, so it happens here,
 before any test module runs a TensorFlow op.
 """
 
-import contextlib
 import os
 import sys
+from unittest import mock
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -27,18 +27,9 @@ tf.config.set_logical_device_configuration(
 KERNELS = ("elementwise", "fused")  # syncbn.ops.kernels_for's two answers
 
 
-@contextlib.contextmanager
 def kernels_env(kernels):
-    """`SYNCBN_KERNELS=kernels` for what is traced inside the block."""
-    saved = os.environ.get("SYNCBN_KERNELS")
-    os.environ["SYNCBN_KERNELS"] = kernels
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ["SYNCBN_KERNELS"]
-        else:
-            os.environ["SYNCBN_KERNELS"] = saved
+    """A context manager: `SYNCBN_KERNELS=kernels` for what is traced inside the block."""
+    return mock.patch.dict(os.environ, {"SYNCBN_KERNELS": kernels})
 
 
 @pytest.fixture(params=KERNELS)
