@@ -319,6 +319,19 @@ class SyncBatchNormalization(keras.layers.Layer):
         # entries: a tensor with another channel count at run time would make
         # the collective fail (or hang) with an obscure shape mismatch.
         num_channels = self.moving_mean.shape[0]
+        static_shape = inputs.shape.as_list()
+        static_channels = static_shape[self._channel_axis]
+        if static_channels is not None and static_channels != num_channels:
+            raise ValueError(
+                f"SyncBatchNormalization '{self.name}' was built for {num_channels} channels "
+                f"on axis {self.axis}. Received: inputs.shape={tuple(static_shape)}"
+            )
+        static_shape[self._channel_axis] = num_channels
+        if static_channels is not None:
+            # Known when tracing, so only a kernel that returns a wrongly shaped
+            # tensor breaks it (TensorFlow 2.18's oneDNN CPU kernels do, for
+            # empty batches): EnsureShape checks that at run time in one op.
+            return tf.ensure_shape(inputs, static_shape, name=f"{self.name}_channels")
         # One Assert op on a host-side shape (assert_equal adds some 20 nodes
         # per layer to every traced step, issue #10).
         check = tf.debugging.Assert(
@@ -331,8 +344,6 @@ class SyncBatchNormalization(keras.layers.Layer):
             ],
         )
         with tf.control_dependencies([check]):
-            static_shape = inputs.shape.as_list()
-            static_shape[self._channel_axis] = num_channels
             return tf.ensure_shape(tf.identity(inputs), static_shape)
 
     def _call_training(self, inputs, mask):
@@ -358,7 +369,7 @@ class SyncBatchNormalization(keras.layers.Layer):
         """Assigns the moving statistics after a step (syncbn/moving.py); returns `outputs`."""
         recorder = getattr(self, "_statistics_recorder", None)
         if recorder is not None:  # syncbn.recalibrate: record, update nothing
-            recorder(mean, variance, count)
+            recorder(mean, variance, tf.convert_to_tensor(count, tf.float32))
             return outputs
         updates = None if self.moving_updates is None else tf.convert_to_tensor(self.moving_updates)
         new_mean, new_variance, new_updates, nonfinite_step = moving.next_moving_statistics(
@@ -383,7 +394,9 @@ class SyncBatchNormalization(keras.layers.Layer):
             self.moving_variance.assign(new_variance)
             if new_updates is not None:
                 self.moving_updates.assign(new_updates)
-            return tf.identity(outputs)
+            # Only the assertion must run before the outputs are used; the
+            # assignments run anyway (tf.function orders stateful ops).
+            return tf.identity(outputs) if checks else outputs
 
     def call(self, inputs, training=None, mask=None):
         if mask is not None and len(mask.shape) != len(inputs.shape) - 1:

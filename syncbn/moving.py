@@ -70,7 +70,8 @@ def next_moving_statistics(moving_mean, moving_variance, mean, variance, count, 
         moving_mean, moving_variance: float32 `[C]`, the current values.
         mean, variance: float32 `[C]`, the global batch mean and biased
             variance (the same on every replica).
-        count: float32 scalar, the global batch's sample count.
+        count: float32 scalar, the global batch's sample count, or a Python
+            float when it is known when tracing.
         momentum: Python float in `[0, 1)`.
         moving_average: `"ema"` or `"debiased"`.
         updates: float32 scalar, updates made so far (`"debiased"` only).
@@ -82,20 +83,29 @@ def next_moving_statistics(moving_mean, moving_variance, mean, variance, count, 
         values (`updates` is None for `"ema"`), and a scalar bool that is True
         if this step's statistics were not finite (and the batch not empty).
     """
-    finite = tf.logical_and(tf.reduce_all(tf.math.is_finite(mean)),
-                            tf.reduce_all(tf.math.is_finite(variance)))
-    nonempty = count > 0
-    nonfinite_step = tf.logical_and(nonempty, tf.logical_not(finite))
-    update = nonempty if nonfinite == "update" else tf.logical_and(nonempty, finite)
+    # One finiteness check for both: [C], [C] -> [2C].
+    finite = tf.reduce_all(tf.math.is_finite(tf.concat([mean, variance], axis=0)))
+    if isinstance(count, float):
+        # Known when tracing (a static shape): the emptiness test costs no op.
+        if count == 0:
+            return moving_mean, moving_variance, updates, tf.constant(False)
+        nonfinite_step = tf.logical_not(finite)
+        update = True if nonfinite == "update" else finite
+    else:
+        nonempty = count > 0
+        nonfinite_step = tf.logical_and(nonempty, tf.logical_not(finite))
+        update = nonempty if nonfinite == "update" else tf.logical_and(nonempty, finite)
+
+    def select(candidate, old):
+        return candidate if update is True else tf.where(update, candidate, old)
+
     if moving_average == "debiased":
         new_updates = updates + 1.0
         rate = debiased_rate(momentum, new_updates)
-        updates = tf.where(update, new_updates, updates)
+        updates = select(new_updates, updates)
     else:
         rate = tf.constant(1.0 - momentum, tf.float32)
     # Keras's form, m - (m - s) * rate, so that "ema" rounds exactly as Keras BN does.
-    candidate_mean = moving_mean - (moving_mean - mean) * rate
-    candidate_variance = moving_variance - (moving_variance - variance) * rate
-    return (tf.where(update, candidate_mean, moving_mean),
-            tf.where(update, candidate_variance, moving_variance),
+    return (select(moving_mean - (moving_mean - mean) * rate, moving_mean),
+            select(moving_variance - (moving_variance - variance) * rate, moving_variance),
             updates, nonfinite_step)

@@ -72,6 +72,7 @@ CPUs).
 import math
 import os
 
+import numpy as np
 import tensorflow as tf
 
 from syncbn import stats
@@ -137,23 +138,49 @@ def _channels_last_4d(x):
     return tf.reshape(x, [-1, 1, 1, x.shape[-1]])
 
 
-def _shifted(x):
+def _shifted(x, stop_gradient=False):
     """`(x - shift, shift)` for channels-last `x`, shift `[C]` the batch's first position (0 if empty).
 
     A sum over a `[0 or 1, 1, ..., 1, C]` slice: the first position, or zeros
-    for an empty batch, with no branch. The gradient treats the shift as a
-    constant, which is exact: batch norm's output does not depend on it.
+    for an empty batch, with no branch. The gradient must treat the shift as
+    a constant, which is exact: batch norm's output does not depend on it.
+    The custom gradients do by construction; a path differentiated by
+    autodiff asks for `stop_gradient`.
     """
     rank = x.shape.rank
-    first = x[(slice(0, 1),) * (rank - 1)]
-    shift = tf.stop_gradient(tf.reduce_sum(first, axis=list(range(rank - 1))))
+    shift = tf.reduce_sum(x[(slice(0, 1),) * (rank - 1)], axis=list(range(rank - 1)))
+    if stop_gradient:
+        shift = tf.stop_gradient(shift)
     return x - shift, shift
 
 
 def _position_count(x):
-    """Samples per channel of channels-last `x`, float32: `N * H * W` of `[N, H, W, C]`."""
-    # Integer division before the cast: exact up to 2**24 samples per channel.
+    """Samples per channel of channels-last `x`: `N * H * W` of `[N, H, W, C]`.
+
+    A Python float when the shape is static, as it is inside most traced
+    steps: the count, and what is derived from it, then cost no op at all.
+    Otherwise a float32 scalar, exact up to 2**24 samples per channel.
+    """
+    if x.shape.is_fully_defined():
+        return float(x.shape.num_elements() // x.shape[-1])
+    # Integer division before the cast.
     return tf.cast(tf.size(x, out_type=tf.int64) // x.shape[-1], tf.float32)
+
+
+def _is_static(value):
+    return isinstance(value, float)
+
+
+def _at_least(count, low):
+    """`max(count, low)`, computed in Python when `count` is a Python float."""
+    return max(count, low) if _is_static(count) else tf.maximum(count, low)
+
+
+def _inverse_count(count):
+    """float32 `1 / max(count, 1)`; for a static count, rounded as TensorFlow's float32 division."""
+    if _is_static(count):
+        return np.float32(1.0) / np.float32(max(count, 1.0))
+    return 1.0 / tf.maximum(count, 1.0)
 
 
 def _fused_train(x4, gamma, beta, epsilon):
@@ -172,11 +199,13 @@ def _kernel_moments(count, kernel_mean, unbiased_variance):
     The kernel's variance carries Bessel's correction, `n / (n - 1)`, so
     `m2 = variance * (n - 1)`. An empty batch gives NaN statistics, one
     sample an infinite correction: `multiply_no_nan` by a factor that is 0
-    there makes both 0, with no branch.
+    there makes both 0, with no branch. A static count of 2 or more needs
+    neither guard.
     """
-    one = tf.constant(1.0)
-    mean_offset = tf.math.multiply_no_nan(kernel_mean, tf.minimum(count, one))
-    m2 = tf.math.multiply_no_nan(unbiased_variance, tf.maximum(count - one, 0.0))
+    if _is_static(count) and count >= 2.0:
+        return kernel_mean, unbiased_variance * (count - 1.0)
+    mean_offset = tf.math.multiply_no_nan(kernel_mean, tf.minimum(count, 1.0))
+    m2 = tf.math.multiply_no_nan(unbiased_variance, tf.maximum(count - 1.0, 0.0))
     return mean_offset, m2
 
 
@@ -202,14 +231,15 @@ def _fused_affine(x4, scale, offset):
 def _single_replica_kernels(x, gamma, beta, epsilon):
     """One replica, channels last, no mask: the training kernel on shifted data."""
     x4 = _channels_last_4d(x)
-    shifted, shift = _shifted(x4)
+    # Autodiff runs through this path: the shift must stop the gradient.
+    shifted, shift = _shifted(x4, stop_gradient=True)
     count = _position_count(x4)
     y4, kernel_mean, unbiased_variance = _fused_train(shifted, gamma, beta, epsilon)
     mean_offset, m2 = _kernel_moments(count, kernel_mean, unbiased_variance)
     # float32 is enough here: the moving mean is float32, and the output
     # never uses this sum.
     mean = shift + mean_offset
-    return _like(y4, x), mean, m2 / tf.maximum(count, 1.0), count
+    return _like(y4, x), mean, m2 / _at_least(count, 1.0), count
 
 
 def _synced_kernels(x, gamma, beta, epsilon, all_sum, name):
@@ -258,7 +288,7 @@ def _synced_kernels(x, gamma, beta, epsilon, all_sum, name):
             # dx = dx_partial - gamma * inv_std / N * (sum dy + x_hat * sum dy x_hat),
             # with x_hat = (shifted - shifted_mean) * inv_std: one affine pass in `shifted`.
             inv_std = tf.math.rsqrt(variance + epsilon)
-            minus_scale_per_count = -(gamma * inv_std) / tf.maximum(global_count, 1.0)
+            minus_scale_per_count = -(gamma * inv_std) / _at_least(global_count, 1.0)
             per_shifted = minus_scale_per_count * inv_std * global_sum_dy_xhat
             constant = minus_scale_per_count * global_sum_dy - shifted_mean * per_shifted
             dx4 = dx_partial + _fused_affine(shifted, per_shifted, constant)
@@ -281,17 +311,19 @@ def _channels_last_elementwise(x, gamma, beta, epsilon, all_sum, name, single_re
     """
     num_channels = x.shape[-1]
     axes = list(range(x.shape.rank - 1))
+    # Outside the custom gradient: a static count is a Python float, not an output.
+    count = _position_count(x)
 
     @tf.custom_gradient
     def normalize(x, gamma, beta):
         shifted, shift = _shifted(x)
-        count = _position_count(x)
-        inv_count = 1.0 / tf.maximum(count, 1.0)
+        inv_count = _inverse_count(count)
         mean_offset = tf.reduce_sum(shifted, axis=axes) * inv_count
         m2 = tf.reduce_sum(tf.math.squared_difference(shifted, mean_offset), axis=axes)
         if single_replica:
             global_count, shifted_mean, variance = count, mean_offset, m2 * inv_count
             mean = shift + mean_offset
+            statistics = (mean, variance)
         else:
             shift64 = tf.cast(shift, stats.STATS_DTYPE)
             local_mean = shift64 + tf.cast(mean_offset, stats.STATS_DTYPE)
@@ -301,14 +333,14 @@ def _channels_last_elementwise(x, gamma, beta, epsilon, all_sum, name, single_re
             )
             # Small, so exact in float32 even when the mean itself is 1e5.
             shifted_mean = tf.cast(mean64 - shift64, tf.float32)
-            mean = tf.cast(mean64, tf.float32)
+            statistics = (tf.cast(mean64, tf.float32), variance, global_count)
         inv_std = tf.math.rsqrt(variance + epsilon)
         scale = gamma * inv_std
         centred = shifted - shifted_mean
         y = centred * scale + beta
 
-        def grad(dy, d_mean, d_variance, d_count):
-            del d_mean, d_variance, d_count  # Statistics are not differentiable.
+        def grad(dy, *statistics_gradients):
+            del statistics_gradients  # Statistics are not differentiable.
             dy = tf.cast(dy, tf.float32)
             sum_dy = tf.reduce_sum(dy, axis=axes)
             sum_dy_centred = tf.reduce_sum(dy * centred, axis=axes)
@@ -321,14 +353,15 @@ def _channels_last_elementwise(x, gamma, beta, epsilon, all_sum, name, single_re
                     num_channels,
                 )
             # dx = scale * (dy - (sum dy + x_hat * sum dy x_hat) / N), x_hat = centred * inv_std.
-            minus_scale_per_count = -scale / tf.maximum(global_count, 1.0)
+            minus_scale_per_count = -scale / _at_least(global_count, 1.0)
             per_centred = minus_scale_per_count * tf.square(inv_std) * global_sum_dy_centred
             dx = dy * scale + (centred * per_centred + minus_scale_per_count * global_sum_dy)
             return dx, sum_dy_centred * inv_std, sum_dy
 
-        return (y, mean, variance, global_count), grad
+        return (y, *statistics), grad
 
-    return normalize(x, gamma, beta)
+    outputs = normalize(x, gamma, beta)
+    return outputs if len(outputs) == 4 else (*outputs, count)
 
 
 def _elementwise(x, gamma, beta, epsilon, all_sum, name, axis, selection):
@@ -403,7 +436,8 @@ def sync_batch_norm(x, gamma, beta, *, axis, epsilon, all_sum, name, mask=None, 
     Returns:
         `(y, mean, variance, count)`: `y` in float32, shaped like `x`; the
         global batch mean and biased variance (`[C]`, float32) and the global
-        sample count (float32 scalar). The statistics are not differentiable
+        sample count: a float32 scalar, or a Python float where it is known
+        when tracing (one replica, static shape). The statistics are not differentiable
         (their gradient is ignored): they are meant for moving averages.
     """
     rank = x.shape.rank
@@ -421,7 +455,7 @@ def sync_batch_norm(x, gamma, beta, *, axis, epsilon, all_sum, name, mask=None, 
         return _channels_last_elementwise(x, gamma, beta, epsilon, all_sum, name, single_replica)
     if single_replica:
         y, mean, variance, count = _single_replica_kernels(x, gamma, beta, epsilon)
-        return y, tf.stop_gradient(mean), tf.stop_gradient(variance), tf.stop_gradient(count)
+        return y, tf.stop_gradient(mean), tf.stop_gradient(variance), count
     return _synced_kernels(x, gamma, beta, epsilon, all_sum, name)
 
 

@@ -112,15 +112,16 @@ def pack_moments(count, mean, m2):
     """Packs one replica's moments into the float64 vector that is all-reduced.
 
     Layout: `[count] + [count * mean] + [m2 + count * mean**2]`, shapes
-    `[1], [C], [C] -> [2C + 1]`.
+    `[1], [C], [C] -> [2C + 1]`. `count` may be a Python float (a static
+    shape), which costs no op.
     """
-    count64 = tf.cast(count, STATS_DTYPE)
+    if isinstance(count, float):
+        count64 = tf.constant([count], STATS_DTYPE)
+    else:
+        count64 = tf.reshape(tf.cast(count, STATS_DTYPE), [1])
     mean64 = tf.cast(mean, STATS_DTYPE)  # already float64 from local_moments
-    m2_64 = tf.cast(m2, STATS_DTYPE)
-    return tf.concat(
-        [tf.reshape(count64, [1]), count64 * mean64, m2_64 + count64 * tf.square(mean64)],
-        axis=0,
-    )
+    sum_x = count64 * mean64
+    return tf.concat([count64, sum_x, tf.cast(m2, STATS_DTYPE) + sum_x * mean64], axis=0)
 
 
 def unpack_moments(packed_sums, num_channels):
@@ -132,12 +133,11 @@ def unpack_moments(packed_sums, num_channels):
     """
     # One split op, not three strided slices: fewer nodes in every traced step.
     global_count, sum_x, sum_sq = tf.split(packed_sums, [1, num_channels, num_channels])
-    global_count = tf.reshape(global_count, [])
-    safe_count = tf.maximum(global_count, 1.0)
+    safe_count = tf.maximum(global_count, 1.0)  # [1], broadcast against [C]
     mean = sum_x / safe_count
     # Clamp the float64 rounding residue; the combine itself cannot go negative.
     variance = tf.maximum((sum_sq - sum_x * mean) / safe_count, 0.0)
-    return tf.cast(global_count, tf.float32), mean, tf.cast(variance, tf.float32)
+    return tf.cast(tf.squeeze(global_count, 0), tf.float32), mean, tf.cast(variance, tf.float32)
 
 
 def pack_grad_sums(sum_dy, sum_dy_xhat):

@@ -262,3 +262,21 @@ def test_wrong_channel_count_at_run_time_is_a_clear_error():
 
     with pytest.raises(tf.errors.InvalidArgumentError, match="expects 6 channels"):
         call(tf.zeros((0, 5, 3)))
+
+
+def test_wrong_channel_count_behind_a_static_shape_is_a_clear_error():
+    # A kernel that returns a tensor whose run-time shape contradicts its
+    # static one (TensorFlow 2.18's oneDNN kernels do, for empty batches):
+    # the layer's EnsureShape, named after the layer, stops it.
+    layer = SyncBatchNormalization(communicator="local", name="bn_static")
+    layer.build((None, 5, 6))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 5, None])])
+    def call(x):
+        claims_six = tf.reshape(x, tf.shape(x))
+        claims_six.set_shape([None, 5, 6])
+        return layer(claims_six, training=True)
+
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"(?s)\[0,5,3\] is not compatible with expected shape \[\?,5,6\].*bn_static_channels"):
+        call(tf.zeros((0, 5, 3)))
