@@ -23,6 +23,8 @@ Keras does, `"raise"` fails the step.
 
 import tensorflow as tf
 
+from syncbn import stats
+
 MOVING_AVERAGES = ("ema", "debiased")
 NONFINITE = ("skip", "update", "raise")
 
@@ -85,7 +87,7 @@ def next_moving_statistics(moving_mean, moving_variance, mean, variance, count, 
     """
     # One finiteness check for both: [C], [C] -> [2C].
     finite = tf.reduce_all(tf.math.is_finite(tf.concat([mean, variance], axis=0)))
-    if isinstance(count, float):
+    if stats.is_static_count(count):
         # Known when tracing (a static shape): the emptiness test costs no op.
         if count == 0:
             return moving_mean, moving_variance, updates, tf.constant(False)

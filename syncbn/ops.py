@@ -167,18 +167,14 @@ def _position_count(x):
     return tf.cast(tf.size(x, out_type=tf.int64) // x.shape[-1], tf.float32)
 
 
-def _is_static(value):
-    return isinstance(value, float)
-
-
 def _at_least(count, low):
     """`max(count, low)`, computed in Python when `count` is a Python float."""
-    return max(count, low) if _is_static(count) else tf.maximum(count, low)
+    return max(count, low) if stats.is_static_count(count) else tf.maximum(count, low)
 
 
 def _inverse_count(count):
     """float32 `1 / max(count, 1)`; for a static count, rounded as TensorFlow's float32 division."""
-    if _is_static(count):
+    if stats.is_static_count(count):
         return np.float32(1.0) / np.float32(max(count, 1.0))
     return 1.0 / tf.maximum(count, 1.0)
 
@@ -202,7 +198,7 @@ def _kernel_moments(count, kernel_mean, unbiased_variance):
     there makes both 0, with no branch. A static count of 2 or more needs
     neither guard.
     """
-    if _is_static(count) and count >= 2.0:
+    if stats.is_static_count(count) and count >= 2.0:
         return kernel_mean, unbiased_variance * (count - 1.0)
     mean_offset = tf.math.multiply_no_nan(kernel_mean, tf.minimum(count, 1.0))
     m2 = tf.math.multiply_no_nan(unbiased_variance, tf.maximum(count - 1.0, 0.0))
@@ -361,7 +357,7 @@ def _channels_last_elementwise(x, gamma, beta, epsilon, all_sum, name, single_re
         return (y, *statistics), grad
 
     outputs = normalize(x, gamma, beta)
-    return outputs if len(outputs) == 4 else (*outputs, count)
+    return (*outputs, count) if single_replica else outputs
 
 
 def _elementwise(x, gamma, beta, epsilon, all_sum, name, axis, selection):

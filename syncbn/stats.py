@@ -108,6 +108,15 @@ def _expand(vector, x, axes):
     return tf.reshape(vector, shape)
 
 
+def is_static_count(count):
+    """True if `count` is known when tracing: a Python float, from a static shape.
+
+    Static counts, and what is derived from them, cost no op in the traced
+    graph; a count that depends on the batch is a float32 tensor.
+    """
+    return isinstance(count, float)
+
+
 def pack_moments(count, mean, m2):
     """Packs one replica's moments into the float64 vector that is all-reduced.
 
@@ -115,7 +124,7 @@ def pack_moments(count, mean, m2):
     `[1], [C], [C] -> [2C + 1]`. `count` may be a Python float (a static
     shape), which costs no op.
     """
-    if isinstance(count, float):
+    if is_static_count(count):
         count64 = tf.constant([count], STATS_DTYPE)
     else:
         count64 = tf.reshape(tf.cast(count, STATS_DTYPE), [1])
