@@ -8,8 +8,13 @@ Run by model_step.py through the launcher, one variant per job:
 The model is a `keras.applications` model (model_step.py's `build_model`,
 same seed on every rank); `--variant local` keeps its Keras
 BatchNormalization layers, `--variant sync` is `syncbn.convert(model)`
-(communicator "auto": the backend's). Each backend is trained the way its
-documentation shows users:
+(communicator "auto": the backend's), and `--variant synced` is
+`syncbn.convert(model, communicator=PretendTwoReplicas())` (bench/layer.py):
+the synchronized path's math on each rank's own batch, with no collective in
+the BN layers, while the gradients are still averaged over the ranks. So
+sync - synced is what the BN layers' collectives cost, and synced - local
+what their math costs. Each backend is trained the way its documentation
+shows users:
 
 * horovod: `syncbn.init_horovod()`, `model.fit` with the `syncbn.horovod_keras`
   glue (`hk.DistributedOptimizer`, `hk.BroadcastInitialState()`,
@@ -48,7 +53,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import model_step  # noqa: E402
 
 BACKENDS = ("horovod", "mpi", "tf")
-VARIANTS = ("local", "sync")
+VARIANTS = ("local", "sync", "synced")
 EPOCHS = 2
 NUM_CLASSES = 10
 
@@ -59,7 +64,8 @@ def parse_args(argv=None):
                         help="how the ranks train: horovod, mpi or tf (match the launcher's)")
     parser.add_argument("--model", required=True, choices=model_step.MODELS + [model_step.SMALL_MODEL])
     parser.add_argument("--variant", required=True, choices=VARIANTS,
-                        help="local: Keras BN; sync: syncbn.convert(model)")
+                        help="local: Keras BN; sync: syncbn.convert(model); synced: the same "
+                             "layers with no collective (PretendTwoReplicas)")
     parser.add_argument("--batch", type=int, default=8, help="samples per rank and step (default 8)")
     parser.add_argument("--size", type=int, default=64, help="image height and width (default 64)")
     parser.add_argument("--steps", type=int, default=5, help="steps per epoch (default 5)")
@@ -90,7 +96,13 @@ def make_model(args):
     import syncbn
 
     model = model_step.build_model(args.model, args.size)  # seeded: the same on every rank
-    return syncbn.convert(model) if args.variant == "sync" else model
+    if args.variant == "local":
+        return model
+    if args.variant == "sync":
+        return syncbn.convert(model)
+    from layer import PretendTwoReplicas
+
+    return syncbn.convert(model, communicator=PretendTwoReplicas())
 
 
 def step_timer_class():

@@ -16,7 +16,10 @@ in one run:
   custom `strategy.run` train step, `--batch` samples per replica:
   - `keras`: Keras BN, local statistics;
   - `keras-sync`: every BN cloned with `synchronized=True`;
-  - `syncbn`: `syncbn.convert(model)` (the strategy's all-reduce).
+  - `syncbn`: `syncbn.convert(model)` (the strategy's all-reduce);
+  - `synced`: as above, with `PretendTwoReplicas`: the same layers and math,
+    no all-reduce in the BN layers. syncbn - synced is what the strategy's
+    all-reduces cost.
 * `--launch N --backends horovod,mpi,tf`: N ranks, one job per variant through
   `python -m launch -np N --backend B` (`syncbn-launch`), running
   bench/model_fit_job.py on every rank, two epochs of `--steps` steps on a
@@ -26,7 +29,10 @@ in one run:
   communicator; tf: MultiWorkerMirroredStrategy and `strategy.run`, since
   Keras 3's `model.fit` fails under it, keras-team/keras#20585):
   - `local`: Keras BN (local statistics), same glue;
-  - `sync`: `syncbn.convert(model)` (communicator "auto": the backend's).
+  - `sync`: `syncbn.convert(model)` (communicator "auto": the backend's);
+  - `synced`: as above, with `PretendTwoReplicas`: no collective in the BN
+    layers (the gradients are still averaged). sync - synced is what the BN
+    layers' collectives cost.
   "First epoch" is rank 0's wall time from the start of training to the end of
   the first epoch; "steady step" rank 0's median step over the second epoch,
   each step timed from `on_train_batch_begin` to `on_train_batch_end`
@@ -64,8 +70,8 @@ MODELS = ["resnet50", "mobilenetv2", "efficientnetb0"]
 # Not a default: a 6-BN CNN (bench/sync_step.py's) that traces in seconds, for --quick.
 SMALL_MODEL = "small_cnn"
 SINGLE_VARIANTS = ["keras", "syncbn", "synced"]
-MIRRORED_VARIANTS = ["keras", "keras-sync", "syncbn"]
-LAUNCH_VARIANTS = ["local", "sync"]
+MIRRORED_VARIANTS = ["keras", "keras-sync", "syncbn", "synced"]
+LAUNCH_VARIANTS = ["local", "sync", "synced"]
 LAUNCH_MODEL = "mobilenetv2"
 # The launcher's arguments for each backend name (the job's --backend is the name).
 LAUNCH_BACKENDS = {

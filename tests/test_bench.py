@@ -16,6 +16,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "bench"))
+import model_fit_job  # noqa: E402
 import model_layers  # noqa: E402
 import model_step  # noqa: E402
 
@@ -46,12 +47,14 @@ def test_launch_mode_prints_every_backend_with_finite_positive_ratios():
         assert int(re.search(r"\((\d+)\)$", label).group(1)) > 0, row  # BN layers counted
         # backend model (BN) | first epoch s | ratio | steady step ms | ratio
         assert len(row) == 5, row
-        for cell in (row[2], row[4]):
-            (ratio,) = ratios(cell)
-            assert math.isfinite(ratio) and ratio > 0, row
-        for cell in (row[1], row[3]):
-            local, sync = (float(value) for value in cell.split(" / "))
-            assert math.isfinite(local) and local > 0 and math.isfinite(sync) and sync > 0, row
+        for cell in (row[2], row[4]):  # sync/local, synced/local
+            values = ratios(cell)
+            assert len(values) == 2, row
+            assert all(math.isfinite(ratio) and ratio > 0 for ratio in values), row
+        for cell in (row[1], row[3]):  # local / sync / synced
+            times = [float(value) for value in cell.split(" / ")]
+            assert len(times) == 3, row
+            assert all(math.isfinite(time) and time > 0 for time in times), row
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -86,6 +89,35 @@ def test_launch_command_runs_the_job_through_the_launcher():
     assert job[1].endswith("bench/model_fit_job.py")
     assert job[2:] == ["--backend", "tf", "--model", "mobilenetv2", "--variant", "sync",
                        "--batch", "2", "--size", "32", "--steps", "1"]
+
+
+def test_fit_job_variants_differ_only_in_their_batch_normalization():
+    # local keeps Keras BN; sync and synced are syncbn layers, and only sync all-reduces:
+    # synced says 2 replicas (the synchronized path) and its all_sum returns its input.
+    import keras
+    import numpy as np
+
+    import syncbn
+
+    def model(variant):
+        return model_fit_job.make_model(model_fit_job.parse_args(
+            ["--backend", "mpi", "--model", "small_cnn", "--variant", variant, "--size", "32"]))
+
+    local, sync, synced = (model(variant) for variant in model_fit_job.VARIANTS)
+    local_bn = [l for l in local.layers if isinstance(l, keras.layers.BatchNormalization)]
+    assert len(local_bn) == 6, local.layers
+    for converted, communicator in ((sync, "auto"), (synced, None)):
+        bn = [l for l in converted.layers if isinstance(l, syncbn.SyncBatchNormalization)]
+        assert len(bn) == 6, converted.layers
+        for layer, original in zip(bn, local_bn):
+            for got, want in zip(layer.get_weights(), original.get_weights()):
+                np.testing.assert_array_equal(got, want)
+            if communicator:
+                assert layer.communicator == communicator
+            else:
+                assert layer.communicator.num_replicas == 2
+                tensor = np.arange(3.0, dtype=np.float32)
+                np.testing.assert_array_equal(layer.communicator.all_sum(tensor, "x"), tensor)
 
 
 def test_table_has_medians_and_per_round_ratios():
