@@ -3,7 +3,7 @@
 Run one copy per rank under the launcher you train with:
 
     syncbn-launch -np 4 -- python -m syncbn.check
-    horovodrun -np 4 python -m syncbn.check
+    horovodrun -np 4 python -m syncbn.check --communicator horovod   # over MPI it sets no HOROVOD_*
     mpirun -np 4 python -m syncbn.check
     srun -n 4 python -m syncbn.check --communicator mpi
     TF_CONFIG=... python -m syncbn.check --communicator tf.distribute   # on every worker

@@ -24,7 +24,8 @@ def build_parser():
     parser.add_argument(
         "--communicator", default="auto",
         help="what the layer sums with: auto (default: the job is set up from the launcher's "
-             "environment, TF_CONFIG: tf.distribute, HOROVOD_*: Horovod, an MPI launcher: "
+             "environment, TF_CONFIG: tf.distribute, HOROVOD_*: Horovod (horovodrun sets "
+             "them only over Gloo: over MPI pass horovod), an MPI launcher: "
              "MPI, else one process, and the layer uses communicator='auto'), horovod, "
              "tf.distribute (MultiWorkerMirroredStrategy from TF_CONFIG, else "
              "MirroredStrategy over this process's devices), mpi, local, or MODULE:ATTRIBUTE "
