@@ -62,6 +62,8 @@ import numbers
 import keras
 import tensorflow as tf
 
+from syncbn import world
+
 OPS = ("average", "sum")
 
 
@@ -157,7 +159,8 @@ def is_chief():
     Raises:
         RuntimeError: if Horovod is missing or not initialized.
     """
-    return rank() == 0
+    _hvd()
+    return world.is_chief()
 
 
 def chief_only(*callbacks):

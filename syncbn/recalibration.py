@@ -12,20 +12,16 @@ See docs/moving-statistics.md.
 """
 
 import logging
-import os
 import threading
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from syncbn import collectives
+from syncbn import collectives, world
 from syncbn.layers import SyncBatchNormalization
 
 logger = logging.getLogger(__name__)
-
-_RANK_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
-
 
 def synchronized_layers(model):
     """Every SyncBatchNormalization inside `model` (nested models included), once each."""
@@ -45,18 +41,6 @@ def _strategy(model):
     if strategy is None and tf.distribute.has_strategy():
         strategy = tf.distribute.get_strategy()
     return strategy
-
-
-def is_chief(strategy=None):
-    """True on the process that prints: rank 0 under Horovod or MPI, worker 0 under tf.distribute."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    task_id = getattr(resolver, "task_id", None)
-    if task_id is not None:
-        return task_id == 0
-    for variable in _RANK_VARIABLES:
-        if variable in os.environ:
-            return os.environ[variable] == "0"
-    return True
 
 
 def _features(element):
@@ -204,7 +188,7 @@ def recalibrate(model, data, steps=None, verbose="auto"):
         raise ValueError("recalibrate does not support `group_size` with several replicas in one "
                          "process (MirroredStrategy): their groups would need different values.")
     if verbose == "auto":
-        verbose = 1 if is_chief(strategy) else 0
+        verbose = 1 if world.is_chief(strategy) else 0
     # With one replica the data's end is the end; with more, the replicas must
     # stop together, which only the global counts tell them all at once.
     one_replica = strategy is None and all(

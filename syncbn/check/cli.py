@@ -8,7 +8,7 @@ import os
 import sys
 
 from syncbn.check import environment, exactness, timing
-from syncbn.check.world import WORLDS, create_world, world_from_environment
+from syncbn.world import WORLDS, LauncherWorldError, create_world
 
 COMMUNICATOR_NAMES = ("auto", "horovod", "tf.distribute", "mpi", "local")
 DEFAULT_ROUNDS = 10
@@ -104,6 +104,8 @@ def report_rows(summary):
                 f"({summary['world']})", "", ""),
     ]
     rows += [(f"ranks {ranks}", text, "", "") for ranks, text in env["hosts"]]
+    if summary.get("launcher_error"):
+        rows.append(("launcher", summary["launcher_error"], "", "FAIL"))
     rows += [
         ("communicator checked", f"{comm['requested']} -> kernel {comm['kernel']}, "
                                  f"{comm['replicas']} replicas", "", ""),
@@ -119,7 +121,8 @@ def report_rows(summary):
                      "OK" if record["ok"] else "FAIL"))
     perf = summary["performance"]
     if perf is None:
-        rows.append(("performance", "not measured (--rounds 0)", "", ""))
+        why = "the launcher's world is broken" if summary.get("launcher_error") else "--rounds 0"
+        rows.append(("performance", f"not measured ({why})", "", ""))
     else:
         latency = perf["sum_latency_us"]
         rows.append(("per-sum latency",
@@ -155,10 +158,16 @@ def run(args):
     from syncbn import collectives
 
     spec = args.communicator
-    world = create_world(spec if spec in WORLDS else world_from_environment(os.environ))
+    world = create_world(spec if spec in WORLDS else None)
     communicator = spec if spec in COMMUNICATOR_NAMES else load_communicator(spec)
-    auto_picks, kernel, replicas = world.in_replica(
-        lambda: environment.describe_communicator(communicator))
+    launcher_error = None
+    try:
+        auto_picks, kernel, replicas = world.in_replica(
+            lambda: environment.describe_communicator(communicator))
+    except LauncherWorldError as error:
+        # The job that would train local BN in silence: a failed check, not a crash.
+        launcher_error = str(error)
+        auto_picks, kernel, replicas = "none: " + launcher_error, "none", 1
     mpi4py_version, mpi_library = environment.mpi()
     timeout_source = ("SYNCBN_COLLECTIVE_TIMEOUT" if "SYNCBN_COLLECTIVE_TIMEOUT" in os.environ
                       else "default; SYNCBN_COLLECTIVE_TIMEOUT sets it")
@@ -177,11 +186,14 @@ def run(args):
             "collective_timeout": f"{collectives.collective_timeout_seconds():g} s "
                                   f"({timeout_source})",
         },
-        "exactness": exactness.check(world, communicator, args.tolerance),
-        "performance": timing.measure(world, communicator, args.rounds) if args.rounds else None,
+        "launcher_error": launcher_error,
+        "exactness": [] if launcher_error else exactness.check(world, communicator, args.tolerance),
+        "performance": (timing.measure(world, communicator, args.rounds)
+                        if args.rounds and not launcher_error else None),
     }
-    summary["passed"] = all(record["ok"] for record in summary["exactness"])
-    summary["is_chief"] = world.process_rank == 0
+    summary["passed"] = launcher_error is None and all(
+        record["ok"] for record in summary["exactness"])
+    summary["is_chief"] = world.is_chief
     return summary
 
 

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 
-from syncbn.check.world import MPI_SIZE_VARIABLES
+from syncbn import world
 
 
 def _cpu_model():
@@ -68,8 +68,7 @@ def horovod():
 
 
 def _in_mpi_job():
-    return any(os.environ.get(v, "0").isdigit() and int(os.environ.get(v, "0")) > 1
-               for v in MPI_SIZE_VARIABLES)
+    return world.launch_from_environment(os.environ).mpi
 
 
 def _short_library_version(text):

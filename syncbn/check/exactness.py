@@ -191,7 +191,7 @@ def check(world, communicator, tolerance):
     """Runs every case; returns one record per (case, reference), combined over processes.
 
     Args:
-        world: the `syncbn.check.world.World` of this job.
+        world: the `syncbn.world.World` of this job.
         communicator: the layer's `communicator` argument.
         tolerance: the largest relative error that passes.
 

@@ -1,23 +1,23 @@
 """Collective back ends and the rule that picks one.
 
 `resolve(spec, group_size)` turns the layer's `communicator` argument into a
-communicator object. With `"auto"`, the first that applies wins:
+communicator object. `"auto"` asks `syncbn.world.detect()`, which picks, the
+first that applies:
 
 1. a tf.distribute replica context with more than one replica in sync:
    tf.distribute;
-2. Horovod imported and initialized with more than one process: Horovod;
-3. an MPI launcher's environment with more than one process (`mpirun`,
-   `srun`): MPI through mpi4py;
-4. otherwise: local, no communication.
+2. Horovod initialized with more than one process: Horovod;
+3. a launcher's MPI world of more than one process (`mpirun`, `srun
+   --mpi=pmix` or `pmi2`): MPI through mpi4py;
+4. otherwise local, no communication; but a process that a launcher started
+   as one of several raises `syncbn.world.LauncherWorldError` instead.
 
 The tf.distribute check comes first because it is the only context that is
 specific to the current call: the same process can run a tf.distribute
 replica function and also have Horovod initialized.
 """
 
-import os
-import sys
-
+from syncbn import world
 from syncbn.collectives.base import (
     Communicator,
     LocalCommunicator,
@@ -26,8 +26,6 @@ from syncbn.collectives.base import (
 )
 
 COMMUNICATORS = ("auto", "horovod", "tf.distribute", "mpi", "local")
-
-_MPI_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
 
 
 def validate_spec(communicator):
@@ -61,44 +59,26 @@ def validate_group_size(group_size):
     return group_size
 
 
-def _tf_distribute_replicas():
-    import tensorflow as tf
-
-    context = tf.distribute.get_replica_context()
-    if context is None:
-        return 0
-    return context.num_replicas_in_sync
-
-
-def _horovod_size():
-    hvd = sys.modules.get("horovod.tensorflow")
-    if hvd is None:
-        return 0
-    try:
-        return hvd.size() if hvd.is_initialized() else 0
-    except ValueError:
-        return 0
-
-
-def _mpi_launcher_size():
-    for variable in _MPI_SIZE_VARIABLES:
-        if variable in os.environ:
-            try:
-                return int(os.environ[variable])
-            except ValueError:
-                continue
-    return 0
-
-
 def detect():
-    """The name of the communicator `"auto"` resolves to here and now."""
-    if _tf_distribute_replicas() > 1:
-        return "tf.distribute"
-    if _horovod_size() > 1:
-        return "horovod"
-    if _mpi_launcher_size() > 1:
-        return "mpi"
-    return "local"
+    """The name of the communicator `"auto"` resolves to here and now (`syncbn.world.detect`)."""
+    return world.detect()
+
+
+def supports_xla(communicator):
+    """True if the sums of `communicator` (the layer's argument) compile under XLA.
+
+    Horovod's ops and the MPI kernels do not, nor do tf.distribute's
+    collectives between processes; one replica needs no sum. For `"auto"`
+    the answer comes from the environment before the first step (Keras asks
+    when a model is compiled): no when the process sums with others. A
+    custom communicator says so with a `supports_xla` attribute (default
+    True).
+    """
+    if not isinstance(communicator, str):
+        return bool(getattr(communicator, "supports_xla", True))
+    if communicator == "auto":
+        return not world.several_processes()
+    return communicator == "local"
 
 
 def resolve(communicator, group_size=None):
@@ -134,6 +114,7 @@ __all__ = [
     "consecutive_groups",
     "detect",
     "resolve",
+    "supports_xla",
     "validate_group_size",
     "validate_spec",
 ]

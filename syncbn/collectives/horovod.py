@@ -73,7 +73,7 @@ def stall_settings(timeout):
 
     Over Gloo, Horovod 0.28.1's stall check never finds a missing rank (its
     Gloo controller reserves, but does not size, the list of ranks the check
-    walks), unless Horovod is built with that fixed (docs/faults.md, issue #11).
+    walks), unless Horovod is built with that fixed (docs/faults.md).
 
     Args:
         timeout: the collective timeout in seconds, a positive number.
@@ -94,8 +94,8 @@ def stall_settings(timeout):
             "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": str(shutdown)}
 
 
-def init_horovod(group_size=None):
-    """Initializes Horovod with the process sets that `group_size` needs.
+def init_horovod(group_size=None, pin_gpu=True):
+    """Initializes Horovod, gives each process its own GPU, and declares `group_size`'s process sets.
 
     Call it once, on every rank, before the first training step, instead of
     `hvd.init()`. Horovod only accepts static process sets at `init` time
@@ -115,17 +115,31 @@ def init_horovod(group_size=None):
     keeps Horovod's background thread polling, which costs compute where
     ranks share cores.
 
+    With `pin_gpu` (the default), each process of a host then sees one GPU,
+    number `hvd.local_rank()` (modulo the GPUs it sees), with memory growth
+    on, as Horovod's own recipes do; a process that sees one GPU or none
+    keeps what it sees (see `syncbn.world.pin_gpu`).
+
     Args:
         group_size: the `group_size` your SyncBatchNormalization layers use,
             or None for whole-world synchronization.
+        pin_gpu: give each process one GPU (default True); False leaves
+            the devices as they are, for you to choose.
 
     Returns:
         The `horovod.tensorflow` module, initialized.
+
+    Raises:
+        RuntimeError: with `pin_gpu`, if the process sees several GPUs and
+            TensorFlow has already initialized them: call `init_horovod`
+            before any TensorFlow op.
     """
     import horovod.tensorflow as hvd
 
+    from syncbn import world
+
     timeout = collective_timeout_seconds()
-    # Horovod reads these in its background thread at hvd.init (issue #11).
+    # Horovod reads these in its background thread at hvd.init.
     for variable, value in stall_settings(timeout).items():
         os.environ.setdefault(variable, value)
     # Gloo's own deadline for a transfer whose peer went away (a cut network),
@@ -136,11 +150,13 @@ def init_horovod(group_size=None):
         # On Gloo sync BN's small sequential collectives go through Horovod's
         # cycle (1 ms by default), so a short cycle keeps them cheap.
         os.environ.setdefault("HOROVOD_CYCLE_TIME", str(DEFAULT_GLOO_CYCLE_TIME_MS))
-    if hvd.is_initialized():
-        return hvd
-    world_size = int(os.environ.get("HOROVOD_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE", "1")))
-    groups = process_sets_for(world_size, group_size)
-    hvd.init(process_sets=[hvd.ProcessSet(ranks) for ranks in groups] or None)
+    if not hvd.is_initialized():
+        launch = world.launch_from_environment(os.environ)
+        world_size = launch.size or (world.mpi_world_size() if launch.mpi else 1)
+        groups = process_sets_for(world_size, group_size)
+        hvd.init(process_sets=[hvd.ProcessSet(ranks) for ranks in groups] or None)
+    if pin_gpu:
+        world.pin_gpu(hvd.local_rank())
     return hvd
 
 

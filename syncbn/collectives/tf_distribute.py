@@ -16,6 +16,7 @@ all-reduce. As with Horovod, every rank must be able to, or none does, and
 """
 
 import functools
+import os
 import zlib
 
 import tensorflow as tf
@@ -84,7 +85,7 @@ class TFDistributeCommunicator(Communicator):
             return self._sum_packed(tensor)
         # tf.distribute matches collectives by program order, not by name, so a
         # worker at another layer with the same shape would be summed in
-        # silently: the call site's fingerprint rides along (issue #11). A
+        # silently: the call site's fingerprint rides along. A
         # different shape or dtype already fails in the collective itself,
         # whose error names this layer's node.
         fingerprint = _fingerprint(name, tensor.dtype)
@@ -136,9 +137,12 @@ def _fingerprint(name, dtype):
 
 def _direct_mpi(group_size, num_replicas):
     """The MPICommunicator that replaces the strategy's all-reduce, or None."""
-    from syncbn.collectives import _mpi_launcher_size, mpi
+    from syncbn import world
+    from syncbn.collectives import mpi
 
-    if num_replicas < 2 or _mpi_launcher_size() != num_replicas or not mpi.direct_mpi_wanted():
+    launch = world.launch_from_environment(os.environ)
+    if (num_replicas < 2 or not launch.mpi or launch.size != num_replicas
+            or not mpi.direct_mpi_wanted()):
         return None  # the same answer on every rank: no collective needed
     strategy = tf.distribute.get_strategy()
     if len(getattr(strategy.extended, "worker_devices", ())) != 1:
@@ -173,7 +177,7 @@ def check_build_agreement(layer_name, num_channels, dtype):
     Under MultiWorkerMirroredStrategy every variable's initial value is broadcast
     from worker 0 as it is created; with different shapes that broadcast fails with
     TensorFlow's `Shape mismatch in the collective instance ...`, which names no
-    variable (issue #11). So before its weights exist, a layer built in the
+    variable. So before its weights exist, a layer built in the
     strategy's cross-replica context exchanges a header of 3 int64 per replica
     (a fingerprint of the layer's name, its channel count, its dtype) in one
     all-gather, bounded by `SYNCBN_COLLECTIVE_TIMEOUT`, and every worker raises

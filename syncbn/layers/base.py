@@ -1,8 +1,15 @@
-"""`SyncBatchNormalization`: a drop-in Keras 3 layer with global batch statistics."""
+"""What every `SyncBatchNormalization` does, whichever Keras it is a layer of.
 
-import keras
+`SyncBatchNormalizationBase` holds the layer's arguments, weights, call and
+config; it is a mixin with no Keras base class. Each Keras gets a thin
+adapter that puts it in front of that Keras's `Layer` and says how to make
+a weight and an input spec: `syncbn.layers.keras3` (Keras 3, the default)
+and `syncbn.layers.legacy` (tf_keras, under `TF_USE_LEGACY_KERAS=1`). The
+math is not here either: `syncbn.ops` computes, `syncbn.moving` updates the
+moving statistics, `syncbn.collectives` sums.
+"""
+
 import tensorflow as tf
-from keras import constraints, initializers, regularizers
 
 from syncbn import collectives, moving, ops, skip_monitor
 
@@ -26,8 +33,7 @@ def _check_float(name, value, low, high, high_open):
     return value
 
 
-@keras.saving.register_keras_serializable(package="syncbn")
-class SyncBatchNormalization(keras.layers.Layer):
+class SyncBatchNormalizationBase:
     """Batch normalization with the statistics of the global batch.
 
     In training, each replica computes the count, sum and centred sum of
@@ -120,6 +126,19 @@ class SyncBatchNormalization(keras.layers.Layer):
     ```
     """
 
+    #: The Keras this class is a layer of (`keras` or `tf_keras`): its
+    #: initializers, regularizers, constraints and `layers.InputSpec`.
+    _keras = None
+
+    def _add_float32_weight(self, name, shape, initializer, trainable=False,
+                            regularizer=None, constraint=None):
+        """Creates a float32 weight that mixed precision never casts. Set by each adapter."""
+        raise NotImplementedError
+
+    def _training_when_unset(self):
+        """The mode of a call with `training=None`: inference, as in Keras 3."""
+        return False
+
     def __init__(
         self,
         axis=-1,
@@ -155,6 +174,8 @@ class SyncBatchNormalization(keras.layers.Layer):
             raise ValueError(f"Argument `epsilon` must be > 0. Received: epsilon={epsilon!r}")
         self.center = _check_bool("center", center)
         self.scale = _check_bool("scale", scale)
+        initializers, regularizers, constraints = (
+            self._keras.initializers, self._keras.regularizers, self._keras.constraints)
         self.beta_initializer = initializers.get(beta_initializer)
         self.gamma_initializer = initializers.get(gamma_initializer)
         self.moving_mean_initializer = initializers.get(moving_mean_initializer)
@@ -179,6 +200,10 @@ class SyncBatchNormalization(keras.layers.Layer):
         self.moving_average = moving.check_moving_average(moving_average)
         self.nonfinite = moving.check_nonfinite(nonfinite)
         self.supports_masking = True
+        # syncbn.recalibrate's hook: a callable(mean, variance, count) that
+        # receives the global statistics of a training call instead of the
+        # moving averages.
+        self._statistics_recorder = None
         self.moving_updates = None
         self._skipped_steps = None
         self.gamma = None
@@ -218,48 +243,20 @@ class SyncBatchNormalization(keras.layers.Layer):
 
             check_build_agreement(self.name, num_channels, self.dtype)
         if self.scale:
-            self.gamma = self.add_weight(
-                shape=shape,
-                name="gamma",
-                initializer=self.gamma_initializer,
-                regularizer=self.gamma_regularizer,
-                constraint=self.gamma_constraint,
-                trainable=True,
-                autocast=False,
-            )
+            self.gamma = self._add_float32_weight(
+                "gamma", shape, self.gamma_initializer, trainable=True,
+                regularizer=self.gamma_regularizer, constraint=self.gamma_constraint)
         if self.center:
-            self.beta = self.add_weight(
-                shape=shape,
-                name="beta",
-                initializer=self.beta_initializer,
-                regularizer=self.beta_regularizer,
-                constraint=self.beta_constraint,
-                trainable=True,
-                autocast=False,
-            )
-        self.moving_mean = self.add_weight(
-            shape=shape,
-            name="moving_mean",
-            initializer=self.moving_mean_initializer,
-            trainable=False,
-            autocast=False,
-        )
-        self.moving_variance = self.add_weight(
-            shape=shape,
-            name="moving_variance",
-            initializer=self.moving_variance_initializer,
-            trainable=False,
-            autocast=False,
-        )
+            self.beta = self._add_float32_weight(
+                "beta", shape, self.beta_initializer, trainable=True,
+                regularizer=self.beta_regularizer, constraint=self.beta_constraint)
+        self.moving_mean = self._add_float32_weight(
+            "moving_mean", shape, self.moving_mean_initializer)
+        self.moving_variance = self._add_float32_weight(
+            "moving_variance", shape, self.moving_variance_initializer)
         if self.moving_average == "debiased":
             # Only then: a default layer keeps Keras BN's four weights.
-            self.moving_updates = self.add_weight(
-                shape=(),
-                name="moving_updates",
-                initializer="zeros",
-                trainable=False,
-                autocast=False,
-            )
+            self.moving_updates = self._add_float32_weight("moving_updates", (), "zeros")
         # Diagnostics, not state: a plain variable, outside `weights`, so that
         # the layer's weights stay those of Keras BN. Every replica holds the
         # same value (the decision is global), hence ONLY_FIRST_REPLICA.
@@ -268,7 +265,26 @@ class SyncBatchNormalization(keras.layers.Layer):
                 0, dtype=tf.int64, trainable=False, name=f"{self.name}_skipped_steps",
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
             )
-        self.input_spec = keras.InputSpec(ndim=rank, axes={self.axis: num_channels})
+        self.input_spec = self._keras.layers.InputSpec(ndim=rank, axes={self.axis: num_channels})
+
+    @property
+    def supports_jit(self):
+        """False when the layer's sums cannot run under XLA: Keras then compiles without it.
+
+        Keras's `compile(jit_compile="auto")` turns XLA on where a GPU is
+        present, unless some layer says False here, and falls back from an
+        explicit `jit_compile=True` with a warning. Horovod's ops and the MPI
+        kernels do not compile; one process, or replicas in one process, do
+        (see `syncbn.collectives.supports_xla`).
+        """
+        if getattr(self, "_supports_jit", True) is False:
+            return False
+        return collectives.supports_xla(self.communicator)
+
+    @supports_jit.setter
+    def supports_jit(self, value):
+        # Keras's Layer sets True when it initializes; False forces XLA off.
+        self._supports_jit = value
 
     @property
     def skipped_steps(self):
@@ -281,18 +297,6 @@ class SyncBatchNormalization(keras.layers.Layer):
         count = int(self._skipped_steps.numpy())
         skip_monitor.monitor().observe(self, count)
         return count
-
-    def load_own_variables(self, store):
-        # A Keras BatchNormalization's weights (or an `"ema"` layer's) have
-        # no update count: the statistics count as initial values, which the
-        # first debiased update replaces.
-        keras_weights = self.weights[:-1] if self.moving_updates is not None else self.weights
-        if self.moving_updates is not None and len(store.keys()) == len(keras_weights):
-            for index, variable in enumerate(keras_weights):
-                variable.assign(store[str(index)])
-            self.moving_updates.assign(0.0)
-            return
-        super().load_own_variables(store)
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -333,7 +337,7 @@ class SyncBatchNormalization(keras.layers.Layer):
             # empty batches): EnsureShape checks that at run time in one op.
             return tf.ensure_shape(inputs, static_shape, name=f"{self.name}_channels")
         # One Assert op on a host-side shape (assert_equal adds some 20 nodes
-        # per layer to every traced step, issue #10).
+        # per layer to every traced step).
         check = tf.debugging.Assert(
             tf.equal(tf.shape(inputs)[self._channel_axis], num_channels),
             [
@@ -367,9 +371,8 @@ class SyncBatchNormalization(keras.layers.Layer):
 
     def _update_moving_statistics(self, outputs, mean, variance, count):
         """Assigns the moving statistics after a step (syncbn/moving.py); returns `outputs`."""
-        recorder = getattr(self, "_statistics_recorder", None)
-        if recorder is not None:  # syncbn.recalibrate: record, update nothing
-            recorder(mean, variance, tf.convert_to_tensor(count, tf.float32))
+        if self._statistics_recorder is not None:  # syncbn.recalibrate: record, update nothing
+            self._statistics_recorder(mean, variance, tf.convert_to_tensor(count, tf.float32))
             return outputs
         updates = None if self.moving_updates is None else tf.convert_to_tensor(self.moving_updates)
         new_mean, new_variance, new_updates, nonfinite_step = moving.next_moving_statistics(
@@ -385,7 +388,7 @@ class SyncBatchNormalization(keras.layers.Layer):
                  "are not finite (NaN or inf) and nonfinite='raise'."],
             ))
         elif self.nonfinite == "skip":
-            # Arithmetic only, no branch or host callback (issue #10); the
+            # Arithmetic only, no branch or host callback; the
             # warning comes from a host thread that reads the counter.
             self._skipped_steps.assign_add(tf.cast(nonfinite_step, tf.int64))
             skip_monitor.monitor().watch(self)
@@ -404,7 +407,9 @@ class SyncBatchNormalization(keras.layers.Layer):
                 "The mask must have the shape of the inputs without the channel "
                 f"axis. Received: mask.shape={mask.shape}, inputs.shape={inputs.shape}"
             )
-        if not self.trainable or training is None:
+        if training is None:
+            training = self._training_when_unset()
+        if not self.trainable:
             training = False
         if isinstance(training, (bool, int)) or tf.executing_eagerly():
             training = bool(training)
@@ -422,6 +427,8 @@ class SyncBatchNormalization(keras.layers.Layer):
 
     def get_config(self):
         base_config = super().get_config()
+        initializers, regularizers, constraints = (
+            self._keras.initializers, self._keras.regularizers, self._keras.constraints)
         config = {
             "axis": self.axis,
             "momentum": self.momentum,
