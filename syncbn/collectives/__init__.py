@@ -21,6 +21,7 @@ from syncbn import world
 from syncbn.collectives.base import (
     Communicator,
     LocalCommunicator,
+    PretendReplicas,
     collective_timeout_seconds,
     consecutive_groups,
 )
@@ -110,6 +111,7 @@ __all__ = [
     "COMMUNICATORS",
     "Communicator",
     "LocalCommunicator",
+    "PretendReplicas",
     "collective_timeout_seconds",
     "consecutive_groups",
     "detect",
