@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -68,6 +69,12 @@ def wait_for_no_processes(marker, seconds=10.0):
     while processes_with(marker) and time.monotonic() < deadline:
         time.sleep(0.1)
     return processes_with(marker)
+
+
+def job_directories(launcher_pid):
+    """The private directories that launcher `launcher_pid` made for its job."""
+    return [name for name in os.listdir(tempfile.gettempdir())
+            if name.startswith(f"syncbn-launch-{launcher_pid}-")]
 
 
 def hang_job(marker, *extra):
@@ -178,18 +185,21 @@ def test_stopping_the_launcher_leaves_no_orphans(backend, simulate, signum):
         if signum == signal.SIGTERM:
             assert code == 128 + signal.SIGTERM, run.output
             assert "received SIGTERM; stopping all ranks" in run.output
+            assert job_directories(run.process.pid) == []
         else:
             assert code == -signal.SIGKILL
+            assert job_directories(run.process.pid) != []  # for the next launcher to remove
     finally:
         if run.process.poll() is None:
             run.process.kill()
-        if simulate:
-            # A SIGKILLed launcher cannot remove its namespaces; the next one does.
-            from launch.netns import remove_stale
+        # A SIGKILLed launcher cannot remove its namespaces and its job's directory;
+        # the next one does.
+        from launch.netns import remove_stale, remove_stale_directories
 
-            remove_stale()
-            listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
-            assert f"sbn-{run.process.pid}-" not in listing.stdout
+        (remove_stale if simulate else remove_stale_directories)()
+        listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+        assert f"sbn-{run.process.pid}-" not in listing.stdout
+        assert job_directories(run.process.pid) == []
 
 
 @pytest.mark.parametrize("backend", ["horovod-gloo", "mpi"])

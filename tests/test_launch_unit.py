@@ -10,17 +10,17 @@ import time
 
 import pytest
 
-from launch import cli
-from launch.backends import Placement
-from launch import supervisor
-from launch.backends.mpi import (ABORT_LINE, VERDICT_LINE, describe_mpirun_failure,
-                                 mpirun_command, mpirun_fatal_code)
+from launch import gpus, supervisor
+from launch.backends.mpirun import (ABORT_LINE, VERDICT_LINE, describe_mpirun_failure,
+                                    mpirun_command, mpirun_fatal_code)
+from launch.config import ENV_PREFIX, EnvDefault, LaunchConfig, build_parser
 from launch.environment import build_rank_env, horovod_env, slot_from_mpi_env, tf_config
 from launch.hostexec import LocalRunner, NetnsRunner, SshRunner
 from launch.hosts import (Host, Slot, assign_ranks, is_local_host, parse_hosts,
                           simulated_hosts_spec, validate_num_proc)
 from launch.netns import POOL, choose_subnet
 from launch.netns_rsh import parse_agent_args, parse_namespace_map
+from launch.placement import Placement
 from launch.supervisor import Supervisor, WorkerSpec, describe_exit, shell_exit_code
 
 
@@ -405,26 +405,34 @@ def test_choose_subnet_avoids_used_networks():
         choose_subnet([POOL], seed=0)
 
 
-# --- command line --------------------------------------------------------------------------
+# --- command line ---------------------------------------------------------------------------
 
-def _args(argv):
-    return cli.validate(cli.build_parser().parse_args(argv))
+def _config(argv):
+    return LaunchConfig.from_args(build_parser().parse_args(argv))
 
 
 def test_cli_defaults_and_command(monkeypatch):
     monkeypatch.delenv("HOROVOD_CYCLE_TIME", raising=False)
-    args = _args(["-np", "2", "--", "python", "t.py", "--flag"])
-    assert args.command == ["python", "t.py", "--flag"]
-    assert args.backend is None and args.timeout is None and args.grace_period == 3.0
-    assert args.horovod_cycle_time is None and args.simulate_hosts is None
-    assert args.horovod_controller == "auto"
+    config = _config(["-np", "2", "--", "python", "t.py", "--flag"])
+    assert config.command == ("python", "t.py", "--flag")
+    assert config.backend in ("horovod", "tf", "mpi")  # the default backend, resolved once
+    assert config.timeout is None and config.grace_period == 3.0
+    assert config.horovod_cycle_time is None and config.simulate_hosts is None
+    assert config.horovod_controller == "auto" and config.gpus_per_host == "auto"
+    assert config.hosts is None and config.export == ()
+
+
+def test_config_is_frozen():
+    config = _config(["-np", "2", "--backend", "mpi", "--", "x"])
+    with pytest.raises(AttributeError):
+        config.num_proc = 3
 
 
 def test_cli_keeps_a_users_horovod_cycle_time(monkeypatch):
     monkeypatch.setenv("HOROVOD_CYCLE_TIME", "2")
-    assert _args(["-np", "2", "--", "python", "t.py"]).horovod_cycle_time == 2.0
+    assert _config(["-np", "2", "--", "python", "t.py"]).horovod_cycle_time == 2.0
     monkeypatch.setenv("SYNCBN_LAUNCH_HOROVOD_CYCLE_TIME", "0.5")
-    assert _args(["-np", "2", "--", "python", "t.py"]).horovod_cycle_time == 0.5
+    assert _config(["-np", "2", "--", "python", "t.py"]).horovod_cycle_time == 0.5
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -435,17 +443,24 @@ def test_cli_keeps_a_users_horovod_cycle_time(monkeypatch):
     (["-np", "2", "-H", "a:b", "--", "x"], "Received: 'a:b'"),
     (["-np", "2", "--simulate-hosts", "3", "--", "x"], "Received: --simulate-hosts=3"),
     (["-np", "2", "--timeout", "0", "--", "x"], "Received: --timeout=0"),
+    (["-np", "2", "--grace-period", "-1", "--", "x"], "Received: --grace-period=-1"),
+    (["-np", "2", "--cpus-per-host", "0", "--", "x"], "Received: --cpus-per-host=0"),
     (["-np", "2", "--gpus-per-host", "two", "--", "x"], "Received: 'two'"),
+    (["-np", "2", "--gpus-per-host", "-1", "--", "x"], "Received: -1"),
+    (["-np", "2", "--ssh", "--", "x"], "`--ssh` needs `--simulate-hosts N`.*Received: --ssh"),
 ])
 def test_cli_validation_names_argument_and_value(argv, message):
     with pytest.raises((ValueError, TypeError), match=message):
-        _args(argv)
+        _config(argv)
 
 
-def test_cli_hosts_and_simulate_hosts_are_exclusive(capsys):
-    with pytest.raises(SystemExit):
-        cli.build_parser().parse_args(["-np", "2", "-H", "a:2", "--simulate-hosts", "2", "--", "x"])
-    assert "not allowed with argument" in capsys.readouterr().err
+def test_cli_hosts_and_simulate_hosts_are_exclusive(monkeypatch):
+    with pytest.raises(ValueError, match="`-H` and `--simulate-hosts` exclude each other"):
+        _config(["-np", "2", "-H", "a:2", "--simulate-hosts", "2", "--", "x"])
+    # Also when one of them comes from the environment.
+    monkeypatch.setenv("SYNCBN_LAUNCH_HOSTS", "a:2")
+    with pytest.raises(ValueError, match="exclude each other"):
+        _config(["-np", "2", "--simulate-hosts", "2", "--", "x"])
 
 
 def test_cli_environment_fallbacks(monkeypatch):
@@ -454,29 +469,62 @@ def test_cli_environment_fallbacks(monkeypatch):
     monkeypatch.setenv("SYNCBN_LAUNCH_NUM_PROC", "3")
     monkeypatch.setenv("SYNCBN_LAUNCH_HOROVOD_CYCLE_TIME", "1")
     monkeypatch.setenv("SYNCBN_LAUNCH_EXPORT", "A,B")
-    args = _args(["--", "x"])
-    assert (args.backend, args.timeout, args.num_proc) == ("mpi", 12.5, 3)
-    assert args.horovod_cycle_time == 1.0 and args.export == ["A", "B"]
-    assert _args(["--backend", "tf", "--", "x"]).backend == "tf"  # command line wins
+    monkeypatch.setenv("SYNCBN_LAUNCH_SSH", "1")
+    monkeypatch.setenv("SYNCBN_LAUNCH_SIMULATE_HOSTS", "2")
+    config = _config(["--", "x"])
+    assert (config.backend, config.timeout, config.num_proc) == ("mpi", 12.5, 3)
+    assert config.horovod_cycle_time == 1.0 and config.export == ("A", "B")
+    assert config.ssh is True and config.simulate_hosts == 2
+    assert _config(["--backend", "tf", "--", "x"]).backend == "tf"  # command line wins
+    assert _config(["-x", "C", "--", "x"]).export == ("A", "B", "C")  # -x adds to the list
 
 
-def test_cli_help_documents_default_and_env_for_every_option():
-    parser = cli.build_parser()
-    for action in parser._actions:
-        if action.option_strings and action.dest != "help":
-            assert "default" in action.help and "SYNCBN_LAUNCH_" in action.help, action.dest
+@pytest.mark.parametrize("name,value,message", [
+    ("SYNCBN_LAUNCH_NUM_PROC", "two", "`SYNCBN_LAUNCH_NUM_PROC` must be a valid int"),
+    ("SYNCBN_LAUNCH_BACKEND", "nccl", "`SYNCBN_LAUNCH_BACKEND` must be one of"),
+    ("SYNCBN_LAUNCH_VERBOSE", "maybe", "`SYNCBN_LAUNCH_VERBOSE` must be one of"),
+])
+def test_cli_rejects_a_bad_environment_value_naming_the_variable(monkeypatch, name, value,
+                                                                 message):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=f"{message}.*Received: {name}={value!r}"):
+        build_parser()
 
 
-def test_gpus_per_host(tmp_path):
-    assert cli.parse_gpus_per_host("auto", {"CUDA_VISIBLE_DEVICES": "2,3"}) == ("2", "3")
-    assert cli.parse_gpus_per_host("auto", {"CUDA_VISIBLE_DEVICES": ""}) == ()
-    assert cli.parse_gpus_per_host("2", {}) == ("0", "1")
+def test_every_option_has_one_environment_fallback_and_documents_it(monkeypatch):
+    parser = build_parser()
+    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert len(options) == 19
+    for action in options:
+        assert isinstance(action, EnvDefault), action.dest
+        assert action.env[0] == ENV_PREFIX + action.dest.upper()
+        assert "(default: " in action.help and f"env {action.env[0]}" in action.help, action.help
+    # The fallback really works for each of them: set, every value differs from the default.
+    from_env = {"num_proc": ("3", 3), "hosts": ("a:3", "a:3"), "simulate_hosts": ("3", 3),
+                "ssh": ("1", True), "gpus_per_host": ("4", "4"), "cpus_per_host": ("5", 5),
+                "backend": ("tf", "tf"), "horovod_controller": ("gloo", "gloo"),
+                "tf_mpi": ("no", "no"), "horovod_cycle_time": ("0.5", 0.5),
+                "network_interface": ("eth9", "eth9"), "launcher_address": ("10.1.1.1", "10.1.1.1"),
+                "ssh_port": ("2200", 2200), "ssh_identity_file": ("/k", "/k"),
+                "export": ("A, B", ["A", "B"]), "timeout": ("9", 9.0),
+                "grace_period": ("7", 7.0), "output_dir": ("/o", "/o"), "verbose": ("1", True)}
+    assert set(from_env) == {a.dest for a in options}
+    for dest, (text, _) in from_env.items():
+        monkeypatch.setenv(ENV_PREFIX + dest.upper(), text)
+    args = build_parser().parse_args([])
+    for action in options:
+        assert getattr(args, action.dest) == from_env[action.dest][1] != action.default, action.dest
+
+
+def test_gpus_per_host_on_this_machine(tmp_path):
+    assert gpus.local_gpu_ids({"CUDA_VISIBLE_DEVICES": "2,3"}) == ("2", "3")
+    assert gpus.local_gpu_ids({"CUDA_VISIBLE_DEVICES": ""}) == ()
     fake = tmp_path / "nvidia-smi"
     fake.write_text("#!/bin/sh\necho 'GPU 0: A100 (UUID: x)'\necho 'GPU 1: A100 (UUID: y)'\n")
     fake.chmod(0o755)
-    assert cli.parse_gpus_per_host("auto", {}, nvidia_smi=str(fake)) == ("0", "1")
-    with pytest.raises(ValueError, match="Received: -1"):
-        cli.parse_gpus_per_host("-1", {})
+    assert gpus.local_gpu_ids({}, nvidia_smi=str(fake)) == ("0", "1")
+    config = _config(["-np", "2", "--gpus-per-host", "2", "--backend", "mpi", "--", "x"])
+    assert gpus.gpu_ids(config, site=None, environ={"CUDA_VISIBLE_DEVICES": "5"}) == ("0", "1")
 
 
 def test_launcher_imports_neither_tensorflow_nor_horovod():
@@ -522,20 +570,16 @@ def test_horovod_mpi_built_asks_once_per_build(tmp_path, monkeypatch):
 
 
 def test_horovod_over_mpi_runs_mpirun_with_horovod_variables(monkeypatch):
-    import argparse
-
     from launch.backends import horovod as horovod_backend
 
     monkeypatch.setattr(horovod_backend, "horovod_mpi_built", lambda: True)
     monkeypatch.delenv("HOROVOD_CYCLE_TIME", raising=False)
     placement = _placement()
     for cycle, expected in ((None, None), (0.5, "0.5")):
-        options = argparse.Namespace(horovod_controller="auto", horovod_cycle_time=cycle)
-        backend = horovod_backend.HorovodBackend(options)
-        try:
+        config = LaunchConfig(num_proc=2, command=("x",), backend="horovod",
+                              horovod_cycle_time=cycle)
+        with horovod_backend.HorovodBackend(config) as backend:
             [spec] = backend.workers(placement)
-        finally:
-            backend.close()
         assert spec.label == "mpirun" and "-x" in spec.argv
         forwarded = {spec.argv[i + 1] for i, word in enumerate(spec.argv) if word == "-x"}
         assert {"HOROVOD_CONTROLLER", "HOROVOD_CPU_OPERATIONS"} <= forwarded
@@ -560,16 +604,11 @@ def test_tf_mpi_resolution():
 
 
 def test_tf_over_mpi_hands_the_worker_list_to_the_ranks():
-    import argparse
-
     from launch.backends.tf import TfBackend
 
     placement = _placement(addresses={"localhost": "127.0.0.1"})
-    backend = TfBackend(argparse.Namespace(tf_mpi="yes"))
-    try:
+    with TfBackend(LaunchConfig(num_proc=2, command=("x",), backend="tf", tf_mpi="yes")) as backend:
         [spec] = backend.workers(placement)
-    finally:
-        backend.close()
     assert spec.label == "mpirun"
     workers = spec.env["SYNCBN_LAUNCH_TF_WORKERS"].split(",")
     assert len(workers) == 2 and all(w.startswith("127.0.0.1:") for w in workers)

@@ -23,13 +23,12 @@ import uuid
 
 import pytest
 
-from launch import cli
-from launch.backends import Placement
-from launch.backends.mpi import mpirun_command
+from launch.backends.mpirun import mpirun_command
 from launch.hostexec import SshRunner
 from launch.hosts import Host, assign_ranks
 from launch.netns import SimulatedNetwork, mpi_session_base, namespace_pids, remove_stale
 from launch.netns_ssh import SSH_PORT, SimulatedSsh, known_hosts_line, sshd_config
+from launch.placement import Placement
 from test_launch_jobs import (BACKEND_ARGS, BACKENDS, JOB_SCRIPTS, REPO, RunningLauncher,
                               hang_job, launcher, processes_with, wait_for_no_processes)
 
@@ -99,12 +98,6 @@ def test_mpirun_over_ssh_in_simulated_hosts_uses_ssh_not_the_netns_agent():
     assert "--mca oob_tcp_if_include 198.18.7.0/24" in joined
     assert argv[argv.index("-x") + 1].startswith("SYNCBN_LAUNCH_PID=") and (
         argv[argv.index("-x") + 1] != "SYNCBN_LAUNCH_PID=")  # ranks share our pid namespace
-
-
-def test_ssh_needs_simulated_hosts():
-    args = cli.build_parser().parse_args(["-np", "2", "--ssh", "--", "true"])
-    with pytest.raises(ValueError, match="`--ssh` needs `--simulate-hosts N`.*Received: --ssh"):
-        cli.validate(args)
 
 
 # --- the launcher over ssh -----------------------------------------------------------------
