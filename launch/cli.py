@@ -54,7 +54,8 @@ def run(config):
         for spec in specs:
             logger.debug("%s: %s", spec.label, " ".join(spec.argv))
         supervisor = Supervisor(specs, output_dir=config.output_dir,
-                                grace_period=config.grace_period, timeout=config.timeout)
+                                grace_period=config.grace_period, timeout=config.timeout,
+                                error_dir=job_dir)
         return supervisor.run()
 
 

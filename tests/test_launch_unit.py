@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from launch import gpus, supervisor
+from launch import failures, gpus, supervisor
 from launch.backends.mpirun import (ABORT_LINE, VERDICT_LINE, describe_mpirun_failure,
                                     mpirun_command, mpirun_fatal_code)
 from launch.config import ENV_PREFIX, EnvDefault, LaunchConfig, build_parser
@@ -387,6 +387,118 @@ def test_supervisor_stops_mpirun_that_hangs_after_a_rank_timed_out(caplog):
         "rank 0 failed first: its MPI all-reduce 'syncbn/bn_b/backward' timed out and it "
         "called MPI_Abort; mpirun exited with 124 (mpirun's MPI_ABORT notice is missing); "
         "stopping the other ranks"]
+
+
+# --- which rank failed first: error files, then output ------------------------------------
+
+def _record(rank, at, kind="ValueError", message="boom"):
+    return failures.ErrorRecord(rank=rank, type=kind, message=message, time=at)
+
+
+def _death(rank, ended_at, code=1):
+    return failures.Death(f"rank {rank}" if rank is not None else "mpirun", rank, ended_at, code)
+
+
+def _no_output():
+    raise AssertionError("with error records, the output is not read")
+
+
+def test_verdict_names_the_earliest_record():
+    records = [_record(0, 12.0, "RuntimeError", "Horovod has been shut down\nmore"),
+               _record(1, 10.0, "tensorflow.python.framework.errors_impl.UnknownError",
+                       "\ninjected fault: rank 1 raises mid-step\n  [[node x]]")]
+    failed = _death(0, 13.0)
+    assert failures.verdict(records, [failed], failed, _no_output) == (
+        "rank 1 failed first: UnknownError: injected fault: rank 1 raises mid-step "
+        "(its error file); rank 0 exited first, with exit code 1")
+    mpirun = _death(None, 13.0, 124)  # one process for every rank: no "exited first"
+    assert failures.verdict(records, [mpirun], mpirun, _no_output) == (
+        "rank 1 failed first: UnknownError: injected fault: rank 1 raises mid-step "
+        "(its error file)")
+
+
+def test_verdict_a_rank_dead_without_a_record_before_the_first_record_failed_first():
+    # Rank 1 was SIGKILLed (its output closed at 9.0); rank 0's error, written at 9.5,
+    # follows from it.
+    killed = _death(1, 9.0, -9)
+    assert failures.verdict([_record(0, 9.5)], [killed], killed, _no_output) == (
+        "rank 1 failed first with signal SIGKILL")
+    # Its peer's error can be written a moment before the launcher sees it end.
+    seen_late = _death(1, 9.5 + failures.SILENT_DEATH_WINDOW - 0.01, -9)
+    assert failures.verdict([_record(0, 9.5)], [seen_late], seen_late, _no_output) == (
+        "rank 1 failed first with signal SIGKILL")
+    # Ended well after the record was written: the record came first.
+    late = _death(1, 9.5 + failures.SILENT_DEATH_WINDOW + 0.01, 3)
+    assert failures.verdict([_record(0, 9.5)], [late], late, _no_output).startswith(
+        "rank 0 failed first: ValueError: boom (its error file); rank 1 exited first")
+    # A rank that died with a record is not a silent death.
+    recorded = _death(0, 9.0)
+    assert failures.verdict([_record(0, 9.5)], [recorded], recorded, _no_output) == (
+        "rank 0 failed first: ValueError: boom (its error file)")
+
+
+def test_verdict_without_records_reads_the_output_then_the_first_exit():
+    failed = _death(2, 5.0, -11)
+    assert failures.verdict([], [failed], failed, lambda: "rank 1 failed first (mpirun)") == (
+        "rank 1 failed first (mpirun)")
+    assert failures.verdict([], [failed], failed, lambda: None) == (
+        "rank 2 failed first with signal SIGSEGV")
+
+
+def test_read_error_records_takes_the_rank_from_the_file_name_and_skips_bad_files(
+        tmp_path, caplog):
+    (tmp_path / "rank.3.json").write_text(json.dumps(
+        {"rank": 3, "type": "KeyError", "message": "'x'", "time": 1.5, "exit_code": 1,
+         "host": "h", "traceback": "Traceback ..."}))
+    (tmp_path / "rank.4.json").write_text("{not json")
+    (tmp_path / "rank.5.json").write_text(json.dumps({"type": "KeyError"}))  # no time
+    (tmp_path / "netns-rsh").write_text("#!/bin/sh\n")  # other files of the job directory
+    [record] = failures.read_error_records(str(tmp_path))
+    assert (record.rank, record.type, record.time, record.host) == (3, "KeyError", 1.5, "h")
+    assert len([r for r in caplog.records if "ignoring the error file" in r.getMessage()]) == 2
+
+
+def test_record_summary_is_one_short_line():
+    assert _record(0, 1.0, "a.b.C", "x" * 1000).summary() == "C: " + "x" * 294 + "..."
+    assert _record(0, 1.0, "ValueError", "").summary() == "ValueError: "
+    # TensorFlow relays the error a tf.py_function raised after a header (as TF 2.21
+    # words it), or after the function's name.
+    graph = ("Graph execution error:\n\nDetected at node EagerPyFunc defined at (most recent "
+             "call last):\n  File \"t.py\", line 8, in <module>\n\nRuntimeError: injected fault"
+             "\nTraceback (most recent call last):\n  File \"t.py\", line 3, in boom\n    raise "
+             "RuntimeError(\"injected fault\")\n\nRuntimeError: injected fault\n\n\t "
+             "[[{{node EagerPyFunc}}]] [Op:__inference_f_6]")
+    unknown = "tensorflow.python.framework.errors_impl.UnknownError"
+    assert _record(0, 1.0, unknown, graph).summary() == (
+        "UnknownError: RuntimeError: injected fault")
+    relayed = "{{function_node __inference_<lambda>_773}} RuntimeError: injected fault\nmore"
+    assert _record(0, 1.0, unknown, relayed).summary() == (
+        "UnknownError: RuntimeError: injected fault")
+    unavailable = ("{{function_node __inference_<lambda>_1257}} Collective ops is aborted by: "
+                   "recvmsg:Connection reset by peer\nAdditional GRPC error information")
+    assert _record(0, 1.0, "UnavailableError", unavailable).summary() == (
+        "UnavailableError: Collective ops is aborted by: recvmsg:Connection reset by peer")
+
+
+def _ranks_writing_records(tmp_path, scripts):
+    specs = [WorkerSpec(str(rank), [sys.executable, "-c", script], dict(os.environ), rank=rank)
+             for rank, script in enumerate(scripts)]
+    return Supervisor(specs, error_dir=str(tmp_path), grace_period=1.0)
+
+
+def test_supervisor_names_the_rank_of_the_earliest_record(tmp_path, caplog):
+    # Rank 1 writes its record and stays; rank 0 exits first, with no record, well
+    # after it. As the job directory's records say, rank 1 failed first.
+    path = str(tmp_path / "rank.1.json")
+    record = {"type": "ValueError", "message": "bad batch", "exit_code": 1}
+    write = (f"import json, time; json.dump({{**{record!r}, 'time': time.time()}}, "
+             f"open({path!r} + '.tmp', 'w')); import os; os.rename({path!r} + '.tmp', {path!r}); "
+             "time.sleep(60)")
+    exit_later = (f"import os, time\nwhile not os.path.exists({path!r}): time.sleep(0.05)\n"
+                  f"time.sleep({failures.SILENT_DEATH_WINDOW + 1}); raise SystemExit(2)")
+    assert _ranks_writing_records(tmp_path, [exit_later, write]).run() == 2
+    assert _verdict(caplog) == ["rank 1 failed first: ValueError: bad batch (its error file); "
+                                "rank 0 exited first, with exit code 2; stopping the other ranks"]
 
 
 def test_exit_descriptions():

@@ -38,6 +38,7 @@ def rank_workers(placement, backend_env_for, base_env):
             gpu_ids=placement.gpu_ids,
             shared_machine=placement.shared_machine,
             base_env=base_env,
+            error_dir=placement.job_dir,
         )
         env.update(backend_env_for(slot))
         runner = placement.runners[slot.hostname]

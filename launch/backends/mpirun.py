@@ -102,6 +102,7 @@ def mpirun_command(placement, *, mpirun="mpirun", rsh_agent=None, is_root=False,
         >>> " ".join(mpirun_command(p, python="py"))  # doctest: +NORMALIZE_WHITESPACE +ELLIPSIS
         'mpirun -np 2 --host localhost:2 --map-by slot --bind-to none --oversubscribe
          --mca rtc_hwloc_vmhole none -x SYNCBN_LAUNCH_PID=... -x SYNCBN_LAUNCH_CPUS=2 -x SYNCBN_LAUNCH_GPU_IDS= -x SYNCBN_LAUNCH_SHARED_MACHINE=0
+         -x SYNCBN_LAUNCH_ERROR_DIR=
          py -m launch.mpi_rank -- python t.py'
     """
     hosts = ",".join(f"{host.name}:{host.slots}" for host in placement.hosts)
@@ -136,6 +137,7 @@ def mpirun_command(placement, *, mpirun="mpirun", rsh_agent=None, is_root=False,
         "SYNCBN_LAUNCH_CPUS": str(placement.cpus),
         "SYNCBN_LAUNCH_GPU_IDS": ",".join(str(g) for g in placement.gpu_ids),
         "SYNCBN_LAUNCH_SHARED_MACHINE": "1" if placement.shared_machine else "0",
+        "SYNCBN_LAUNCH_ERROR_DIR": placement.job_dir or "",
     }
     for name, value in job_vars.items():
         argv += ["-x", f"{name}={value}"]
