@@ -18,6 +18,7 @@ import tempfile
 
 from launch.backends import create_backend
 from launch.config import LaunchConfig, build_parser
+from launch.hostexec import forwarded_names
 from launch.netns import remove_stale_directories
 from launch.placement import make_placement
 from launch.supervisor import Supervisor
@@ -51,12 +52,22 @@ def run(config):
         specs = backend.workers(placement)
         logger.info("backend %s: %d ranks on %s", config.backend, config.num_proc,
                     ",".join(f"{h.name}:{h.slots}" for h in placement.hosts))
+        _log_forwarding(config, placement)
         for spec in specs:
             logger.debug("%s: %s", spec.label, " ".join(spec.argv))
         supervisor = Supervisor(specs, output_dir=config.output_dir,
                                 grace_period=config.grace_period, timeout=config.timeout,
                                 error_dir=job_dir)
         return supervisor.run()
+
+
+def _log_forwarding(config, placement):
+    for name in config.export:
+        if name not in os.environ:
+            logger.warning("-x %s: not set in the launcher's environment, so not forwarded", name)
+    if any(not runner.is_local for runner in placement.runners.values()):
+        logger.debug("forwarded to remote ranks: %s",
+                     " ".join(forwarded_names(os.environ, config.export)))
 
 
 def _interrupt(signum, frame):

@@ -163,7 +163,9 @@ def build_parser():
         help="ssh port")
     add("--ssh-identity-file", action=EnvDefault, metavar="FILE", help="ssh -i file")
     add("-x", "--export", action=EnvList, metavar="NAME",
-        help="also forward this launcher variable to remote ranks; repeatable")
+        help="also forward this launcher variable to remote ranks, repeatable; PATH, "
+             "PYTHONPATH, LD_LIBRARY_PATH, VIRTUAL_ENV and every SYNCBN_*, NCCL_*, TF_*, "
+             "HOROVOD_* and OMPI_MCA_* variable are forwarded anyway")
 
     add = parser.add_argument_group("supervision and output").add_argument
     add("--timeout", action=EnvDefault, type=float, metavar="SECONDS",
@@ -173,7 +175,7 @@ def build_parser():
     add("--output-dir", action=EnvDefault, metavar="DIR",
         help="also write each rank's output to DIR/rank.N.log")
     add("-v", "--verbose", action=EnvFlag,
-        help="log the commands started")
+        help="log the commands started and the variables forwarded to remote ranks")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the program to run, after `--`")
     return parser
 

@@ -15,7 +15,7 @@ from launch.backends.mpirun import (ABORT_LINE, VERDICT_LINE, describe_mpirun_fa
                                     mpirun_command, mpirun_fatal_code)
 from launch.config import ENV_PREFIX, EnvDefault, LaunchConfig, build_parser
 from launch.environment import build_rank_env, horovod_env, slot_from_mpi_env, tf_config
-from launch.hostexec import LocalRunner, NetnsRunner, SshRunner
+from launch.hostexec import LocalRunner, NetnsRunner, SshRunner, forwarded_names
 from launch.hosts import (Host, Slot, assign_ranks, is_local_host, parse_hosts,
                           simulated_hosts_spec, validate_num_proc)
 from launch.netns import POOL, choose_subnet
@@ -190,6 +190,32 @@ def test_ssh_runner_quotes_cwd_env_and_command():
     words = shlex.split(remote)
     assert words[words.index("env") + 1:] == [
         "FOO=a b", "RANK=1", 'TF_CONFIG={"a": 1}', "python", "train.py", "--name", "it's"]
+
+
+def test_forwarded_names_are_the_python_basics_the_families_and_the_exports():
+    env = {"PATH": "/b", "HOME": "/root", "SYNCBN_COLLECTIVE_TIMEOUT": "60", "NCCL_DEBUG": "INFO",
+           "TF_CPP_MIN_LOG_LEVEL": "2", "HOROVOD_CYCLE_TIME": "1", "OMPI_MCA_btl": "tcp",
+           "OMPI_COMM_WORLD_RANK": "0", "SYNCBN_LAUNCH_NUM_PROC": "4", "MY_FLAG": "x"}
+    assert forwarded_names(env, ["MY_FLAG", "PATH", "ABSENT"]) == [
+        "PATH", "HOROVOD_CYCLE_TIME", "NCCL_DEBUG", "OMPI_MCA_btl", "SYNCBN_COLLECTIVE_TIMEOUT",
+        "TF_CPP_MIN_LOG_LEVEL", "MY_FLAG"]
+    runner = SshRunner("node2", base_env=env, exported=["MY_FLAG"])
+    words = shlex.split(runner.command(["true"], {"RANK": "1"}, "/")[0][-1])
+    assigned = {w.split("=", 1)[0] for w in words[words.index("env") + 1:-1]}
+    assert assigned == {*forwarded_names(env, ["MY_FLAG"]), "RANK"}
+
+
+def test_mpirun_forwards_the_same_names(monkeypatch):
+    from launch.backends.mpirun import mpirun_worker
+
+    monkeypatch.setenv("SYNCBN_COLLECTIVE_TIMEOUT", "60")
+    monkeypatch.setenv("NCCL_DEBUG", "INFO")
+    monkeypatch.setenv("SYNCBN_LAUNCH_TIMEOUT", "9")
+    spec = mpirun_worker(_placement(exported=("MY_FLAG",)), {"HOROVOD_CONTROLLER": "mpi"})
+    forwarded = [spec.argv[i + 1] for i, word in enumerate(spec.argv) if word == "-x"]
+    for name in ("SYNCBN_COLLECTIVE_TIMEOUT", "NCCL_DEBUG", "HOROVOD_CONTROLLER", "PATH"):
+        assert name in forwarded
+    assert "SYNCBN_LAUNCH_TIMEOUT" not in forwarded and "MY_FLAG" not in forwarded  # unset
 
 
 # --- mpirun and its rsh agent --------------------------------------------------------------

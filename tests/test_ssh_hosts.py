@@ -159,6 +159,33 @@ def test_crash_across_two_hosts_over_ssh_stops_the_job_and_leaves_nothing(backen
     assert leftovers(pid, marker) == []
 
 
+PRINT_VARIABLES = [sys.executable, "-c", "import os; print(' '.join(f'{name}=' + os.environ.get("
+                   "name, 'unset') for name in ('SYNCBN_COLLECTIVE_TIMEOUT', 'MY_FLAG', "
+                   "'NOT_FORWARDED')))"]
+
+
+@pytest.mark.parametrize("backend", ["mpi", "tf-no-mpi"])
+def test_launcher_variables_reach_ranks_on_remote_hosts(backend, monkeypatch):
+    # Set in the launcher's environment only: ranks started over ssh (one ssh per rank,
+    # or mpirun's daemons) get a fresh environment from sshd.
+    monkeypatch.setenv("SYNCBN_COLLECTIVE_TIMEOUT", "37")
+    monkeypatch.setenv("MY_FLAG", "on")
+    monkeypatch.setenv("NOT_FORWARDED", "here")  # negative control: neither family nor -x
+    pid, result = run_launcher(
+        "-np", "2", "--simulate-hosts", "2", "--ssh", "--verbose", *BACKEND_ARGS[backend],
+        "-x", "MY_FLAG", "--", *SAY_SESSION, *PRINT_VARIABLES, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    for rank in range(2):
+        assert re.search(rf"^\[{rank}\] sshd session: \S+ \d+ \S+ 2222$", result.stdout, re.M), output
+        assert (f"[{rank}] SYNCBN_COLLECTIVE_TIMEOUT=37 MY_FLAG=on NOT_FORWARDED=unset"
+                in result.stdout.splitlines()), output
+    forwarded = re.search(r"forwarded to remote ranks: (.*)", result.stderr).group(1).split()
+    assert {"SYNCBN_COLLECTIVE_TIMEOUT", "MY_FLAG", "PATH"} <= set(forwarded), output
+    assert "NOT_FORWARDED" not in forwarded
+    assert leftovers(pid) == []
+
+
 def test_sigkilled_launcher_over_ssh_is_cleaned_up_by_the_next_one():
     marker = f"syncbn-ssh-kill-{uuid.uuid4().hex}"
     run = RunningLauncher(launcher("-np", "2", "--simulate-hosts", "2", "--ssh",

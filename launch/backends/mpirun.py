@@ -31,7 +31,7 @@ import signal
 import stat
 import sys
 
-from launch.hostexec import FORWARDED, LocalRunner, NetnsRunner, SshRunner
+from launch.hostexec import LocalRunner, NetnsRunner, SshRunner, forwarded_names
 from launch.supervisor import WorkerSpec
 
 _PROCESS_NAME = re.compile(r"Process name:\s*\[\[\d+,\d+\],(\d+)\]")
@@ -243,7 +243,7 @@ def mpirun_worker(placement, extra_env=None):
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(
             os.path.abspath(__file__))))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    names = [n for n in (*FORWARDED, *extra_env, *placement.exported) if n in env]
+    names = forwarded_names(env, (*extra_env, *placement.exported))
     argv = mpirun_command(placement, mpirun=mpirun, rsh_agent=rsh_agent,
                           is_root=os.geteuid() == 0, job_env_names=names)
     return WorkerSpec(
