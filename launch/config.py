@@ -126,9 +126,10 @@ def build_parser():
              "reaches remote machines, instead of `ip netns exec`")
     add("--gpus-per-host", action=EnvDefault, default="auto", default_text="auto",
         metavar="N|auto",
-        help="GPUs per host, one per local rank through CUDA_VISIBLE_DEVICES; 'auto': "
-             "CUDA_VISIBLE_DEVICES if set, else `nvidia-smi -L`, else 0 (CPU: TF/OpenMP "
-             "threads are divided among local ranks)")
+        help="GPUs per host, one per local rank through CUDA_VISIBLE_DEVICES; 'auto': when "
+             "every host is this machine, CUDA_VISIBLE_DEVICES if set, else the `nvidia-smi -L` "
+             "count; with other machines, each host's `nvidia-smi -L` count (0 without it), "
+             "which must agree. 0: CPUs, TF/OpenMP threads divided among local ranks")
     add("--cpus-per-host", action=EnvDefault, type=int, metavar="N",
         default_text="cores usable by the launcher", help="cores per host, for dividing threads")
 

@@ -15,7 +15,7 @@ from launch.backends.mpirun import (ABORT_LINE, VERDICT_LINE, describe_mpirun_fa
                                     mpirun_command, mpirun_fatal_code)
 from launch.config import ENV_PREFIX, EnvDefault, LaunchConfig, build_parser
 from launch.environment import build_rank_env, horovod_env, slot_from_mpi_env, tf_config
-from launch.hostexec import LocalRunner, NetnsRunner, SshRunner, forwarded_names
+from launch.hostexec import HostRunner, LocalRunner, NetnsRunner, SshRunner, forwarded_names
 from launch.hosts import (Host, Slot, assign_ranks, is_local_host, parse_hosts,
                           simulated_hosts_spec, validate_num_proc)
 from launch.netns import POOL, choose_subnet
@@ -663,6 +663,85 @@ def test_gpus_per_host_on_this_machine(tmp_path):
     assert gpus.local_gpu_ids({}, nvidia_smi=str(fake)) == ("0", "1")
     config = _config(["-np", "2", "--gpus-per-host", "2", "--backend", "mpi", "--", "x"])
     assert gpus.gpu_ids(config, site=None, environ={"CUDA_VISIBLE_DEVICES": "5"}) == ("0", "1")
+
+
+class FakeRunner(HostRunner):
+    """Runs a stand-in for the remote shell: prints `stdout`, exits with `code`."""
+
+    is_local = False
+
+    def __init__(self, stdout="", code=0, stderr=""):
+        self.script = (f"import sys; sys.stdout.write({stdout!r}); sys.stderr.write({stderr!r}); "
+                       f"sys.exit({code})")
+        self.asked = 0
+
+    def command(self, argv, added_env, cwd):
+        self.asked += 1
+        return [sys.executable, "-c", self.script], dict(os.environ)
+
+
+TWO_GPUS = "GPU 0: A100 (UUID: GPU-a)\nGPU 1: A100 (UUID: GPU-b)\n"
+
+
+def _site(runners, shared_machine=False):
+    from launch.placement import Site
+
+    return Site(hosts=[Host(name, 1) for name in runners], runners=runners, addresses={},
+                launcher_address="10.0.0.1", iface="eth0", shared_machine=shared_machine)
+
+
+def _auto(num_proc=2):
+    return LaunchConfig(num_proc=num_proc, command=("x",), backend="mpi")
+
+
+def test_gpus_per_host_auto_asks_every_remote_host():
+    runners = {"node1": FakeRunner(TWO_GPUS), "node2": FakeRunner(TWO_GPUS)}
+    # The launcher's own CUDA_VISIBLE_DEVICES (a login node's) has no say.
+    assert gpus.gpu_ids(_auto(), _site(runners), environ={"CUDA_VISIBLE_DEVICES": "7"}) == (
+        "0", "1")
+    assert [r.asked for r in runners.values()] == [1, 1]
+
+
+def test_gpus_per_host_auto_refuses_hosts_that_disagree():
+    # node2 has no nvidia-smi: the probe prints nothing and exits 0, so it has 0 GPUs.
+    runners = {"node1": FakeRunner(TWO_GPUS), "node2": FakeRunner("")}
+    with pytest.raises(ValueError, match=r"same number of GPUs on every host.*node1: 2, "
+                                         r"node2: 0.*Received: --gpus-per-host auto"):
+        gpus.gpu_ids(_auto(), _site(runners))
+    assert gpus.gpu_ids(_auto(), _site({"n1": FakeRunner(""), "n2": FakeRunner("")})) == ()
+
+
+def test_gpus_per_host_auto_names_a_host_it_cannot_ask():
+    runners = {"node1": FakeRunner(TWO_GPUS),
+               "node9": FakeRunner(code=255, stderr="ssh: connect to host node9: Connection refused")}
+    with pytest.raises(RuntimeError, match="cannot ask host 'node9'.*exited with 255: ssh: "
+                                           "connect to host node9: Connection refused"):
+        gpus.gpu_ids(_auto(), _site(runners))
+
+
+def test_gpus_per_host_asks_nobody_when_it_need_not():
+    unreachable = {"node1": FakeRunner(code=255), "node2": FakeRunner(code=255)}
+    counted = LaunchConfig(num_proc=2, command=("x",), backend="mpi", gpus_per_host=3)
+    assert gpus.gpu_ids(counted, _site(unreachable)) == ("0", "1", "2")
+    # Simulated hosts (even over ssh) are this machine: its own answer.
+    assert gpus.gpu_ids(_auto(), _site(unreachable, shared_machine=True),
+                        environ={"CUDA_VISIBLE_DEVICES": "4,5"}) == ("4", "5")
+    assert gpus.gpu_ids(_auto(), _site({"localhost": LocalRunner()}),
+                        environ={"CUDA_VISIBLE_DEVICES": "1"}) == ("1",)
+    assert [r.asked for r in unreachable.values()] == [0, 0]
+
+
+def test_gpu_probe_runs_nvidia_smi_through_the_runner(tmp_path):
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text(f"#!/bin/sh\nprintf '{TWO_GPUS}'\n")
+    fake.chmod(0o755)
+    path = os.environ["PATH"]
+    with_smi = LocalRunner(base_env={"PATH": f"{tmp_path}{os.pathsep}{path}"})
+    assert gpus.count_host_gpus("here", with_smi) == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "sh").symlink_to("/bin/sh")
+    assert gpus.count_host_gpus("here", LocalRunner(base_env={"PATH": str(empty)})) == 0
 
 
 def test_launcher_imports_neither_tensorflow_nor_horovod():
