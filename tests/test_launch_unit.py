@@ -3,6 +3,7 @@
 import ipaddress
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -652,6 +653,42 @@ def test_every_option_has_one_environment_fallback_and_documents_it(monkeypatch)
     args = build_parser().parse_args([])
     for action in options:
         assert getattr(args, action.dest) == from_env[action.dest][1] != action.default, action.dest
+
+
+LAUNCHER_DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "docs", "launcher.md")
+
+
+def _doc():
+    with open(LAUNCHER_DOC, encoding="utf-8") as handle:
+        return handle.read()
+
+
+def test_the_launcher_doc_lists_every_option_with_its_variable():
+    rows = {}  # flags of a row of the options table -> its environment column
+    for line in _doc().splitlines():
+        if line.startswith("| `-"):
+            cells = re.split(r"(?<!\\)\|", line)  # `a\|b` is a pipe inside a cell
+            rows[frozenset(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", cells[1]))] = cells[3]
+    options = [a for a in build_parser()._actions if a.option_strings and a.dest != "help"]
+    assert set().union(*rows) == {flag for a in options for flag in a.option_strings}
+    for action in options:
+        environment = rows[frozenset(action.option_strings)]
+        assert all(f"`{name}" in environment for name in action.env), (action.env, environment)
+
+
+def test_every_launcher_command_in_the_docs_is_valid(monkeypatch):
+    monkeypatch.delenv("HOROVOD_CYCLE_TIME", raising=False)
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", _doc(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line.split(" #")[0])
+            if "syncbn-launch" in words and "[" not in line:  # the synopsis has [options]
+                commands.append(words[words.index("syncbn-launch") + 1:])
+    assert len(commands) >= 3, commands
+    for words in commands:
+        config = LaunchConfig.from_args(build_parser().parse_args(words))
+        assert config.command[0] == "python", words
 
 
 def test_gpus_per_host_on_this_machine(tmp_path):
