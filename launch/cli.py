@@ -20,7 +20,7 @@ from launch.backends import create_backend
 from launch.config import LaunchConfig, build_parser
 from launch.hostexec import forwarded_names
 from launch.netns import remove_stale_directories
-from launch.placement import make_placement
+from launch.placement import listed_site, make_placement, simulated_site
 from launch.supervisor import Supervisor
 
 logger = logging.getLogger("launch")
@@ -34,8 +34,8 @@ def run(config):
         os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
     with contextlib.ExitStack() as stack:
         backend = stack.enter_context(create_backend(config))
+        remove_stale_directories(own_pid=os.getpid())  # left by SIGKILLed launchers
         # The pid in the name lets a later launcher remove it if this one is SIGKILLed.
-        remove_stale_directories(own_pid=os.getpid())
         job_dir = stack.enter_context(
             tempfile.TemporaryDirectory(prefix=f"syncbn-launch-{os.getpid()}-"))
         network = ssh_servers = None
@@ -47,8 +47,8 @@ def run(config):
                 from launch.netns_ssh import SimulatedSsh
 
                 ssh_servers = stack.enter_context(SimulatedSsh(network))
-        placement = make_placement(config, cwd=os.getcwd(), job_dir=job_dir, network=network,
-                                   ssh_servers=ssh_servers)
+        site = simulated_site(config, network, ssh_servers) if network else listed_site(config)
+        placement = make_placement(config, site, cwd=os.getcwd(), job_dir=job_dir)
         specs = backend.workers(placement)
         logger.info("backend %s: %d ranks on %s", config.backend, config.num_proc,
                     ",".join(f"{h.name}:{h.slots}" for h in placement.hosts))

@@ -64,7 +64,10 @@ class ErrorRecord:
         lines = [_TF_FUNCTION.sub("", line.strip()) for line in self.message.splitlines()]
         lines = [line for line in lines if line]
         relayed = [line for line in lines if _EXCEPTION_LINE.match(line)]
-        line = relayed[-1] if lines and lines[0].endswith(":") and relayed else next(iter(lines), "")
+        if lines and lines[0].endswith(":") and relayed:
+            line = relayed[-1]
+        else:
+            line = next(iter(lines), "")
         text = f"{self.type.rsplit('.', 1)[-1]}: {line}"
         return text if len(text) <= _SUMMARY_CHARACTERS else text[:_SUMMARY_CHARACTERS - 3] + "..."
 
@@ -125,8 +128,10 @@ def verdict(records, deaths, failed, from_output):
 
     Example:
         >>> raised = ErrorRecord(1, "ValueError", "bad batch", time=10.0)
-        >>> verdict([raised], [Death("rank 0", 0, 11.0, 1)], Death("rank 0", 0, 11.0, 1), None)
-        'rank 1 failed first: ValueError: bad batch (its error file); rank 0 exited first, with exit code 1'
+        >>> exited = Death("rank 0", 0, 12.0, 1)
+        >>> print(verdict([raised], [exited], exited, None))  # doctest: +NORMALIZE_WHITESPACE
+        rank 1 failed first: ValueError: bad batch (its error file);
+        rank 0 exited first, with exit code 1
         >>> killed = Death("rank 0", 0, 9.0, -9)
         >>> verdict([raised], [killed], killed, None)
         'rank 0 failed first with signal SIGKILL'

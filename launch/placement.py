@@ -1,15 +1,14 @@
 """Where the ranks run and how they are reached: the `Placement` every backend takes.
 
-`make_placement(config, ...)` decides it once per job from a `LaunchConfig`, in
-two steps:
+It is decided once per job from a `LaunchConfig`, in two steps:
 
-1. A host source gives the hosts, a `launch.hostexec.HostRunner` per host, the
-   addresses hosts reach each other and the launcher at, and the interface:
-   `simulated_site` for `--simulate-hosts`, `listed_site` for `-H` (or this
-   machine alone). Another source (a scheduler's allocation, say) is one more
-   function returning a `Site`.
-2. Ranks go to the hosts' slots (`launch.hosts.assign_ranks`), and the cores
-   and GPUs of a host are counted.
+1. A host source gives a `Site`: the hosts, a `launch.hostexec.HostRunner` per
+   host, the addresses hosts reach each other and the launcher at, and the
+   interface. `simulated_site` serves `--simulate-hosts`, `listed_site` `-H`
+   (or this machine alone); another source (a scheduler's allocation, with its
+   own runner) is one more function returning a `Site`.
+2. `make_placement(config, site, ...)` puts the ranks in the hosts' slots
+   (`launch.hosts.assign_ranks`) and counts the cores and GPUs of a host.
 """
 
 import dataclasses
@@ -133,20 +132,18 @@ def listed_site(config, route_to=_route_to):
                 launcher_address=launcher_address, iface=iface)
 
 
-def make_placement(config, *, cwd, job_dir=None, network=None, ssh_servers=None, gpu_ids=None):
-    """Decides hosts, runners, addresses and devices for the job.
+def make_placement(config, site, *, cwd, job_dir=None, gpu_ids=None):
+    """Places the job's ranks on the hosts of `site`.
 
     Args:
         config: the job's `launch.config.LaunchConfig`.
+        site: the `Site` of a host source (`simulated_site`, `listed_site`).
         cwd: the ranks' working directory.
         job_dir: the launcher's directory for the job, or None.
-        network: the entered `launch.netns.SimulatedNetwork` of `--simulate-hosts`, or None.
-        ssh_servers: the entered `launch.netns_ssh.SimulatedSsh` of `--ssh`, or None.
         gpu_ids: function(config, site) -> GPU ids of a host (default: `launch.gpus.gpu_ids`).
     """
     from launch import gpus
 
-    site = simulated_site(config, network, ssh_servers) if network else listed_site(config)
     return Placement(
         slots=hosts_lib.assign_ranks(site.hosts, config.num_proc), hosts=site.hosts,
         runners=site.runners, addresses=site.addresses, launcher_address=site.launcher_address,

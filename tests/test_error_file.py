@@ -127,6 +127,7 @@ def test_a_collective_timeout_record(tmp_path):
         error_file.COLLECTIVE_TIMEOUT, "syncbn: MPI all-reduce 'bn/forward' waited more than 3 s",
         exit_code=124, environ={ERROR_FILE_VARIABLE: path}) == path
     [record] = read_error_records(str(tmp_path))
-    assert record.summary() == "CollectiveTimeout: syncbn: MPI all-reduce 'bn/forward' waited more than 3 s"
+    assert record.summary() == (
+        "CollectiveTimeout: syncbn: MPI all-reduce 'bn/forward' waited more than 3 s")
     assert record.exit_code == 124 and record.rank == 0
     assert [p.name for p in tmp_path.iterdir()] == ["rank.0.json"]  # no partial file left

@@ -39,9 +39,10 @@ CI_CELLS = [cell for cell in ALL_CELLS
 LAYER_NAMED = {"shape", "skip", "stall", "netcut"}
 # Cells whose verdict comes from a rank's error file, and the rank it names: the
 # raising rank's exception, and the waiting rank's collective timeout over MPI.
-FROM_ERROR_FILE = ({(backend, "raise"): fault_matrix.FAULT_RANK for backend in fault_matrix.BACKENDS}
-                   | {(backend, "stall"): 1 - fault_matrix.FAULT_RANK
-                      for backend in ("mpi", "horovod-mpi", "tf-mpi")})
+FROM_ERROR_FILE = (
+    {(backend, "raise"): fault_matrix.FAULT_RANK for backend in fault_matrix.BACKENDS}
+    | {(backend, "stall"): 1 - fault_matrix.FAULT_RANK
+       for backend in ("mpi", "horovod-mpi", "tf-mpi")})
 # Cells whose output may name no layer. (tf-grpc and tf-mpi (e) used to: there
 # the weights' initial broadcast fails first; the layer now checks at build time.)
 LAYER_NOT_NAMED = set()
@@ -67,7 +68,8 @@ def test_fault_ends_the_job(backend, fault, tmp_path):
     assert result.seconds <= TIMEOUT + 10, output  # the issue's bound; nan (no fault) fails too
     assert re.search(r"\brank \d+\b", result.verdict), output
     if (backend, fault) in FROM_ERROR_FILE:
-        assert result.verdict.startswith(f"rank {FROM_ERROR_FILE[backend, fault]} failed first: "), output
+        rank = FROM_ERROR_FILE[backend, fault]
+        assert result.verdict.startswith(f"rank {rank} failed first: "), output
         assert "(its error file)" in result.verdict, output
     if fault == "kill":  # no record: its peers' errors, recorded a moment later, follow from it
         assert result.verdict.startswith(f"rank {fault_matrix.FAULT_RANK} failed first with "

@@ -691,6 +691,25 @@ def test_every_launcher_command_in_the_docs_is_valid(monkeypatch):
         assert config.command[0] == "python", words
 
 
+def test_listed_hosts_run_local_names_here_and_others_over_ssh():
+    from launch.placement import listed_site, make_placement
+
+    config = LaunchConfig(num_proc=3, command=("python", "t.py"), backend="mpi", ssh_port=2200,
+                          hosts=(Host("localhost", 1), Host("node2", 2), Host("node3", 2)),
+                          export=("MY_FLAG",))
+    site = listed_site(config, route_to=lambda host: ("eth1", "10.0.0.5"))
+    assert [h.name for h in site.hosts] == ["localhost", "node2"]  # node3 gets no rank
+    assert isinstance(site.runners["localhost"], LocalRunner)
+    assert (site.runners["node2"].port, site.runners["node2"].exported) == (2200, ("MY_FLAG",))
+    assert site.addresses == {"localhost": "10.0.0.5", "node2": "node2"}
+    assert (site.iface, site.launcher_address) == ("eth1", "10.0.0.5")
+    placement = make_placement(config, site, cwd="/w", job_dir="/j",
+                               gpu_ids=lambda config, site: ("0",))
+    assert [s.hostname for s in placement.slots] == ["localhost", "node2", "node2"]
+    assert (placement.job_dir, placement.gpu_ids, placement.command) == (
+        "/j", ("0",), ["python", "t.py"])
+
+
 def test_gpus_per_host_on_this_machine(tmp_path):
     assert gpus.local_gpu_ids({"CUDA_VISIBLE_DEVICES": "2,3"}) == ("2", "3")
     assert gpus.local_gpu_ids({"CUDA_VISIBLE_DEVICES": ""}) == ()
@@ -750,7 +769,8 @@ def test_gpus_per_host_auto_refuses_hosts_that_disagree():
 
 def test_gpus_per_host_auto_names_a_host_it_cannot_ask():
     runners = {"node1": FakeRunner(TWO_GPUS),
-               "node9": FakeRunner(code=255, stderr="ssh: connect to host node9: Connection refused")}
+               "node9": FakeRunner(code=255,
+                                   stderr="ssh: connect to host node9: Connection refused")}
     with pytest.raises(RuntimeError, match="cannot ask host 'node9'.*exited with 255: ssh: "
                                            "connect to host node9: Connection refused"):
         gpus.gpu_ids(_auto(), _site(runners))

@@ -177,7 +177,8 @@ def test_launcher_variables_reach_ranks_on_remote_hosts(backend, monkeypatch):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     for rank in range(2):
-        assert re.search(rf"^\[{rank}\] sshd session: \S+ \d+ \S+ 2222$", result.stdout, re.M), output
+        session = rf"^\[{rank}\] sshd session: \S+ \d+ \S+ 2222$"
+        assert re.search(session, result.stdout, re.M), output
         assert (f"[{rank}] SYNCBN_COLLECTIVE_TIMEOUT=37 MY_FLAG=on NOT_FORWARDED=unset"
                 in result.stdout.splitlines()), output
     forwarded = re.search(r"forwarded to remote ranks: (.*)", result.stderr).group(1).split()
