@@ -12,6 +12,7 @@ fast and can supervise any program. Layout, one module per concern:
 - `netns`: `--simulate-hosts N`, N hosts as Linux network namespaces on a bridge.
 - `backends`: what each backend (horovod, tf, mpi) adds to a rank and how it starts.
 - `supervisor`: starts the processes, prefixes their output, stops all on the first failure.
+- `failures`: which rank failed first: the ranks' error files, else their output.
 - `cli`: the front end (`syncbn-launch`, `python -m launch`): config, then `run`.
 
 Example:

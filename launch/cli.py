@@ -55,9 +55,11 @@ def run(config):
         _log_forwarding(config, placement)
         for spec in specs:
             logger.debug("%s: %s", spec.label, " ".join(spec.argv))
-        supervisor = Supervisor(specs, output_dir=config.output_dir,
-                                grace_period=config.grace_period, timeout=config.timeout,
-                                error_dir=job_dir)
+        # With ranks on other machines, the error files would tell only part of the
+        # story; the output names the failing rank then.
+        supervisor = Supervisor(
+            specs, output_dir=config.output_dir, grace_period=config.grace_period,
+            timeout=config.timeout, error_dir=job_dir if placement.error_files_readable else None)
         return supervisor.run()
 
 

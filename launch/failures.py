@@ -21,8 +21,9 @@ After a failure the supervisor reads them back and `verdict` decides:
 
 Records carry the writer's clock: on one machine (or simulated hosts) they
 order exactly. Ranks on other machines write into their own file system,
-where the launcher's directory does not exist, so they leave no record and
-their failures are named from their output.
+where the launcher's directory does not exist, so they leave no record; with
+such ranks in the job, the launcher reads no records and names the rank from
+the output (`launch.placement.Placement.error_files_readable`).
 """
 
 import dataclasses

@@ -80,6 +80,12 @@ class Placement:
     exported: tuple = ()
     job_dir: Optional[str] = None
 
+    @property
+    def error_files_readable(self):
+        """True if every rank's error file lands where the launcher reads it: every host
+        is this machine (simulated hosts too). Ranks on other machines write none."""
+        return self.shared_machine or all(runner.is_local for runner in self.runners.values())
+
 
 def _route_to(host):
     """(interface, source address) of this machine's route to `host`."""

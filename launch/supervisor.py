@@ -73,7 +73,8 @@ class WorkerSpec:
         demux_ranks: True if the worker's lines already carry `[N] ` rank prefixes
             (mpirun with our rank wrapper); they are then routed to rank N's log.
         describe_failure: optional function(lines, exit_code) -> message or None, for
-            workers (mpirun) that know better which rank failed. It gets the lines in
+            workers (mpirun) whose output says which rank failed, read when no rank
+            wrote an error file (`launch.failures`). It gets the lines in
             the order they came: those that matched `keep_line` and scrolled out of the
             last `_TAIL_LINES`, then those.
         keep_line: optional compiled bytes regex of the lines describe_failure needs.

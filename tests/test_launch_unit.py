@@ -708,6 +708,11 @@ def test_listed_hosts_run_local_names_here_and_others_over_ssh():
     assert [s.hostname for s in placement.slots] == ["localhost", "node2", "node2"]
     assert (placement.job_dir, placement.gpu_ids, placement.command) == (
         "/j", ("0",), ["python", "t.py"])
+    # node2's ranks cannot write where the launcher reads: no verdict from error files.
+    assert not placement.error_files_readable
+    local = LaunchConfig(num_proc=2, command=("x",), backend="mpi")
+    assert make_placement(local, listed_site(local), cwd="/w",
+                          gpu_ids=lambda config, site: ()).error_files_readable
 
 
 def test_gpus_per_host_on_this_machine(tmp_path):
