@@ -13,7 +13,9 @@ below; `build_rank_env` adds what every rank gets:
   environment wins.
 - GPU: one GPU per rank through `CUDA_VISIBLE_DEVICES`.
 - `SYNCBN_ERROR_FILE`: where the rank writes its error record if it fails
-  (`syncbn.error_file`), `rank.<N>.json` in the launcher's job directory.
+  (`syncbn.error_file`), `rank.<N>.json` in the launcher's job directory, and
+  `SYNCBN_ERROR_FILE_OWNER` empty: the record is for the rank's first process
+  that imports syncbn to claim, even when the launcher runs inside a rank.
 """
 
 import json
@@ -34,6 +36,7 @@ def threads_per_rank(cpus, ranks_sharing_cpus):
 
 
 ERROR_FILE_VARIABLE = "SYNCBN_ERROR_FILE"  # read by syncbn.error_file
+ERROR_FILE_OWNER_VARIABLE = "SYNCBN_ERROR_FILE_OWNER"
 
 
 def error_file_path(directory, rank):
@@ -83,6 +86,7 @@ def build_rank_env(slot, *, cpus, gpu_ids=(), shared_machine=False, base_env=Non
     }
     if error_dir:
         env[ERROR_FILE_VARIABLE] = error_file_path(error_dir, slot.rank)
+        env[ERROR_FILE_OWNER_VARIABLE] = ""
     sharers = slot.size if shared_machine else slot.local_size
     device_index = slot.rank if shared_machine else slot.local_rank
     gpu_ids = [str(gpu) for gpu in gpu_ids]

@@ -40,7 +40,7 @@ _RECORD_FILE = re.compile(r"rank\.(\d+)\.json$")
 _SUMMARY_CHARACTERS = 300
 SILENT_DEATH_WINDOW = 1.0
 _TF_FUNCTION = re.compile(r"^\{\{function_node [^}]*\}\}\s*")
-_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception): \S")
+_TF_GRAPH_ERROR = "Graph execution error:"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,17 +58,15 @@ class ErrorRecord:
     def summary(self):
         """'RuntimeError: the message's first line', at most a few hundred characters.
 
-        TensorFlow's errors start with a header ("Graph execution error:") or
-        a function's name: the line shown is then the error that TensorFlow
-        relays (e.g. "RuntimeError: ..." raised in a `tf.py_function`).
+        TensorFlow's errors from a traced function say "Graph execution error:",
+        then where the failing node was defined (indented), then the error of the
+        node, the line shown; eager ones start with the function's name.
         """
-        lines = [_TF_FUNCTION.sub("", line.strip()) for line in self.message.splitlines()]
-        lines = [line for line in lines if line]
-        relayed = [line for line in lines if _EXCEPTION_LINE.match(line)]
-        if lines and lines[0].endswith(":") and relayed:
-            line = relayed[-1]
-        else:
-            line = next(iter(lines), "")
+        lines = [line for line in self.message.splitlines() if line.strip()]
+        if lines and lines[0].strip() == _TF_GRAPH_ERROR:
+            lines = [line for line in lines[1:]
+                     if not line.startswith(("Detected at node", " ", "\t"))]
+        line = _TF_FUNCTION.sub("", lines[0].strip()) if lines else ""
         text = f"{self.type.rsplit('.', 1)[-1]}: {line}"
         return text if len(text) <= _SUMMARY_CHARACTERS else text[:_SUMMARY_CHARACTERS - 3] + "..."
 

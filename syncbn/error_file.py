@@ -20,6 +20,12 @@ writes the same fields). The launcher names the rank whose record is earliest.
 The hook writes before it calls the hook it chains, so the record exists
 before syncbn's MPI abort (`abort_on_uncaught_exception`) ends the job, in
 whichever order the two were installed. The first record of a process stays.
+
+The record is the rank's: the first process of the rank that imports syncbn
+claims it (`SYNCBN_ERROR_FILE_OWNER`, its pid, which the launcher leaves
+empty). Processes that rank starts inherit both variables and write nothing,
+so a helper script that fails, and whose failure the rank handles, is not
+taken for the rank's own failure.
 A record is written only into a directory that exists (the launcher's): a rank
 on a machine that cannot see it, or one that outlives the job, writes nothing.
 
@@ -39,8 +45,14 @@ import time
 import traceback
 
 ENV_VARIABLE = "SYNCBN_ERROR_FILE"
+OWNER_VARIABLE = "SYNCBN_ERROR_FILE_OWNER"
 COLLECTIVE_TIMEOUT = "syncbn.CollectiveTimeout"
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT: Python dies of SIGINT after KeyboardInterrupt
+
+
+def _owned_elsewhere(environ):
+    owner = environ.get(OWNER_VARIABLE, "")
+    return owner not in ("", str(os.getpid()))
 
 
 def _rank(environ):
@@ -53,7 +65,8 @@ def _rank(environ):
 
 
 def record_failure(kind, message, *, traceback_text="", exit_code=1, environ=None):
-    """Writes this process's error record to `SYNCBN_ERROR_FILE`, if set and not written yet.
+    """Writes the rank's error record to `SYNCBN_ERROR_FILE`: if set, not written yet,
+    and not claimed by another process of the rank (see the module docstring).
 
     Args:
         kind: what failed: an exception's class name, or `COLLECTIVE_TIMEOUT`.
@@ -68,7 +81,8 @@ def record_failure(kind, message, *, traceback_text="", exit_code=1, environ=Non
     environ = os.environ if environ is None else environ
     path = environ.get(ENV_VARIABLE)
     directory = os.path.dirname(os.path.abspath(path)) if path else None
-    if not path or os.path.exists(path) or not os.path.isdir(directory):
+    if (not path or _owned_elsewhere(environ) or os.path.exists(path)
+            or not os.path.isdir(directory)):
         return None
     record = {"rank": _rank(environ), "host": socket.gethostname(), "pid": os.getpid(),
               "type": kind, "message": message, "traceback": traceback_text,
@@ -97,10 +111,13 @@ def _type_name(kind):
 
 
 def install():
-    """Makes an uncaught exception write the error record first; a no-op without
-    `SYNCBN_ERROR_FILE` or when already installed."""
-    if not os.environ.get(ENV_VARIABLE) or getattr(sys.excepthook, "syncbn_error_file", False):
+    """Makes an uncaught exception write the error record first, and claims the record
+    for this process; a no-op without `SYNCBN_ERROR_FILE`, when another process of
+    the rank has claimed it, or when already installed."""
+    if (not os.environ.get(ENV_VARIABLE) or _owned_elsewhere(os.environ)
+            or getattr(sys.excepthook, "syncbn_error_file", False)):
         return
+    os.environ[OWNER_VARIABLE] = str(os.getpid())  # inherited: the rank's children see it
     previous = sys.excepthook
 
     def excepthook(kind, value, trace):

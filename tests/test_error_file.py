@@ -5,11 +5,13 @@ timeout through either MPI kernel) and tests/test_faults.py.
 """
 
 import json
+import os
+import subprocess
 import sys
 
 import pytest
 
-from launch.environment import ERROR_FILE_VARIABLE, error_file_path
+from launch.environment import ERROR_FILE_OWNER_VARIABLE, ERROR_FILE_VARIABLE, error_file_path
 from launch.failures import read_error_records
 from syncbn import error_file
 
@@ -20,6 +22,7 @@ def hook(monkeypatch, tmp_path):
     path = error_file_path(str(tmp_path), 1)
     calls = []
     monkeypatch.setenv(ERROR_FILE_VARIABLE, path)
+    monkeypatch.setenv(ERROR_FILE_OWNER_VARIABLE, "")  # as the launcher leaves it
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")  # the rank comes from syncbn.world
     monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")
     monkeypatch.setattr(sys, "excepthook", lambda *args: calls.append(args))
@@ -34,8 +37,9 @@ def _raise(kind, message):
         return sys.exc_info()
 
 
-def test_the_variable_names_the_same_file_on_both_sides():
+def test_the_variables_are_the_same_on_both_sides():
     assert ERROR_FILE_VARIABLE == error_file.ENV_VARIABLE
+    assert ERROR_FILE_OWNER_VARIABLE == error_file.OWNER_VARIABLE
 
 
 def test_an_uncaught_exception_writes_the_record_then_calls_the_previous_hook(hook, tmp_path):
@@ -87,6 +91,7 @@ def test_the_record_exists_before_an_mpi_abort_hook_ends_the_process(monkeypatch
     # syncbn's abort_on_uncaught_exception calls the hook it chains, then MPI_Abort.
     path = error_file_path(str(tmp_path), 0)
     monkeypatch.setenv(ERROR_FILE_VARIABLE, path)
+    monkeypatch.setenv(ERROR_FILE_OWNER_VARIABLE, "")
     monkeypatch.setattr(sys, "excepthook", lambda *args: None)
     seen_at_abort = []
 
@@ -107,6 +112,21 @@ def test_the_record_exists_before_an_mpi_abort_hook_ends_the_process(monkeypatch
         install_abort_hook()
     sys.excepthook(*_raise(RuntimeError, "boom"))
     assert seen_at_abort == [True]
+
+
+def test_the_ranks_children_write_no_record(hook, tmp_path):
+    # This process claimed the rank's record; a child that imports syncbn and fails
+    # (a helper the rank runs and may recover from) writes nothing.
+    path, _ = hook
+    assert os.environ[ERROR_FILE_OWNER_VARIABLE] == str(os.getpid())
+    child = subprocess.run([sys.executable, "-c", "import syncbn; raise ValueError('child')"],
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == 1 and "ValueError: child" in child.stderr
+    assert not os.path.exists(path)
+    assert error_file.record_failure("ValueError", "x", environ={
+        ERROR_FILE_VARIABLE: path, ERROR_FILE_OWNER_VARIABLE: "1"}) is None  # pid 1's
+    sys.excepthook(*_raise(ValueError, "the rank's own"))
+    assert read_error_records(str(tmp_path))[0].message == "the rank's own"
 
 
 def test_nothing_is_written_without_the_variable_or_the_directory(monkeypatch, tmp_path):

@@ -488,8 +488,8 @@ def test_read_error_records_takes_the_rank_from_the_file_name_and_skips_bad_file
 def test_record_summary_is_one_short_line():
     assert _record(0, 1.0, "a.b.C", "x" * 1000).summary() == "C: " + "x" * 294 + "..."
     assert _record(0, 1.0, "ValueError", "").summary() == "ValueError: "
-    # TensorFlow relays the error a tf.py_function raised after a header (as TF 2.21
-    # words it), or after the function's name.
+    # TensorFlow relays a node's error after a header and where the node was defined
+    # (as TF 2.21 words it), or after the function's name.
     graph = ("Graph execution error:\n\nDetected at node EagerPyFunc defined at (most recent "
              "call last):\n  File \"t.py\", line 8, in <module>\n\nRuntimeError: injected fault"
              "\nTraceback (most recent call last):\n  File \"t.py\", line 3, in boom\n    raise "
@@ -498,6 +498,13 @@ def test_record_summary_is_one_short_line():
     unknown = "tensorflow.python.framework.errors_impl.UnknownError"
     assert _record(0, 1.0, unknown, graph).summary() == (
         "UnknownError: RuntimeError: injected fault")
+    kernel = ("Graph execution error:\n\nDetected at node syncbn_mpi_all_sum defined at (most "
+              "recent call last):\n  File \"job.py\", line 9, in step\n\nsyncbn: ranks disagree "
+              "at a sync BN collective: this rank (1) is at 'bn_b/forward'\n\t [[{{node "
+              "syncbn_mpi_all_sum}}]] [Op:__inference_step_99]")
+    assert _record(1, 1.0, "FailedPreconditionError", kernel).summary() == (
+        "FailedPreconditionError: syncbn: ranks disagree at a sync BN collective: this rank (1) "
+        "is at 'bn_b/forward'")
     relayed = "{{function_node __inference_<lambda>_773}} RuntimeError: injected fault\nmore"
     assert _record(0, 1.0, unknown, relayed).summary() == (
         "UnknownError: RuntimeError: injected fault")

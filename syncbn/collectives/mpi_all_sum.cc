@@ -130,6 +130,8 @@ std::string JsonString(const std::string& text) {
 void RecordTimeout(const std::string& message) {
   const char* path = std::getenv("SYNCBN_ERROR_FILE");
   if (path == nullptr || *path == '\0') return;
+  const char* owner = std::getenv("SYNCBN_ERROR_FILE_OWNER");  // another process's record
+  if (owner != nullptr && *owner != '\0' && std::to_string(getpid()) != owner) return;
   int rank = -1;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   char host[256] = "";
