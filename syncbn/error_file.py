@@ -23,9 +23,10 @@ whichever order the two were installed. The first record of a process stays.
 
 The record is the rank's: the first process of the rank that imports syncbn
 claims it (`SYNCBN_ERROR_FILE_OWNER`, its pid, which the launcher leaves
-empty). Processes that rank starts inherit both variables and write nothing,
+empty). Processes the rank starts inherit both variables and write nothing,
 so a helper script that fails, and whose failure the rank handles, is not
 taken for the rank's own failure.
+
 A record is written only into a directory that exists (the launcher's): a rank
 on a machine that cannot see it, or one that outlives the job, writes nothing.
 
