@@ -488,30 +488,44 @@ def test_read_error_records_takes_the_rank_from_the_file_name_and_skips_bad_file
 def test_record_summary_is_one_short_line():
     assert _record(0, 1.0, "a.b.C", "x" * 1000).summary() == "C: " + "x" * 294 + "..."
     assert _record(0, 1.0, "ValueError", "").summary() == "ValueError: "
-    # TensorFlow relays a node's error after a header and where the node was defined
-    # (as TF 2.21 words it), or after the function's name.
-    graph = ("Graph execution error:\n\nDetected at node EagerPyFunc defined at (most recent "
-             "call last):\n  File \"t.py\", line 8, in <module>\n\nRuntimeError: injected fault"
-             "\nTraceback (most recent call last):\n  File \"t.py\", line 3, in boom\n    raise "
-             "RuntimeError(\"injected fault\")\n\nRuntimeError: injected fault\n\n\t "
-             "[[{{node EagerPyFunc}}]] [Op:__inference_f_6]")
-    unknown = "tensorflow.python.framework.errors_impl.UnknownError"
-    assert _record(0, 1.0, unknown, graph).summary() == (
-        "UnknownError: RuntimeError: injected fault")
-    kernel = ("Graph execution error:\n\nDetected at node syncbn_mpi_all_sum defined at (most "
-              "recent call last):\n  File \"job.py\", line 9, in step\n\nsyncbn: ranks disagree "
-              "at a sync BN collective: this rank (1) is at 'bn_b/forward'\n\t [[{{node "
-              "syncbn_mpi_all_sum}}]] [Op:__inference_step_99]")
-    assert _record(1, 1.0, "FailedPreconditionError", kernel).summary() == (
+
+
+# TensorFlow relays a node's error after a header and where the node was defined
+# (as TF 2.21 words it), or after the function's name.
+TF_MESSAGES = {
+    "py_function": (
+        "UnknownError",
+        "Graph execution error:\n\nDetected at node EagerPyFunc defined at (most recent call "
+        "last):\n  File \"t.py\", line 8, in <module>\n\nRuntimeError: injected fault\n"
+        "Traceback (most recent call last):\n  File \"t.py\", line 3, in boom\n    raise "
+        "RuntimeError(\"injected fault\")\n\nRuntimeError: injected fault\n\n\t "
+        "[[{{node EagerPyFunc}}]] [Op:__inference_f_6]",
+        "UnknownError: RuntimeError: injected fault"),
+    "kernel": (
+        "FailedPreconditionError",
+        "Graph execution error:\n\nDetected at node syncbn_mpi_all_sum defined at (most recent "
+        "call last):\n  File \"job.py\", line 9, in step\n\nsyncbn: ranks disagree at a sync BN "
+        "collective: this rank (1) is at 'bn_b/forward'\n\t [[{{node syncbn_mpi_all_sum}}]] "
+        "[Op:__inference_step_99]",
         "FailedPreconditionError: syncbn: ranks disagree at a sync BN collective: this rank (1) "
-        "is at 'bn_b/forward'")
-    relayed = "{{function_node __inference_<lambda>_773}} RuntimeError: injected fault\nmore"
-    assert _record(0, 1.0, unknown, relayed).summary() == (
-        "UnknownError: RuntimeError: injected fault")
-    unavailable = ("{{function_node __inference_<lambda>_1257}} Collective ops is aborted by: "
-                   "recvmsg:Connection reset by peer\nAdditional GRPC error information")
-    assert _record(0, 1.0, "UnavailableError", unavailable).summary() == (
-        "UnavailableError: Collective ops is aborted by: recvmsg:Connection reset by peer")
+        "is at 'bn_b/forward'"),
+    "eager": (
+        "UnknownError",
+        "{{function_node __inference_<lambda>_773}} RuntimeError: injected fault\nmore",
+        "UnknownError: RuntimeError: injected fault"),
+    "collective": (
+        "UnavailableError",
+        "{{function_node __inference_<lambda>_1257}} Collective ops is aborted by: "
+        "recvmsg:Connection reset by peer\nAdditional GRPC error information",
+        "UnavailableError: Collective ops is aborted by: recvmsg:Connection reset by peer"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TF_MESSAGES))
+def test_record_summary_of_tensorflow_errors_shows_the_error_relayed(case):
+    kind, message, summary = TF_MESSAGES[case]
+    assert _record(0, 1.0, f"tensorflow.python.framework.errors_impl.{kind}",
+                   message).summary() == summary
 
 
 def _ranks_writing_records(tmp_path, scripts):
