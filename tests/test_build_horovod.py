@@ -81,10 +81,12 @@ def test_wheel_dir_is_keyed_by_tensorflow_version_and_flavour(monkeypatch, tmp_p
 
 
 @pytest.mark.parametrize("version,expected", [
-    ("2.18.1", ["horovod-0.28.1-gloo-stall-check.patch"]),
-    ("2.21.0", ["horovod-0.28.1-gloo-stall-check.patch", "horovod-0.28.1-tf2.19-xla.patch"]),
+    ("2.18.1", ["horovod-0.28.1-gloo-stall-check.patch",
+                "horovod-0.28.1-legacy-keras-backend.patch"]),
+    ("2.21.0", ["horovod-0.28.1-gloo-stall-check.patch",
+                "horovod-0.28.1-legacy-keras-backend.patch", "horovod-0.28.1-tf2.19-xla.patch"]),
 ])
-def test_every_build_gets_the_gloo_fix_and_tf_2_19_on_the_xla_patch(version, expected):
+def test_every_build_gets_the_gloo_and_keras_fixes_and_tf_2_19_on_the_xla_patch(version, expected):
     patches = build_horovod.patches_for(version)
     assert [os.path.basename(p) for p in patches] == expected
     assert all(os.path.exists(p) for p in patches)
@@ -131,6 +133,29 @@ def test_gloo_patch_sizes_the_global_rank_list(tmp_path):
     assert patched[91] == "  global_ranks_.resize(size_);"
     assert "reserve" not in target.read_text()
     assert len(patched) == len(lines)
+
+
+@pytest.mark.skipif(shutil.which("patch") is None, reason="needs the `patch` tool")
+def test_legacy_keras_patch_gives_horovods_keras_helpers_tf_keras_backend(tmp_path):
+    # Stand-ins with the patched lines where Horovod 0.28.1 has them.
+    choice = ['if is_version_greater_equal_than(tf.__version__, "2.6.0"):',
+              "    from keras import backend as K",
+              "else:",
+              "    from tensorflow.python.keras import backend as K",
+              ""]
+    stand_ins = {"__init__.py": ["# line"] * 25 + ["", ""] + choice,
+                 "callbacks.py": ["# line"] * 19
+                 + ["from horovod.common.util  import is_version_greater_equal_than", ""] + choice}
+    folder = tmp_path / "horovod" / "tensorflow" / "keras"
+    folder.mkdir(parents=True)
+    for name, lines in stand_ins.items():
+        (folder / name).write_text("\n".join(lines + ["# more"] * 5) + "\n")
+    subprocess.run(["patch", "-p1", "--forward", "--batch", "-i", build_horovod.LEGACY_KERAS_PATCH],
+                   cwd=tmp_path, check=True, capture_output=True)
+    for name in stand_ins:
+        text = (folder / name).read_text()
+        assert "from keras import backend" not in text, name
+        assert "    K = keras.backend  # tf.keras's" in text, name
 
 
 PATCHED_FILE_HEAD = """\
