@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 TARGETS = ("sync", "local")
 
+# How `why_not_convertible` ends a reason that is an argument's value.
+_UNSUPPORTED = "is not supported by SyncBatchNormalization"
+
 # Config keys that only SyncBatchNormalization has.
 _SYNC_ONLY_KEYS = ("communicator", "group_size", "moving_average", "nonfinite")
 
@@ -106,7 +109,7 @@ class _Conversion:
         """A reason string if `layer` is or holds a layer this call cannot convert."""
         if self.is_source(layer):
             if self.to == "sync" and layer.renorm:
-                return "renorm=True is not supported by SyncBatchNormalization"
+                return f"renorm=True {_UNSUPPORTED}"
             return None
         if isinstance(layer, self.source_class):
             return (
@@ -264,7 +267,8 @@ def convert(model, group_size=None, communicator="auto", to="sync", **layer_kwar
             layer, or it is a subclass of the class to convert).
         ValueError: if `to`, `group_size`, `communicator` or a layer keyword
             argument is invalid, or a
-            `BatchNormalization` uses `renorm=True`.
+            `BatchNormalization` uses `renorm=True` (or, in tf_keras,
+            `virtual_batch_size` or `adjustment`).
 
     Example:
 
@@ -308,7 +312,8 @@ def convert(model, group_size=None, communicator="auto", to="sync", **layer_kwar
         )
     blocked = conversion.find_unconvertible(model)
     if blocked:
-        error = ValueError if any("renorm" in item for item in blocked) else TypeError
+        # An argument the layer cannot take (renorm) is a bad value; a layer out of reach, a type.
+        error = ValueError if any(_UNSUPPORTED in item for item in blocked) else TypeError
         raise error(
             f"Cannot convert model '{model.name}' to {target}: nothing was converted. "
             f"Layers that could not be converted: {'; '.join(blocked)}."

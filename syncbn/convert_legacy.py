@@ -13,7 +13,7 @@ how the moving variance is averaged (`syncbn.layers.legacy`).
 import tf_keras
 from tf_keras.src.engine.functional import Functional  # what clone_model rebuilds
 
-from syncbn.convert import _Conversion
+from syncbn.convert import _UNSUPPORTED, _Conversion
 from syncbn.layers.legacy import SyncBatchNormalization
 
 
@@ -28,7 +28,7 @@ class LegacyConversion(_Conversion):
         if self.is_source(layer) and self.to == "sync":
             for argument in ("virtual_batch_size", "adjustment"):
                 if getattr(layer, argument, None) is not None:
-                    return f"{argument} is not supported by SyncBatchNormalization"
+                    return f"{argument}={getattr(layer, argument)!r} {_UNSUPPORTED}"
         return super().why_not_convertible(layer)
 
     def source_config(self, layer):
