@@ -86,6 +86,14 @@ class SyncBatchNormalization(SyncBatchNormalizationBase, tf_keras.layers.Layer):
     def _training_when_unset(self):
         return tf_keras.backend.learning_phase()
 
+    # tf_keras runs the `call` of a layer from outside tf_keras through
+    # AutoGraph, which would re-parse syncbn's whole call tree at every trace
+    # (seconds at a model's first step). The call has no Python control flow
+    # on tensors to convert: it decides its path from static facts.
+    @tf.autograph.experimental.do_not_convert
+    def call(self, inputs, training=None, mask=None):
+        return super().call(inputs, training=training, mask=mask)
+
     def _moving_variance_is_unbiased(self):
         return bool(self.fused)
 
