@@ -148,9 +148,14 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------- in one process
 
 
-def build_model(name, size):
-    """A `keras.applications` model (or `small_cnn`) with random weights (seeded), 10 classes."""
-    import keras
+def build_model(name, size, keras=None):
+    """A `keras.applications` model (or `small_cnn`) with random weights (seeded), 10 classes.
+
+    `keras`: the Keras module to build with (default Keras 3; `tf.keras` under
+    `TF_USE_LEGACY_KERAS=1`, as bench/legacy_fit.py does, is tf_keras).
+    """
+    if keras is None:
+        import keras
 
     keras.utils.set_random_seed(0)
     shape = (size, size, 3)
