@@ -344,3 +344,17 @@ def test_under_legacy_keras_syncbn_names_follow_tf_keras(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                             timeout=300, cwd=str(tmp_path))
     assert result.returncode == 0 and "legacy names ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_legacy_bench_runs_each_variant_in_its_own_horovodrun_job():
+    sys.path.insert(0, os.path.join(REPO_DIR, "bench"))
+    import legacy_fit
+
+    args = legacy_fit.parse_args(["--quick"])
+    assert (args.rounds, args.steps, args.np, args.controller) == (1, 2, 2, "gloo")
+    command = legacy_fit.job_command(args, "horovod")
+    assert command[:4] == ["horovodrun", "-np", "2", "--gloo"]
+    assert command[command.index("--variant") + 1] == "horovod"
+    assert "--gloo" not in legacy_fit.job_command(legacy_fit.parse_args(["--controller", "mpi"]), "local")
+    with pytest.raises(ValueError, match="Received: --np=0"):
+        legacy_fit.parse_args(["--np", "0"])
