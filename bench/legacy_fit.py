@@ -161,10 +161,8 @@ def main(argv=None):
     for key, _, title, _ in COLUMNS:
         ratio = model_step.median_ratio(runs, key, "syncbn", "horovod")
         print(f"\n{title} syncbn/horovod: {ratio:.2f}", end="")
-    print(f"\n\nload average at end: {os.getloadavg()[0]:.1f}")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"command": sys.argv, "results": results}, handle, indent=2)
+    print()
+    model_step.finish(args.json, results)
     return 0
 
 
