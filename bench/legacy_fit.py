@@ -10,7 +10,10 @@ variants rotated per round:
 * `local`: tf_keras's BatchNormalization (each rank's own statistics);
 * `syncbn`: `syncbn.convert(model)`, the tf_keras SyncBatchNormalization;
 * `horovod`: every BatchNormalization replaced by
-  `horovod.tensorflow.SyncBatchNormalization` with the same config (and name).
+  `horovod.tensorflow.SyncBatchNormalization` with the same config (and name);
+* `synced` (with `--variants`): `syncbn.convert(model,
+  communicator=PretendReplicas())`, syncbn's layers with no collective, so
+  syncbn - synced is what its collectives cost and synced - local its math.
 
 The data, the sharding and the timing are bench/model_fit_job.py's: two
 epochs of `--steps` steps, `--batch` samples per rank; "first step" is rank
@@ -19,6 +22,7 @@ over the second epoch. Ratios are per round, medians over rounds.
 
     python bench/legacy_fit.py                     # 2 ranks, horovodrun --gloo, 3 rounds
     python bench/legacy_fit.py --controller mpi    # horovodrun over MPI
+    python bench/legacy_fit.py --cycle-time 0.1 --variants local,syncbn,horovod,synced
     python bench/legacy_fit.py --quick             # smoke test: 1 round, 2 steps
 """
 
@@ -36,7 +40,8 @@ sys.path.insert(0, BENCH_DIR)
 import model_fit_job  # noqa: E402
 import model_step  # noqa: E402
 
-VARIANTS = ["local", "syncbn", "horovod"]
+VARIANTS = ["local", "syncbn", "horovod", "synced"]
+DEFAULT_VARIANTS = "local,syncbn,horovod"
 COLUMNS = [("first_step_s", "first step s", "first-step ratio", "{:.2f}"),
            ("steady_ms", "steady step ms", "steady ratio", "{:.1f}")]
 
@@ -50,6 +55,11 @@ def parse_args(argv=None):
     parser.add_argument("--size", type=int, default=32, help="image height and width (default 32)")
     parser.add_argument("--steps", type=int, default=20, help="steps per epoch (default 20)")
     parser.add_argument("--rounds", type=int, default=3, help="jobs per variant (default 3)")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS,
+                        help=f"comma-separated, from {VARIANTS}, the first the base of the "
+                             f"ratios (default {DEFAULT_VARIANTS})")
+    parser.add_argument("--cycle-time", type=float, default=None, metavar="MS",
+                        help="HOROVOD_CYCLE_TIME for every job (default: Horovod's own, 1 ms)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per job (default 900)")
     parser.add_argument("--quick", action="store_true", help="smoke test: --rounds 1 --steps 2")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -57,6 +67,11 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.steps = 1, 2
+    args.variant_list = [v.strip() for v in args.variants.split(",")]
+    if any(v not in VARIANTS for v in args.variant_list) or not {"syncbn", "horovod"} <= set(
+            args.variant_list) or len(set(args.variant_list)) != len(args.variant_list):
+        raise ValueError(f"Argument `--variants` must name syncbn, horovod and others from "
+                         f"{VARIANTS}, once each. Received: --variants={args.variants!r}")
     for name in ("np", "batch", "size", "steps", "rounds"):
         if getattr(args, name) < 1:
             raise ValueError(f"Argument `--{name}` must be >= 1. Received: --{name}={getattr(args, name)}")
@@ -95,6 +110,10 @@ def run_job(args):
     model = model_step.build_model(model_step.SMALL_MODEL, args.size, keras=tf.keras)
     if args.variant == "syncbn":
         model = syncbn.convert(model)
+    elif args.variant == "synced":
+        from syncbn.collectives import PretendReplicas
+
+        model = syncbn.convert(model, communicator=PretendReplicas())
     elif args.variant == "horovod":
         model = horovod_sync_bn(model, tf, hvd_tf)
     model.compile(optimizer=hvd.DistributedOptimizer(tf.keras.optimizers.SGD(0.01)),
@@ -138,14 +157,17 @@ def main(argv=None):
     if args.variant:
         return run_job(args)
     os.environ["TF_USE_LEGACY_KERAS"] = "1"  # for every job (model_step.child_env copies it)
+    if args.cycle_time is not None:
+        os.environ["HOROVOD_CYCLE_TIME"] = str(args.cycle_time)
     print("command: python " + shlex.join(sys.argv), flush=True)
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, load average "
           f"{os.getloadavg()[0]:.1f} at start; {versions()}; {time.strftime('%Y-%m-%d')}", flush=True)
-    results = {"legacy small_cnn": {variant: [] for variant in VARIANTS}}
+    variants = args.variant_list
+    results = {"legacy small_cnn": {variant: [] for variant in variants}}
     runs = results["legacy small_cnn"]
     for round_index in range(args.rounds):
-        shift = round_index % len(VARIANTS)
-        for variant in VARIANTS[shift:] + VARIANTS[:shift]:
+        shift = round_index % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
             spec = {"variant": variant}
             result = model_step.run_in_fresh_process(spec, job_command(args, variant),
                                                       results=args.np, timeout=args.timeout)
@@ -153,10 +175,11 @@ def main(argv=None):
             print(f"done: round {round_index + 1} {variant} ({', '.join(result['bn_classes'])}): "
                   f"first step {result['first_step_s']:.2f} s, steady {result['steady_ms']:.1f} ms",
                   file=sys.stderr, flush=True)
-    print(f"\n{args.np} ranks, horovodrun {'--gloo' if args.controller == 'gloo' else 'over MPI'}, "
+    cycle = "Horovod's default cycle" if args.cycle_time is None else f"HOROVOD_CYCLE_TIME={args.cycle_time:g}"
+    print(f"\n{args.np} ranks, horovodrun {'--gloo' if args.controller == 'gloo' else 'over MPI'}, {cycle}, "
           f"model.fit, {args.batch} samples per rank at {args.size}x{args.size}, 2 epochs of "
           f"{args.steps} steps; rank 0; medians over {args.rounds} round(s)\n")
-    print(model_step.markdown_side_by_side(results, VARIANTS, COLUMNS, traced_ops=False,
+    print(model_step.markdown_side_by_side(results, variants, COLUMNS, traced_ops=False,
                                            row_title="model (BN layers)"))
     for key, _, title, _ in COLUMNS:
         ratio = model_step.median_ratio(runs, key, "syncbn", "horovod")
