@@ -4,12 +4,13 @@ Run one copy per rank (horovodrun, mpirun, syncbn-launch, or processes with a
 TF_CONFIG each). Every rank builds the same global batches from a seed, takes
 its own slice (`--counts`, one entry per rank, zeros allowed), and runs
 several training steps of a SyncBatchNormalization layer. It then runs one
-`keras.layers.BatchNormalization` on the whole global batch itself and
+`tf.keras.layers.BatchNormalization` on the whole global batch itself and
 compares, for its own slice: outputs, input gradients, its share of the
 gamma/beta gradients (their sum over ranks is the global gradient) and the
-moving statistics after every step. With `--offset`, the data has that mean
-and std 1, and the reference is float64 NumPy instead (Keras's float32
-layer cancels there).
+moving statistics after every step. Under `TF_USE_LEGACY_KERAS=1` both
+layers are tf_keras's (`syncbn.SyncBatchNormalization` follows `tf.keras`).
+With `--offset`, the data has that mean and std 1, and the reference is
+float64 NumPy instead (Keras's float32 layer cancels there).
 
 It prints one line per layout with the largest relative errors and exits 1
 if any exceeds `--tolerance`. With `--out DIR` it also saves its results as
@@ -128,12 +129,11 @@ def run_synced(layer, batches, lo, hi, strategy):
 
 
 def run_reference(layout, batches, lo, hi):
-    """Keras BatchNormalization on the global batch, restricted to this rank's rows."""
-    import keras
+    """tf.keras's BatchNormalization on the global batch, restricted to this rank's rows."""
     import tensorflow as tf
 
     feature_shape, axis = LAYOUTS[layout]
-    layer = keras.layers.BatchNormalization(axis=axis, momentum=MOMENTUM, epsilon=EPSILON)
+    layer = tf.keras.layers.BatchNormalization(axis=axis, momentum=MOMENTUM, epsilon=EPSILON)
     layer.build((None,) + feature_shape)
     layer.set_weights(initial_weights(layout))
     gamma, beta = layer.gamma.numpy(), layer.beta.numpy()
