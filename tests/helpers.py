@@ -47,6 +47,27 @@ def kernels_env(kernels):
     return mock.patch.dict(os.environ, {"SYNCBN_KERNELS": kernels})
 
 
+# `python -m syncbn.check`'s exactness rows (`| exact: ... | ... | ... | OK |`, the
+# rank prefix of syncbn-launch allowed): one per (layout, reference) and scenario
+# of batch sizes; 3 replicas make one scenario.
+CHECK_ROW = re.compile(r"^(?:\[\d+\] )?\| (exact: .*?) +\| (.*?) +\| (\S+) +\| (OK|FAIL) +\|$",
+                       re.M)
+
+
+def check_rows(text):
+    """The exactness rows of syncbn.check's table in `text`: `(check, detail, error, verdict)`."""
+    return CHECK_ROW.findall(text)
+
+
+def _checks_per_scenario():
+    from syncbn.check import exactness
+
+    return len(exactness.LAYOUTS) * len(exactness.REFERENCES)
+
+
+CHECKS_PER_SCENARIO = _checks_per_scenario()
+
+
 # --- launched jobs ----------------------------------------------------------------------
 
 

@@ -4,6 +4,8 @@ import pytest
 
 from syncbn.collectives.horovod import stall_settings
 
+pytestmark = pytest.mark.unit
+
 
 def _seconds(settings):
     return (int(settings["HOROVOD_STALL_CHECK_TIME_SECONDS"]),

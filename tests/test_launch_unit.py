@@ -23,6 +23,8 @@ from launch.netns import POOL, choose_subnet
 from launch.netns_rsh import parse_agent_args, parse_namespace_map
 from launch.supervisor import Supervisor, WorkerSpec, describe_exit, shell_exit_code
 
+pytestmark = pytest.mark.unit
+
 
 # --- hosts -------------------------------------------------------------------------------
 

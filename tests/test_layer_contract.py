@@ -13,6 +13,8 @@ import tensorflow as tf
 from reference import relative_error
 from syncbn import SyncBatchNormalization
 
+pytestmark = pytest.mark.unit
+
 
 def _small_model(**bn_kwargs):
     return keras.Sequential(

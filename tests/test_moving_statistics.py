@@ -19,7 +19,11 @@ import pytest
 import tensorflow as tf
 
 import syncbn
+from jobs import moving_stats
 from syncbn import moving, skip_monitor
+from syncbn.world import create_world
+
+pytestmark = pytest.mark.unit
 
 
 def debiased_reference(batch_stats, momentum):
@@ -548,3 +552,13 @@ def test_debiased_conversion_without_gamma_or_beta(center, scale):
     np.testing.assert_allclose(layer.moving_mean.numpy(), x.mean(0), rtol=1e-5)  # t = 1
     exported = syncbn.convert(synced, to="local")
     np.testing.assert_array_equal(exported.get_layer("bn").moving_mean.numpy(), layer.moving_mean.numpy())
+
+
+def test_the_multiprocess_checks_pass_with_one_replica(tmp_path):
+    # tests/jobs/moving_stats.py's checks, which tests/test_moving_multiprocess.py runs
+    # on real ranks, here in this process: one replica, layers of communicator="local".
+    records = moving_stats.run_checks(create_world("local"), out=str(tmp_path))
+    assert [r["check"] for r in records] == list(moving_stats.CHECKS)
+    assert all(r["ok"] for r in records), [r["line"] for r in records if not r["ok"]]
+    saved = np.load(tmp_path / "rank0.npz")
+    assert np.all(np.isfinite(saved["skip_mean"]))

@@ -11,6 +11,8 @@ import tensorflow as tf
 from reference import relative_error
 from syncbn import stats
 
+pytestmark = pytest.mark.unit
+
 
 def _simulated_global_moments(chunks, axes):
     packed = [stats.pack_moments(*stats.local_moments(tf.constant(c), axes)) for c in chunks]

@@ -38,6 +38,7 @@ MOMENTUM = 0.8
 CHANNELS = 3
 FEATURES = 4
 TOLERANCE = 1e-5
+CHECKS = ("debiased", "skip", "recalibrate", "consistency")  # in the order they run
 
 
 def parse_args(argv=None):
