@@ -68,17 +68,27 @@ def mirrored_strategy():
 
 
 @pytest.fixture(scope="session")
-def world_launch(tmp_path_factory):
+def world_launch(request, tmp_path_factory):
     """`world_launch(name)`: the `helpers.WorldResults` of launch `helpers.WORLD_LAUNCHES[name]`.
 
-    Each launch runs once per session, when a test first asks for it; every
-    test that asserts on its checks, in any module, then reads its records.
+    Each launch runs once per session, when a test first asks for it, with the
+    checks that the session's selected tests of that launch read (their
+    `world_checks` markers; a test parametrized by `name`), or all of them if
+    none says; every such test, in any module, then reads its records.
     """
     finished = {}
 
     def get(name):
         if name not in finished:
-            finished[name] = helpers.launch_world(name, tmp_path_factory.mktemp(f"world-{name}"))
+            wanted = set()
+            for item in request.session.items:
+                marker = item.get_closest_marker("world_checks")
+                callspec = getattr(item, "callspec", None)
+                if marker and callspec and callspec.params.get("name") == name:
+                    wanted.update(marker.args)
+            checks = [c for c in helpers.WORLD_LAUNCHES[name].checks if not wanted or c in wanted]
+            finished[name] = helpers.launch_world(
+                name, tmp_path_factory.mktemp(f"world-{name}"), checks)
         return finished[name]
 
     return get

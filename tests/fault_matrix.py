@@ -1,4 +1,4 @@
-"""The fault matrix of issue #11: every backend x every fault, measured.
+"""The fault matrix: every backend x every fault, measured.
 
 Each cell runs `tests/jobs/fault_job.py` on 2 ranks through `syncbn-launch`
 (on 2 simulated hosts for the network cut) with `SYNCBN_COLLECTIVE_TIMEOUT`

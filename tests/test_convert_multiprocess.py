@@ -12,9 +12,10 @@ import pytest
 
 from helpers import worlds_with
 
-pytestmark = [pytest.mark.multiprocess, pytest.mark.compat]
+pytestmark = pytest.mark.multiprocess
 
 
+@pytest.mark.world_checks("convert")
 @pytest.mark.parametrize("name", worlds_with("convert"))
 def test_horovod_training_steps_after_conversion(world_launch, name):
     launch = world_launch(name)

@@ -1,12 +1,18 @@
-"""The fault matrix of issue #11 in CI: a misbehaving rank ends the job, loudly and cleanly.
+"""The fault matrix in CI: a misbehaving rank ends the job, loudly and cleanly.
 
 Each case runs one cell of `tests/fault_matrix.py` (2 ranks through
 `syncbn-launch`, `SYNCBN_COLLECTIVE_TIMEOUT=20`) and checks that the job ends
 with a non-zero exit code, that the launcher names the rank that failed
 first, that the output names the layer where it is known, and that nothing
 is left behind (processes, network namespaces, Open MPI session directories,
-launcher files). The only time assertion is the issue's bound: the job stops
-within the collective timeout + 10 s of the fault.
+launcher files). The only time assertion is the fault handling's promise: the
+job stops within the collective timeout + 10 s of the fault.
+
+Most of a cell's time is waiting (for the timeout, for the launcher's grace
+period), so the cells the session selected run two at a time, longest first,
+in a module fixture; each test then asserts on its own cell's result. Every
+cell has its own job marker, TMPDIR and launcher, so what one leaves behind is
+its own.
 
 CI runs faults (a) kill, (b) raise, (e) shape and (f) skip on every backend,
 (c) stall on every backend but tf-grpc, and (d) network cut on mpi; the
@@ -15,6 +21,7 @@ table). `SCRIPT_ONLY_CELLS` names each cell left out, and says why.
 """
 
 import re
+from concurrent import futures
 
 import pytest
 
@@ -49,13 +56,32 @@ def test_ci_runs_every_backend_and_fault_and_excludes_only_real_cells():
     assert {("mpi", "stall"), ("tf-mpi", "stall"), ("mpi", "netcut")} <= set(CI_CELLS)
 
 
+CELLS_AT_ONCE = 2
+# Cells that wait out the collective timeout (or a network cut) first.
+WAITING_FAULTS = ("netcut", "stall", "skip")
+
+
+@pytest.fixture(scope="module")
+def cell_results(request, tmp_path_factory):
+    """`{(backend, fault): CellResult}` of the cells this session selected, run concurrently."""
+    selected = [tuple(item.callspec.params[name] for name in ("backend", "fault"))
+                for item in request.session.items
+                if getattr(item, "originalname", None) == "test_fault_ends_the_job"]
+    selected.sort(key=lambda cell: cell[1] not in WAITING_FAULTS)  # stable: longest first
+    root = tmp_path_factory.mktemp("fault-cells")
+    with futures.ThreadPoolExecutor(CELLS_AT_ONCE) as pool:
+        running = {cell: pool.submit(fault_matrix.run_cell, *cell, TIMEOUT, tmp_root=str(root))
+                   for cell in selected}
+        return {cell: future.result() for cell, future in running.items()}
+
+
 @pytest.mark.parametrize("backend,fault", CI_CELLS, ids=[f"{b}-{f}" for b, f in CI_CELLS])
-def test_fault_ends_the_job(backend, fault, tmp_path):
-    result = fault_matrix.run_cell(backend, fault, TIMEOUT, tmp_root=str(tmp_path))
+def test_fault_ends_the_job(cell_results, backend, fault):
+    result = cell_results[(backend, fault)]
     print(fault_matrix.format_table([result], TIMEOUT))
     output = result.output[-6000:]
     assert result.exit_code != 0, output
-    assert result.seconds <= TIMEOUT + 10, output  # the issue's bound; nan (no fault) fails too
+    assert result.seconds <= TIMEOUT + 10, output  # the bound; nan (no fault) fails too
     assert re.search(r"\brank \d+\b", result.verdict), output
     if fault in LAYER_NAMED:
         assert result.names_layer, output

@@ -47,18 +47,29 @@ def _max_difference(first, second):
 # --- Real 2-rank Horovod jobs ----------------------------------------------------------
 
 
-def _fit_job(tmp_path, without=""):
-    out, checkpoints = tmp_path / "out", tmp_path / "checkpoints"
-    output = _horovodrun(FIT_JOB, "--out", str(out), "--checkpoint-dir", str(checkpoints),
-                         "--epochs", str(EPOCHS), "--steps-per-epoch", str(STEPS_PER_EPOCH),
-                         "--without", without)
-    assert output.count("hvd_fit rank=") == 2, output[-3000:]
-    histories = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-    return str(out), checkpoints, histories
+# The glue whole, then each negative control, in one launch: the job's runs.
+FIT_RUNS = ("none", "broadcast", "allreduce,metric_average")
 
 
-def test_fit_with_glue_keeps_ranks_identical(tmp_path):
-    out, checkpoints, runs = _fit_job(tmp_path)
+@pytest.fixture(scope="module")
+def fit_runs(tmp_path_factory):
+    """`fit_runs(without)`: `(out dir, checkpoint dir, per-rank History)` of that run."""
+    root = tmp_path_factory.mktemp("hvd_fit")
+    out, checkpoints = root / "out", root / "checkpoints"
+    text = _horovodrun(FIT_JOB, "--out", str(out), "--checkpoint-dir", str(checkpoints),
+                       "--epochs", str(EPOCHS), "--steps-per-epoch", str(STEPS_PER_EPOCH),
+                       "--without", ";".join(FIT_RUNS))
+    assert text.count("hvd_fit rank=") == 2 * len(FIT_RUNS), text[-3000:]
+
+    def run(without):
+        histories = [json.loads((out / without / f"rank{r}.json").read_text()) for r in range(2)]
+        return str(out / without), checkpoints / without, histories
+
+    return run
+
+
+def test_fit_with_glue_keeps_ranks_identical(fit_runs):
+    out, checkpoints, runs = fit_runs("none")
     model = [_arrays(out, r, "model_") for r in range(2)]
     optimizer = [_arrays(out, r, "optimizer_") for r in range(2)]
     initial = [_arrays(out, r, "initial_") for r in range(2)]
@@ -88,9 +99,9 @@ def test_fit_with_glue_keeps_ranks_identical(tmp_path):
 # Each control keeps the rest of the glue on, so it shows that part is needed:
 # without the broadcast, averaged gradients cannot undo different starts; without
 # the averaging, a common start drifts apart on different data.
-@pytest.mark.parametrize("without", ["broadcast", "allreduce,metric_average"])
-def test_fit_without_glue_ends_with_different_weights(tmp_path, without):
-    out, checkpoints, runs = _fit_job(tmp_path, without)
+@pytest.mark.parametrize("without", FIT_RUNS[1:])
+def test_fit_without_glue_ends_with_different_weights(fit_runs, without):
+    out, checkpoints, runs = fit_runs(without)
     assert _max_difference(_arrays(out, 0, "model_"), _arrays(out, 1, "model_")) > 1e-3
     assert _max_difference(_arrays(out, 0, "optimizer_"), _arrays(out, 1, "optimizer_")) > 1e-6
     if "metric_average" in without:

@@ -1,4 +1,4 @@
-"""Horovod's stall check derived from the collective timeout (issue #11), no processes."""
+"""Horovod's stall check derived from the collective timeout, no processes."""
 
 import pytest
 

@@ -1,8 +1,8 @@
 """Real jobs through `python -m launch`: every backend, one host and simulated hosts, failures.
 
 These start real processes (and, for `--simulate-hosts`, network namespaces: CI runs
-as root). Nothing is skipped. The only time bounds asserted are the issue's "within
-10 s" for stopping a job after a crash.
+as root). Nothing is skipped. The only time bounds asserted are the launcher's promise
+to stop a job within 10 s of a crash.
 """
 
 import re

@@ -22,7 +22,7 @@ from jobs import moving_stats
 pytestmark = pytest.mark.multiprocess
 
 
-@pytest.mark.compat
+@pytest.mark.world_checks("moving")
 @pytest.mark.parametrize("name", worlds_with("moving"))
 def test_moving_statistics_on_real_processes(world_launch, name):
     launch = world_launch(name)

@@ -1,4 +1,4 @@
-"""Moving statistics (issue #12), in one process: the update math against
+"""Moving statistics in one process: the update math against
 float64 NumPy, the layer contract of the new arguments, non-finite steps,
 recalibrate, PreciseBN and check_consistency. The multi-process runs are in
 tests/test_moving_multiprocess.py.
@@ -462,7 +462,7 @@ def test_recalibrate_with_mirrored_strategy_matches_one_process(mirrored_strateg
 
 
 def test_cold_start_figure_keras_ema_vs_debiased_vs_recalibrate(capsys):
-    """The issue's figure: 10 steps at momentum 0.999 on data with mean 5 and variance 4."""
+    """The README's figure: 10 steps at momentum 0.999 on data with mean 5 and variance 4."""
     data = batches(10, rows=256, channels=4, mean=5.0, std=2.0, seed=10)
     errors = {}
     for name in ["keras", "debiased", "recalibrate"]:

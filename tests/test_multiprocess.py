@@ -54,14 +54,17 @@ def _all_ok(records, expected):
 
 @pytest.mark.compat
 @pytest.mark.parametrize("name", sorted(WORLD_LAUNCHES))
-def test_launch_runs_every_check_and_exits_cleanly(world_launch, name):
+def test_launch_exits_cleanly_with_every_check_on_every_rank(world_launch, name):
     launch = world_launch(name)
     done = re.findall(rf"world_checks rank=\d+/{launch.spec.num_proc} ok ", launch.output)
     assert launch.result.returncode == 0 and len(done) == launch.spec.num_proc, (
         launch.output[-6000:])
+    for check in launch.checks:
+        assert all(launch.per_rank(check)), check  # every rank recorded something
 
 
 @pytest.mark.compat
+@pytest.mark.world_checks("exactness")
 @pytest.mark.parametrize("name", worlds_with("exactness"))
 def test_uneven_ranks_with_an_empty_rank_match_the_global_batch(world_launch, name):
     launch = world_launch(name)
@@ -76,7 +79,7 @@ def test_uneven_ranks_with_an_empty_rank_match_the_global_batch(world_launch, na
                                       case.layouts, case.steps)
 
 
-@pytest.mark.compat
+@pytest.mark.world_checks("large_offset")
 @pytest.mark.parametrize("name", worlds_with("large_offset"))
 def test_large_offset_across_ranks(world_launch, name):
     records = world_launch(name).records("large_offset")
@@ -85,7 +88,7 @@ def test_large_offset_across_ranks(world_launch, name):
     assert all("reference=float64" in r["line"] for r in records)
 
 
-@pytest.mark.compat
+@pytest.mark.world_checks("fused")
 @pytest.mark.parametrize("name", worlds_with("fused"))
 def test_fused_kernels_across_ranks_uneven_with_empty_rank(world_launch, name):
     # GPUs run the fused kernels (syncbn.ops.kernels_for); CPUs, as everywhere
@@ -98,7 +101,7 @@ def test_fused_kernels_across_ranks_uneven_with_empty_rank(world_launch, name):
     assert all(r["kernel"] == launch.spec.kernel for r in records), records
 
 
-@pytest.mark.compat
+@pytest.mark.world_checks("groups")
 @pytest.mark.parametrize("name", worlds_with("groups"))
 def test_group_size_syncs_within_consecutive_groups(world_launch, name):
     launch = world_launch(name)
@@ -107,7 +110,7 @@ def test_group_size_syncs_within_consecutive_groups(world_launch, name):
     assert all(r["kernel"] == launch.spec.kernel for r in records), records
 
 
-@pytest.mark.compat
+@pytest.mark.world_checks("auto")
 @pytest.mark.parametrize("name", worlds_with("auto"))
 def test_auto_communicator_detects_the_launcher(world_launch, name):
     # The world too comes from the launcher's environment (world_checks.py --world auto).

@@ -27,7 +27,6 @@ dtype, group size and both mask states; the thorough profile draws any bucket.
 import os
 
 import hypothesis
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf

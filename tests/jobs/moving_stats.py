@@ -1,4 +1,4 @@
-"""Cross-process checks of the moving statistics (issue #12), one copy per rank.
+"""Cross-process checks of the moving statistics, one copy per rank.
 
 Every rank builds the same global data from a seed and takes its own rows
 (uneven, some ranks empty at some steps), then checks, printing one line per

@@ -7,17 +7,26 @@ each check's records to `OUT/<check>.rank<R>.json`:
     {"records": [{"line": ..., "ok": ..., ...}, ...], "error": null or a traceback,
      "seconds": how long the check took on this rank}
 
-tests/helpers.py's `WORLD_LAUNCHES` says which checks each launch runs, and
-the multi-process test modules assert on the records (`world_launch` fixture,
-tests/conftest.py). A check that raises is recorded with its traceback and the
-job goes on with the next; it exits 1 if any record failed or any check raised.
+tests/helpers.py's `WORLD_LAUNCHES` says which checks each launch can run;
+the multi-process test modules assert on the records, through the
+`world_launch` fixture (tests/conftest.py), which launches each world once per
+session with the checks its selected tests name (`world_checks` marker). A
+check that raises is recorded with its traceback and the job goes on with the
+next; it exits 1 if any record failed or any check raised.
 
     horovodrun -np 4 --gloo python tests/jobs/world_checks.py --world auto \\
         --checks exactness,groups --out /tmp/checks
 
 To add a check: write a function `(world, out_dir) -> list of records` (each
-record a JSON-able dict with at least `line` and `ok`), add it to `CHECKS`, and
-add its name to the launches of `WORLD_LAUNCHES` that should run it.
+record a JSON-able dict with at least `line` and `ok`), add it to `CHECKS`,
+add its name to the launches of `WORLD_LAUNCHES` that should run it, and write
+the test that asserts on its records:
+
+    @pytest.mark.world_checks("mycheck")
+    @pytest.mark.parametrize("name", worlds_with("mycheck"))
+    def test_mycheck(world_launch, name):
+        records = world_launch(name).records("mycheck")  # every rank's, rank after rank
+        assert all(r["ok"] for r in records), [r["line"] for r in records]
 """
 
 import argparse
