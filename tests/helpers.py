@@ -14,8 +14,9 @@ Test modules import from here, never from `conftest` or from each other.
 * Processes of a job found by a marker on their command line, for the
   launcher's and the fault tests' "nothing left behind".
 
-The tolerance helper is the library's own, `syncbn.check.reference.relative_error`
-(NaN and infinity count as failures), used by the tests and the test jobs alike.
+* The tolerance helper, `relative_error`: the library's own
+  (`syncbn.check.reference`, NaN and infinity fail every tolerance), which the
+  test jobs import from there.
 """
 
 import dataclasses
@@ -28,6 +29,8 @@ import sys
 import threading
 import time
 from unittest import mock
+
+from syncbn.check.reference import relative_error  # noqa: F401
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS_DIR)
@@ -109,8 +112,8 @@ def syncbn_launch(num_proc, job, *launcher_args, timeout=JOB_TIMEOUT, **extra_en
     The launcher's own `--timeout` ends the job a minute before the test
     would, so that it names what hung.
     """
-    command = launcher("-np", str(num_proc), *launcher_args, "--timeout", str(max(timeout - 60, 30)),
-                       "--", *job)
+    command = launcher("-np", str(num_proc), *launcher_args,
+                       "--timeout", str(max(timeout - 60, 30)), "--", *job)
     return run(command, timeout=timeout, **extra_env)
 
 

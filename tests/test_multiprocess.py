@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import JOBS_DIR, WORLD_LAUNCHES, mpirun, mpirun_command, output, run, worlds_with
+from helpers import (JOBS_DIR, WORLD_LAUNCHES, mpirun, mpirun_command, output, relative_error, run,
+                     worlds_with)
 from jobs import exactness
-from reference import relative_error
 
 pytestmark = pytest.mark.multiprocess
 

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 import reference
-from reference import relative_error
+from helpers import relative_error
 from syncbn import SyncBatchNormalization
 
 # Every test runs on both channels-last kernel sets (conftest.kernels).

@@ -33,8 +33,8 @@ import tensorflow as tf
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from helpers import KERNELS, kernels_env
-from reference import batch_norm, moving_average, relative_error
+from helpers import KERNELS, kernels_env, relative_error
+from reference import batch_norm, moving_average
 from syncbn import SyncBatchNormalization
 
 pytestmark = pytest.mark.unit

@@ -11,8 +11,8 @@ import pytest
 import tensorflow as tf
 
 import reference
+from helpers import relative_error
 from jobs import exactness
-from reference import relative_error
 from syncbn import SyncBatchNormalization
 
 # Every test runs on both channels-last kernel sets (conftest.kernels).

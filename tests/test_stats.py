@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from reference import relative_error
+from helpers import relative_error
 from syncbn import stats
 
 pytestmark = pytest.mark.unit
