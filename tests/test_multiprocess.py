@@ -47,9 +47,13 @@ def _check_summed_parameter_gradients(out_dir, counts, layouts, steps, offset=0.
             assert relative_error(r[f"moving_variance_{steps - 1}"], reference.moving_variance.numpy()) < 2e-4
 
 
-def _all_ok(records, expected):
-    assert len(records) == expected, [r["line"] for r in records]
+def _passed(launch, check, per_rank):
+    """`check`'s records of every rank: `per_rank` each, all passed, summed by the world's kernel."""
+    records = launch.records(check)
+    assert len(records) == per_rank * launch.spec.num_proc, [r["line"] for r in records]
     assert all(r["ok"] for r in records), [r["line"] for r in records if not r["ok"]]
+    assert all(r["kernel"] == launch.spec.kernel for r in records), [r["line"] for r in records]
+    return records
 
 
 @pytest.mark.compat
@@ -70,11 +74,9 @@ def test_uneven_ranks_with_an_empty_rank_match_the_global_batch(world_launch, na
     launch = world_launch(name)
     case = exactness.Case()
     counts = case.counts_for(launch.spec.num_proc)
-    records = launch.records("exactness")
-    _all_ok(records, launch.spec.num_proc * len(case.layouts))
+    records = _passed(launch, "exactness", len(case.layouts))
     assert 0 in counts and sum(r["rows"] == 0 for r in records) == len(case.layouts)  # it took part
     assert all(r["kernels"] == "elementwise" for r in records), records  # what CPUs run
-    assert all(r["kernel"] == launch.spec.kernel for r in records), records
     _check_summed_parameter_gradients(os.path.join(launch.out_dir, "exactness"), counts,
                                       case.layouts, case.steps)
 
@@ -82,8 +84,7 @@ def test_uneven_ranks_with_an_empty_rank_match_the_global_batch(world_launch, na
 @pytest.mark.world_checks("large_offset")
 @pytest.mark.parametrize("name", worlds_with("large_offset"))
 def test_large_offset_across_ranks(world_launch, name):
-    records = world_launch(name).records("large_offset")
-    _all_ok(records, 2 * world_launch(name).spec.num_proc)  # offsets 1e4 and 1e5
+    records = _passed(world_launch(name), "large_offset", 2)  # offsets 1e4 and 1e5
     assert {r["case"] for r in records} == {"offset_1e4", "offset_1e5"}
     assert all("reference=float64" in r["line"] for r in records)
 
@@ -93,32 +94,23 @@ def test_large_offset_across_ranks(world_launch, name):
 def test_fused_kernels_across_ranks_uneven_with_empty_rank(world_launch, name):
     # GPUs run the fused kernels (syncbn.ops.kernels_for); CPUs, as everywhere
     # else in these tests, the element-wise ones. Forced here, far from zero.
-    launch = world_launch(name)
-    records = launch.records("fused")
-    _all_ok(records, 2 * launch.spec.num_proc)
+    records = _passed(world_launch(name), "fused", 2)  # 2 layouts
     assert any(r["rows"] == 0 for r in records)
     assert all("reference=float64" in r["line"] and r["kernels"] == "fused" for r in records)
-    assert all(r["kernel"] == launch.spec.kernel for r in records), records
 
 
 @pytest.mark.world_checks("groups")
 @pytest.mark.parametrize("name", worlds_with("groups"))
 def test_group_size_syncs_within_consecutive_groups(world_launch, name):
-    launch = world_launch(name)
-    records = launch.records("groups")
-    _all_ok(records, 2 * launch.spec.num_proc)
-    assert all(r["kernel"] == launch.spec.kernel for r in records), records
+    _passed(world_launch(name), "groups", 2)  # 2 layouts, each rank against its group's batch
 
 
 @pytest.mark.world_checks("auto")
 @pytest.mark.parametrize("name", worlds_with("auto"))
 def test_auto_communicator_detects_the_launcher(world_launch, name):
     # The world too comes from the launcher's environment (world_checks.py --world auto).
-    launch = world_launch(name)
-    assert launch.spec.world == "auto"
-    records = launch.records("auto")
-    _all_ok(records, launch.spec.num_proc)
-    assert all(r["kernel"] == launch.spec.kernel for r in records), records
+    assert world_launch(name).spec.world == "auto"
+    _passed(world_launch(name), "auto", 1)
 
 
 def test_ranks_fall_back_together_when_one_cannot_sum_over_mpi():

@@ -25,7 +25,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jobs.exactness import open_world  # noqa: E402
+from jobs.common import open_world, say  # noqa: E402
 
 IMAGE_SHAPE = (8, 8, 3)
 NUM_OUTPUTS = 4
@@ -193,10 +193,7 @@ def run_check(world, counts=None, steps=3, learning_rate=0.1, tolerance=1e-4):
             f"kernel={horovod_communicator().kernel} "
             f"steps={steps} bn_converted={num_sync} across_ranks_max_abs={across_ranks:.3g} "
             f"moving_stats_rel_err={stats_error:.3g} weights_rel_err={weights_error:.3g} {status}")
-    # One write per line: under plain mpirun (unbuffered), print's separate write of
-    # the newline let the other rank's line land in between.
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
+    say(line)
     return {"line": line, "ok": not failures}
 
 

@@ -31,14 +31,13 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from jobs.common import WORLDS, open_world, say  # noqa: E402
 from syncbn.check.reference import relative_error  # noqa: E402
 
 LAYOUTS = {"2d": ((6,), -1), "nhwc": ((3, 3, 5), -1), "ncw": ((4, 5), 1)}
 MOMENTUM = 0.7
 EPSILON = 1e-3
 NAMES = ["y", "dx", "dgamma", "dbeta", "moving_mean", "moving_variance"]
-# The job's --backend, and the world (syncbn.world) and communicator it means.
-WORLDS = {"horovod": "horovod", "mpi": "mpi", "tf": "tf.distribute"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,15 +113,6 @@ def parse_args(argv=None):
     parser.add_argument("--tolerance", type=float, default=2e-4)
     parser.add_argument("--out", default=None)
     return parser.parse_args(argv)
-
-
-def open_world(backend, group_size=None):
-    """The `syncbn.world` World of the job's `--backend` (`auto`: from the environment)."""
-    from syncbn import world as worlds
-
-    name = (worlds.world_name_from_environment(os.environ) if backend == "auto"
-            else WORLDS[backend])
-    return worlds.create_world(name, **({"group_size": group_size} if name == "horovod" else {}))
 
 
 def layer_gradients(layer, x, dy):
@@ -287,9 +277,7 @@ def run_case(world, case, out=None):
                     f"rows={hi - lo} reference={'float64' if case.offset else 'keras'} "
                     f"offset={case.offset:g} kernel={kernel} kernels={kernels} "
                     f"{'ok' if ok else 'FAIL'} {summary}")
-            # One write per line, so that lines of different ranks do not interleave.
-            sys.stdout.write(line + "\n")
-            sys.stdout.flush()
+            say(line)
             records.append({"line": line, "case": case.name, "layout": layout, "rows": hi - lo,
                             "kernel": kernel, "kernels": kernels, "errors": errors, "ok": ok})
             if out:

@@ -28,7 +28,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jobs.exactness import open_world  # noqa: E402
+from jobs.common import open_world  # noqa: E402
 
 FAULTS = ("none", "kill", "raise", "stall", "netcut", "shape", "skip")
 CHANNELS = 8

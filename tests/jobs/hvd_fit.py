@@ -25,7 +25,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jobs.exactness import open_world  # noqa: E402
+from jobs.common import open_world  # noqa: E402
 
 INITIAL_ITERATIONS = 5
 GLUE_PARTS = ("broadcast", "allreduce", "metric_average")

@@ -31,7 +31,7 @@ import tempfile
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jobs.exactness import open_world  # noqa: E402
+from jobs.common import open_world, say  # noqa: E402
 from syncbn.check.reference import relative_error  # noqa: E402
 
 MOMENTUM = 0.8
@@ -86,8 +86,7 @@ class Job:
         summary = " ".join(f"{k}={v:.2e}" for k, v in errors.items())
         line = (f"moving rank={self.rank}/{self.world} check={check} "
                 f"{'ok' if ok else 'FAIL'} {summary} {extra}")
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
+        say(line)
         self.records.append({"line": line, "check": check, "errors": errors, "ok": ok})
 
     def train_function(self, model):

@@ -38,6 +38,7 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jobs import convert_train_step, exactness, moving_stats  # noqa: E402
+from jobs.common import WORLDS, open_world, say  # noqa: E402
 from jobs.exactness import Case  # noqa: E402
 from launch_jobs import collective_check  # noqa: E402
 
@@ -107,7 +108,7 @@ CHECKS = {
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--world", choices=[*exactness.WORLDS, "auto"], default="auto",
+    parser.add_argument("--world", choices=[*WORLDS, "auto"], default="auto",
                         help="the world to set up (default auto: from the launcher's environment)")
     parser.add_argument("--checks", required=True, help=f"comma-separated, from {sorted(CHECKS)}")
     parser.add_argument("--out", required=True, help="directory for <check>.rank<R>.json")
@@ -124,7 +125,7 @@ def main(argv=None):
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # Horovod declares its process sets once, at init: those of the groups check.
-    world = exactness.open_world(args.world, GROUP_SIZE if "groups" in args.checks else None)
+    world = open_world(args.world, GROUP_SIZE if "groups" in args.checks else None)
     os.makedirs(args.out, exist_ok=True)
     failed = False
     for name in args.checks:
@@ -133,18 +134,15 @@ def main(argv=None):
             records = CHECKS[name](world, args.out)
         except Exception:  # recorded for the tests, which name the check that raised
             error = traceback.format_exc()
-            sys.stdout.write(f"world_checks rank={world.process_rank} check={name} raised:\n"
-                             f"{error}")
-            sys.stdout.flush()
+            say(f"world_checks rank={world.process_rank} check={name} raised:\n{error}")
         failed |= error is not None or not all(record["ok"] for record in records)
         path = os.path.join(args.out, f"{name}.rank{world.process_rank}.json")
         with open(path, "w") as stream:
             json.dump({"records": records, "error": error,
                        "seconds": time.monotonic() - started}, stream, indent=1)
     world.barrier()  # nobody shuts its backend down while another rank still sums
-    sys.stdout.write(f"world_checks rank={world.process_rank}/{world.num_processes} "
-                     f"{'FAIL' if failed else 'ok'} checks={','.join(args.checks)}\n")
-    sys.stdout.flush()
+    say(f"world_checks rank={world.process_rank}/{world.num_processes} "
+        f"{'FAIL' if failed else 'ok'} checks={','.join(args.checks)}")
     return 1 if failed else 0
 
 

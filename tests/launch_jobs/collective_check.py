@@ -35,7 +35,7 @@ def run_check(world):
 
 def main():
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    from jobs.exactness import open_world
+    from jobs.common import open_world
 
     backend = sys.argv[1]
     if backend not in ("horovod", "mpi", "tf"):
