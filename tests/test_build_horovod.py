@@ -16,6 +16,8 @@ import pytest
 from launch import build_horovod
 from syncbn import _versions
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize("version, expected", [
     ("2.18.1", False), ("2.18.0rc2", False), ("2.19.0", True), ("2.21.0", True), ("3.0.0", True),

@@ -19,11 +19,11 @@ import tf_keras
 
 import syncbn
 from jobs import exactness
-from reference import relative_error
+from helpers import relative_error
 from syncbn.layers.legacy import SyncBatchNormalization
 
 # Also run on every older supported TensorFlow (tests/run.sh's second pass).
-pytestmark = pytest.mark.compat
+pytestmark = [pytest.mark.unit, pytest.mark.compat]
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(TESTS_DIR)

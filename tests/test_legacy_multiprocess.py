@@ -19,10 +19,10 @@ import tensorflow as tf
 import tf_keras
 
 from jobs import exactness
-from reference import relative_error
+from helpers import relative_error
 
 # Also run on every older supported TensorFlow (tests/run.sh's second pass).
-pytestmark = pytest.mark.compat
+pytestmark = [pytest.mark.multiprocess, pytest.mark.compat]
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(TESTS_DIR)
