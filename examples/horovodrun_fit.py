@@ -63,7 +63,6 @@ def main():
         optimizer=hk.DistributedOptimizer(keras.optimizers.Adam(1e-2 * size)),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
-        jit_compile=False,  # Horovod ops do not run under XLA (Keras's "auto" picks XLA on GPUs).
     )
     callbacks = [hk.BroadcastInitialState(root_rank=0), hk.MetricAverage()]
     if args.checkpoint_dir:

@@ -94,7 +94,6 @@ def compile_model(model):
         optimizer=hk.DistributedOptimizer(keras.optimizers.Adam(5e-3)),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
-        jit_compile=False,  # Horovod ops do not run under XLA.
     )
 
 

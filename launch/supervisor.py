@@ -1,6 +1,6 @@
 """Starts worker processes, prefixes their output, and stops all of them on the first failure.
 
-Process model (see STYLE.md, "Launcher"):
+Process model (torchrun's and Horovod's runner's):
 
 - Each worker starts in its own session (so its process group can be signalled as a
   whole) with a parent-death signal set through `prctl(PR_SET_PDEATHSIG)` between
@@ -81,7 +81,7 @@ class WorkerSpec:
         fatal_code: optional function(line) -> exit code or None: a line that means the
             job has failed with that code even if the worker does not exit. mpirun can
             wait forever after MPI_Abort for the daemon of a host it can no longer reach
-            (issue #11, a cut network); the worker is stopped `FATAL_LINE_GRACE` seconds
+            (a cut network); the worker is stopped `FATAL_LINE_GRACE` seconds
             after such a line.
     """
 

@@ -34,8 +34,10 @@ The one fallback rule: with a single Horovod process nothing is communicated.
 Every rank must make the same calls in the same order (same number of
 training steps per epoch, same model); a rank that skips one stalls the
 others until Horovod's stall timeout (`syncbn.init_horovod` sets it from
-`SYNCBN_COLLECTIVE_TIMEOUT`). Horovod ops do not run under XLA: on GPUs,
-compile with `jit_compile=False` (Keras's "auto" turns XLA on there).
+`SYNCBN_COLLECTIVE_TIMEOUT`). Horovod ops do not run under XLA; a model with a
+`SyncBatchNormalization` layer tells Keras so (Keras's "auto", which turns XLA
+on where there is a GPU, then leaves it off), but one with none compiled on a
+GPU needs `jit_compile=False`.
 
 Importing this module does not import Horovod; the functions do, and they
 need Horovod initialized (`syncbn.init_horovod()`).
@@ -371,7 +373,7 @@ def DistributedOptimizer(optimizer):  # noqa: N802 -- Horovod's name, for drop-i
 
     ```python
     model.compile(optimizer=hk.DistributedOptimizer(keras.optimizers.Adam(1e-3 * hk.size())),
-                  loss="sparse_categorical_crossentropy", jit_compile=False)
+                  loss="sparse_categorical_crossentropy")
     ```
     """
     if not isinstance(optimizer, keras.optimizers.Optimizer):

@@ -4,7 +4,7 @@
 global statistics out of the moving statistics with a select and counts it in
 an int64 variable per layer (`layer.skipped_steps`), inside the step and with
 arithmetic only: the traced step holds no branch and no host callback, so on
-a GPU the host never waits for a predicate (issue #10).
+a GPU the host never waits for a predicate.
 
 The warning comes from here instead. A process-wide monitor watches every
 layer traced with `"skip"` (through weak references: it keeps no layer

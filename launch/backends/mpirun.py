@@ -71,7 +71,7 @@ def mpirun_fatal_code(line):
     """The exit code a line of mpirun's output announces for the whole job, or None.
 
     After MPI_Abort, mpirun can wait forever for the daemon of a host it can no
-    longer reach (issue #11, a cut network), so the supervisor stops it shortly
+    longer reach (a cut network), so the supervisor stops it shortly
     after such a line. Open MPI 4.1 sometimes loses its own MPI_ABORT notice
     (mpirun logs `ORTE_ERROR_LOG: Data unpack would read past end of buffer in file
     ../../../orte/util/show_help.c`, open-mpi/ompi#8356), so syncbn's timeout line,

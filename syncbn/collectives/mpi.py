@@ -16,8 +16,8 @@ Two safety nets, because plain MPI cannot match calls by name:
   ranks reached different layers or the same layer with a different number
   of channels or dtype, every rank raises the same error, naming this rank's
   layer and shape and those of the ranks that differ, and the data
-  all-reduce is never started (issue #11: Open MPI once summed mismatched
-  buffers and every rank exited 0). A process-local table maps fingerprints
+  all-reduce is never started (Open MPI sums mismatched buffers without a
+  word, and every rank would exit 0). A process-local table maps fingerprints
   to the call sites this process has seen, so another rank's layer is named
   whenever it exists here too. The header travels inside the same `all_sum`
   call, so a layer still makes exactly 2 `all_sum` calls per training step;

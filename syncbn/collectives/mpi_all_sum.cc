@@ -9,8 +9,8 @@
 //      (3 int64 per rank, MPI_Iallgather, microseconds): if any rank's header
 //      differs, every rank sees every header and fails with the same message,
 //      naming this rank's layer and shape and those of the ranks that differ,
-//      and no rank starts the data all-reduce (issue #11: mismatched buffers
-//      once summed silently);
+//      and no rank starts the data all-reduce (Open MPI sums mismatched
+//      buffers without a word);
 //   2. the data, MPI_Iallreduce(SUM).
 //
 // A deadline abandons the job with MPI_Abort, because a pending request
