@@ -113,8 +113,10 @@ def recalibrate(model, data, steps=None, verbose="auto"):
     step), then sets each SyncBatchNormalization layer's `moving_mean` and
     `moving_variance` to the averages over those global batches, weighted by
     their sample counts: `sum_b n_b * mean_b / sum_b n_b` and
-    `sum_b n_b * var_b / sum_b n_b` (biased variances, as Keras stores). No
-    trainable weight and no optimizer slot changes, and every other
+    `sum_b n_b * var_b / sum_b n_b` (biased variances, as Keras stores; per
+    channel where a mask gives each channel its own count, and a channel
+    that saw no sample keeps its values). With `renorm`, `moving_stddev` is
+    set to `sqrt(moving_variance + epsilon)` to agree. No trainable weight and no optimizer slot changes, and every other
     non-trainable variable (e.g. a Keras `BatchNormalization`'s, a dropout
     seed) is restored afterwards; `moving_updates` of debiased layers is left
     as it is.
@@ -242,18 +244,18 @@ def recalibrate(model, data, steps=None, verbose="auto"):
             if strategy is not None:
                 records = tf.nest.map_structure(
                     lambda value: strategy.experimental_local_results(value)[0], records)
-            records = [(index, float(count), np.asarray(mean, np.float64),
+            # A count is a scalar, or [C] where a mask gives each channel its own.
+            records = [(index, np.asarray(count, np.float64), np.asarray(mean, np.float64),
                         np.asarray(variance, np.float64))
                        for index, (count, mean, variance) in zip(recorder.order, records)]
             # The global counts are the same on every replica of a group: all stop together.
-            if not one_replica and not any(count > 0 for _, count, _, _ in records):
+            if not one_replica and not any(np.any(count > 0) for _, count, _, _ in records):
                 break
             for index, count, mean, variance in records:
-                if count > 0:
-                    total = totals[index]
-                    total[0] += count
-                    total[1] = total[1] + count * mean
-                    total[2] = total[2] + count * variance
+                total = totals[index]
+                total[0] = total[0] + count
+                total[1] = total[1] + count * mean
+                total[2] = total[2] + count * variance
             done += 1
             if progress is not None:
                 progress.update(done)
@@ -263,12 +265,16 @@ def recalibrate(model, data, steps=None, verbose="auto"):
         for variable, value in zip(others, saved):
             variable.assign(value)
     for layer, (count, sum_mean, sum_variance) in zip(layers, totals):
-        if count == 0:
+        if not np.any(count > 0):
             logger.warning("recalibrate: layer '%s' saw no sample; its moving statistics "
                            "are unchanged.", layer.name)
             continue
-        layer.moving_mean.assign((sum_mean / count).astype(np.float32))
-        layer.moving_variance.assign((sum_variance / count).astype(np.float32))
+        # A channel that saw no sample (a mask) keeps its statistics.
+        seen = np.broadcast_to(count > 0, np.shape(sum_mean))
+        safe_count = np.maximum(count, 1.0)
+        layer._assign_moving_statistics(
+            np.where(seen, sum_mean / safe_count, layer.moving_mean.numpy()).astype(np.float32),
+            np.where(seen, sum_variance / safe_count, layer.moving_variance.numpy()).astype(np.float32))
     return done
 
 
