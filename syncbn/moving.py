@@ -98,14 +98,19 @@ def _select(update, candidate, old):
 def _weights(momentum, moving_average, updates, update):
     """`(keep, rate, new updates)`: the weights of the old value and of this step's statistics.
 
-    `"ema"`: Python floats `momentum` and `1 - momentum`, rounded to float32
-    as Keras's update rounds them; `"debiased"`: float32 tensors.
+    `"ema"`: `momentum` and `1 - momentum` rounded to float32 as Keras's
+    update rounds them (one constant each, shared by every average);
+    `"debiased"`: float32 tensors.
     """
     if moving_average != "debiased":
-        return momentum, 1.0 - momentum, None
+        return _constant(momentum), _constant(1.0 - momentum), None
     new_updates = updates + 1.0
     rate = debiased_rate(momentum, new_updates)
     return 1.0 - rate, rate, _select(update, new_updates, updates)
+
+
+def _constant(value):
+    return tf.constant(value, tf.float32)
 
 
 def _average(moving, batch_value, keep, rate):
@@ -178,10 +183,10 @@ def next_renorm_statistics(state, mean, variance, count, *, epsilon, momentum, r
     keep, rate, updates = _weights(momentum, moving_average, updates, update)
     stddev = tf.sqrt(variance + epsilon)
     moving_stddev = _average(state["moving_stddev"], stddev, keep, rate)
+    renorm_keep, renorm_rate = _constant(renorm_momentum), _constant(1.0 - renorm_momentum)
     averages = {
-        "renorm_mean": _average(state["renorm_mean"], mean, renorm_momentum, 1.0 - renorm_momentum),
-        "renorm_stddev": _average(state["renorm_stddev"], stddev, renorm_momentum,
-                                  1.0 - renorm_momentum),
+        "renorm_mean": _average(state["renorm_mean"], mean, renorm_keep, renorm_rate),
+        "renorm_stddev": _average(state["renorm_stddev"], stddev, renorm_keep, renorm_rate),
         "moving_mean": _average(state["moving_mean"], mean, keep, rate),
         "moving_stddev": moving_stddev,
         # ReLU, as Keras: rounding may take the square below epsilon.

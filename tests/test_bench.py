@@ -64,10 +64,36 @@ def test_launch_mode_prints_every_backend_with_finite_positive_ratios():
     (["--models", "vgg16"], "Received: --models='vgg16'"),
     (["--steps", "0"], "Argument `--steps` must be >= 1. Received: --steps=0"),
     (["--timeout", "0"], "Argument `--timeout` must be > 0. Received: --timeout=0.0"),
+    (["--launch", "2", "--renorm"], "Argument `--renorm` is for one process and --mirrored."),
 ])
 def test_bad_arguments_name_the_argument_and_value(argv, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         model_step.parse_args(argv)
+
+
+def test_renorm_mode_compares_renorm_layers_in_one_process():
+    # --renorm: every BN of the model with renorm=True, Keras's against syncbn's.
+    command = [sys.executable, os.path.join(REPO, "bench", "model_step.py"), "--renorm",
+               "--models", model_step.SMALL_MODEL, "--size", "32", "--batch", "2", "--steps", "1"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=2000)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    assert "every BatchNormalization with renorm=True" in result.stdout
+    (row,) = table_rows(result.stdout)
+    assert row[0] == f"{model_step.SMALL_MODEL}, renorm (6)", row
+    # model | first step s | ratio | steady ms | ratio | traced ops keras / syncbn / synced
+    assert all(math.isfinite(r) and r > 0 for cell in (row[2], row[4]) for r in ratios(cell)), row
+    keras_ops, syncbn_ops, _ = (int(n) for n in row[5].replace(",", "").split(" / "))
+    plain = model_step.parse_args(["--models", model_step.SMALL_MODEL])
+    assert not plain.renorm and keras_ops > 0 and syncbn_ops > 0
+
+
+def test_renorm_copy_has_renorm_layers_only():
+    import keras
+
+    model = model_step.with_renorm(model_step.build_model(model_step.SMALL_MODEL, 32))
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert len(norms) == 6 and all(layer.renorm for layer in norms)
+    assert all(len(layer.non_trainable_weights) == 5 for layer in norms)
 
 
 def test_quick_and_launch_defaults():

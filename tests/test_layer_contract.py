@@ -683,3 +683,25 @@ def test_keras_serialization(layer_class):
                         renorm_momentum=0.95)
     config = layer.get_config()
     assert layer_class.from_config(config).get_config() == config
+
+
+def test_recalibrate_a_renorm_layer_keeps_its_stddev_in_step():
+    # recalibrate sets moving_mean and moving_variance, and renorm's moving_stddev
+    # to agree with them: the next update derives the variance from it.
+    import syncbn
+
+    layer = SyncBatchNormalization(renorm=True, momentum=0.5)
+    model = keras.Sequential([keras.Input((3,)), layer])
+    data = [np.random.default_rng(i).normal(4.0, 2.0, (16, 3)).astype(np.float32) for i in range(3)]
+    syncbn.recalibrate(model, data, verbose=0)
+    # Averages of the batches' statistics (equal batch sizes).
+    variance = np.mean([x.astype(np.float64).var(0) for x in data], axis=0)
+    np.testing.assert_allclose(layer.moving_mean.numpy(),
+                               np.concatenate(data).astype(np.float64).mean(0), rtol=1e-5)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), variance, rtol=1e-5)
+    np.testing.assert_allclose(layer.moving_stddev.numpy(), np.sqrt(variance + 1e-3), rtol=1e-6)
+    stddev = layer.moving_stddev.numpy().astype(np.float64)
+    model(data[0], training=True)
+    batch_stddev = np.sqrt(data[0].astype(np.float64).var(0) + 1e-3)
+    new_stddev = 0.5 * stddev + 0.5 * batch_stddev
+    np.testing.assert_allclose(layer.moving_variance.numpy(), new_stddev ** 2 - 1e-3, rtol=1e-5)

@@ -98,25 +98,25 @@ def _check_job(result, expected_lines):
 
 
 def _check_summed_parameter_gradients(out_dir, counts, layouts, steps, offset=0.0):
-    """Summed over ranks, dgamma/dbeta equal Keras's on the global batch."""
-    import keras
+    """Summed over ranks, dgamma/dbeta equal Keras's on the global batch (renorm and masks too)."""
     import tensorflow as tf
 
     for layout in layouts:
-        feature_shape, axis = exactness.LAYOUTS[layout]
-        reference = keras.layers.BatchNormalization(axis=axis, momentum=exactness.MOMENTUM,
-                                                    epsilon=exactness.EPSILON)
-        reference.build((None,) + feature_shape)
-        reference.set_weights(exactness.initial_weights(layout))
+        reference = exactness.keras_reference_layer(layout)
         per_rank = [np.load(os.path.join(out_dir, f"rank{r}.{layout}.npz")) for r in range(len(counts))]
-        for step, (x, dy) in enumerate(exactness.global_batches(layout, counts, steps, offset)):
-            _, _, dgamma, dbeta = exactness.layer_gradients(reference, tf.constant(x), dy)
+        batches = exactness.global_batches(layout, counts, steps, offset)
+        masks = exactness.global_masks(layout, counts, steps)
+        for step, ((x, dy), mask) in enumerate(zip(batches, masks)):
+            _, _, dgamma, dbeta = exactness.layer_gradients(
+                reference, tf.constant(x), dy, None if mask is None else tf.constant(mask))
             summed_dgamma = sum(r[f"dgamma_{step}"] for r in per_rank)
             summed_dbeta = sum(r[f"dbeta_{step}"] for r in per_rank)
             assert relative_error(summed_dgamma, dgamma.numpy()) < 2e-4, (layout, step)
             assert relative_error(summed_dbeta, dbeta.numpy()) < 2e-4, (layout, step)
         for r in per_rank:
-            assert relative_error(r[f"moving_variance_{steps - 1}"], reference.moving_variance.numpy()) < 2e-4
+            for name in exactness.weight_names(layout):
+                assert relative_error(r[f"{name}_{steps - 1}"],
+                                      getattr(reference, name).numpy()) < 2e-4, (layout, name)
 
 
 # How each communicator sums: the MPI communicator has two kernels, and under
@@ -159,8 +159,12 @@ def _check_sum_path(path, lines):
 @pytest.mark.compat
 @pytest.mark.parametrize("path", list(SUM_PATHS))
 def test_three_ranks_uneven_with_empty_rank_match_global_batch(path, tmp_path):
-    counts, layouts, steps = [4, 0, 7], ["2d", "nhwc", "ncw"], 3
-    result = _run_path(path, 3, ["--counts", "4,0,7", "--steps", str(steps), "--out", str(tmp_path)])
+    # The plain layouts, batch renormalization, and a Keras mask with channels on
+    # axis 1 (a count per channel; rank 0's rows all masked out).
+    counts, steps = [4, 0, 7], 3
+    layouts = ["2d", "nhwc", "ncw", "renorm", "masked_ncw"]
+    result = _run_path(path, 3, ["--counts", "4,0,7", "--steps", str(steps), "--out", str(tmp_path),
+                                 "--layouts", ",".join(layouts)])
     lines = _check_job(result, expected_lines=3 * len(layouts))
     assert sum("rows=0 " in line for line in lines) == len(layouts)  # the empty rank took part
     assert all("kernels=elementwise " in line for line in lines), lines  # what CPUs run
@@ -253,3 +257,25 @@ def test_mpi_rank_that_never_arrives_times_out_instead_of_hanging(kernel):
     output = result.stdout + result.stderr
     assert result.returncode == 124, output[-3000:]  # the waiting rank's MPI_Abort code
     assert "waited more than 3 s (SYNCBN_COLLECTIVE_TIMEOUT)" in output, output[-3000:]
+
+
+MASKED_MODEL = os.path.join(TESTS_DIR, "jobs", "masked_model.py")
+
+
+@pytest.mark.parametrize("backend", ["horovod", "mpi", "tf"])
+def test_masking_then_batch_norm_on_axis_1_trains_on_two_ranks_as_one_process(backend):
+    # Masking, then SyncBatchNormalization(axis=1): Keras's mask covers the channel
+    # axis, each channel has its own global count, rank 0's rows are all masked out.
+    # Moving statistics, outputs and weights after 3 SGD steps equal one process's
+    # keras.layers.BatchNormalization on the global batch (tests/jobs/masked_model.py).
+    command = [sys.executable, "-m", "launch", "-np", "2", "--backend", backend, "--",
+               sys.executable, MASKED_MODEL, "--counts", "4,6", "--steps", "3"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=JOB_TIMEOUT,
+                            env=_env(), cwd=os.path.dirname(TESTS_DIR))
+    output = result.stdout + result.stderr
+    lines = re.findall(r"masked_model rank=\d/2 world=\S+ rows=\d+ (?:ok|FAIL) [^\n]*", output)
+    assert result.returncode == 0, output[-4000:]
+    assert len(lines) == 2 and all(" ok " in line for line in lines), lines
+    assert sum("rows=4 " in line for line in lines) == 1, lines  # the fully masked rank took part
+    world = {"horovod": "horovod", "mpi": "mpi", "tf": "tf.distribute"}[backend]
+    assert all(f"world={world} " in line for line in lines), lines

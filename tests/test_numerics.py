@@ -254,3 +254,24 @@ def test_renorm_matches_float64_reference(shape, axis, masked, clipping, offsets
                                                    renorm_momentum)
         for name, value in state.items():
             assert relative_error(getattr(layer, name).numpy(), value) < 1e-5, name
+
+
+def test_debiased_average_counts_each_channel_apart_with_a_mask_on_axis_1():
+    # Channels on axis 1 and Keras's mask: channel 0 has no sample in the first
+    # step, so its debiased average starts at the second (weights 1 then
+    # a/(1+a), 1/(1+a)), while channel 1's spans both steps.
+    momentum = 0.5
+    layer = SyncBatchNormalization(axis=1, momentum=momentum, moving_average="debiased",
+                                   communicator="local")
+    rng = np.random.default_rng(9)
+    xs = [rng.normal(3.0, 1.0, (6, 2, 4)).astype(np.float32) for _ in range(2)]
+    masks = [np.ones((6, 2), bool), np.ones((6, 2), bool)]
+    masks[0][:, 0] = False
+    means = []
+    for x, mask in zip(xs, masks):
+        layer(x, training=True, mask=mask)
+        means.append(x.astype(np.float64).mean(axis=(0, 2)))
+    np.testing.assert_array_equal(layer.moving_updates.numpy(), [1.0, 2.0])
+    want = [means[1][0],
+            (momentum * means[0][1] + means[1][1]) / (1.0 + momentum)]
+    np.testing.assert_allclose(layer.moving_mean.numpy(), want, rtol=1e-6)
