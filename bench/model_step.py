@@ -182,28 +182,14 @@ def build_model(name, size):
     return keras.applications.EfficientNetB0(weights=None, input_shape=shape, classes=10)
 
 
-def with_renorm(model):
-    """A copy of `model` whose BatchNormalization layers have `renorm=True` (new weights)."""
+def with_batch_norm_config(model, **changes):
+    """A copy of `model` whose BatchNormalization layers' configs have `changes` (new weights)."""
     import keras
 
     def clone(layer):
         config = layer.get_config()
         if isinstance(layer, keras.layers.BatchNormalization):
-            config["renorm"] = True
-        return layer.__class__.from_config(config)
-
-    keras.utils.set_random_seed(1)
-    return keras.models.clone_model(model, clone_function=clone)
-
-
-def keras_synchronized(model):
-    """A copy of `model` whose BatchNormalization layers have `synchronized=True`."""
-    import keras
-
-    def clone(layer):
-        config = layer.get_config()
-        if isinstance(layer, keras.layers.BatchNormalization):
-            config["synchronized"] = True
+            config.update(changes)
         return layer.__class__.from_config(config)
 
     return keras.models.clone_model(model, clone_function=clone)
@@ -215,7 +201,7 @@ def make_variant(variant, model):
     if variant == "keras":
         return model
     if variant == "keras-sync":
-        return keras_synchronized(model)
+        return with_batch_norm_config(model, synchronized=True)
     if variant == "syncbn":
         return syncbn.convert(model)
     if variant == "synced":
@@ -277,7 +263,7 @@ def run_child(spec):
 
     def build():
         model = build_model(spec["model"], spec["size"])
-        return with_renorm(model) if spec.get("renorm") else model
+        return with_batch_norm_config(model, renorm=True) if spec.get("renorm") else model
 
     start = time.perf_counter()
     if replicas:

@@ -90,7 +90,8 @@ def test_renorm_mode_compares_renorm_layers_in_one_process():
 def test_renorm_copy_has_renorm_layers_only():
     import keras
 
-    model = model_step.with_renorm(model_step.build_model(model_step.SMALL_MODEL, 32))
+    model = model_step.with_batch_norm_config(
+        model_step.build_model(model_step.SMALL_MODEL, 32), renorm=True)
     norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
     assert len(norms) == 6 and all(layer.renorm for layer in norms)
     assert all(len(layer.non_trainable_weights) == 5 for layer in norms)

@@ -113,6 +113,19 @@ def _make_layer(strategy, feature_shape, axis, **kwargs):
     return layer
 
 
+def _compare(strategy, layer, got, want, want_moving):
+    for step_got, step_want in zip(got, want):
+        assert relative_error(np.concatenate(step_got["y"]), step_want["y"]) < TOLERANCE
+        assert relative_error(np.concatenate(step_got["dx"]), step_want["dx"]) < TOLERANCE
+        assert relative_error(sum(step_got["dgamma"]), step_want["dgamma"]) < TOLERANCE
+        assert relative_error(sum(step_got["dbeta"]), step_want["dbeta"]) < TOLERANCE
+        assert step_got["y"][1].shape[0] == 0  # the empty replica took part
+    for name, expected in want_moving.items():
+        # Every replica's copy holds the same, global value.
+        for copy in strategy.experimental_local_results(getattr(layer, name).value):
+            assert relative_error(copy.numpy(), expected) < TOLERANCE, name
+
+
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_uneven_replicas_match_one_layer_on_global_batch(strategy, layout, offset):
     feature_shape, axis = LAYOUTS[layout]
@@ -125,16 +138,7 @@ def test_uneven_replicas_match_one_layer_on_global_batch(strategy, layout, offse
     else:
         # Keras's float32 layer folds the mean into an offset, which cancels here.
         want, want_moving = _float64_reference(batches, axis, initial_weights)
-    for step_got, step_want in zip(got, want):
-        assert relative_error(np.concatenate(step_got["y"]), step_want["y"]) < TOLERANCE
-        assert relative_error(np.concatenate(step_got["dx"]), step_want["dx"]) < TOLERANCE
-        assert relative_error(sum(step_got["dgamma"]), step_want["dgamma"]) < TOLERANCE
-        assert relative_error(sum(step_got["dbeta"]), step_want["dbeta"]) < TOLERANCE
-        assert step_got["y"][1].shape[0] == 0  # the empty replica took part
-    for name, expected in want_moving.items():
-        # Every replica's copy holds the same, global value.
-        for copy in strategy.experimental_local_results(getattr(layer, name).value):
-            assert relative_error(copy.numpy(), expected) < TOLERANCE, name
+    _compare(strategy, layer, got, want, want_moving)
 
 
 def test_group_size_two_syncs_within_consecutive_pairs(strategy):
@@ -182,19 +186,6 @@ def _keras_reference_layer(feature_shape, axis, weights, **kwargs):
     layer.build((None,) + feature_shape)
     layer.set_weights(weights)
     return layer
-
-
-def _compare(strategy, layer, got, want, want_moving):
-    for step_got, step_want in zip(got, want):
-        assert relative_error(np.concatenate(step_got["y"]), step_want["y"]) < TOLERANCE
-        assert relative_error(np.concatenate(step_got["dx"]), step_want["dx"]) < TOLERANCE
-        assert relative_error(sum(step_got["dgamma"]), step_want["dgamma"]) < TOLERANCE
-        assert relative_error(sum(step_got["dbeta"]), step_want["dbeta"]) < TOLERANCE
-        assert step_got["y"][1].shape[0] == 0  # the empty replica took part
-    for name, expected in want_moving.items():
-        # Every replica's copy holds the same, global value.
-        for copy in strategy.experimental_local_results(getattr(layer, name).value):
-            assert relative_error(copy.numpy(), expected) < TOLERANCE, name
 
 
 def _renorm_float64_reference(batches, axis, layer_weights, clipping, got):
