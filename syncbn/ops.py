@@ -34,8 +34,9 @@ Batch renormalization (`renorm`) changes only the affine step: `r` and `d`
 come from the global statistics (`renorm_correction`) and, constant to the
 gradient as in Keras, turn `gamma` and `beta` into `r * gamma` and
 `d * gamma + beta`, which every path above uses where it used `gamma` and
-`beta`; `dgamma = r * sum(dy * x_hat) + d * sum(dy)`. No extra pass over
-the data, no extra collective.
+`beta`; `dgamma = r * sum(dy * x_hat) + d * sum(dy)`. No extra collective,
+and no extra pass over the data but on the one-replica fused path, whose
+training kernel takes no `r` (one affine op after it).
 
 Exact at any offset, with no branch. Channels-last data without a mask runs
 in TensorFlow's fused batch-norm kernels (`FusedBatchNormV3` and its
@@ -424,12 +425,12 @@ def _channels_last_elementwise(x, gamma, beta, epsilon, all_sum, name, single_re
             shifted_mean = tf.cast(mean64 - shift64, tf.float32)
             statistics = (tf.cast(mean64, tf.float32), variance, global_count)
             mean_for_renorm = mean64
-        effective_gamma, beta, r, d = _effective_affine(
+        effective_gamma, offset, r, d = _effective_affine(
             gamma, beta, mean_for_renorm, variance, epsilon, renorm)
         inv_std = tf.math.rsqrt(variance + epsilon)
         scale = effective_gamma * inv_std
         centred = shifted - shifted_mean
-        y = centred * scale + beta
+        y = centred * scale + offset
 
         def grad(dy, *statistics_gradients):
             del statistics_gradients  # Statistics are not differentiable.
@@ -480,13 +481,14 @@ def _elementwise(x, gamma, beta, epsilon, all_sum, name, axis, selection, renorm
             all_sum(stats.pack_moments(*stats.local_moments(x, axes, selection)), name + "/forward"),
             num_channels, per_channel_count,
         )
-        effective_gamma, beta, r, d = _effective_affine(gamma, beta, mean, variance, epsilon, renorm)
+        effective_gamma, offset, r, d = _effective_affine(gamma, beta, mean, variance, epsilon,
+                                                          renorm)
         inv_std = tf.math.rsqrt(variance + epsilon)
         scale = effective_gamma * inv_std
         mean_high, mean_low = stats.split_mean(mean)
         # Not x * scale + (beta - mean * scale): that cancels when |mean| >> std.
         centred = (x - per_channel(mean_high)) - per_channel(mean_low)
-        y = centred * per_channel(scale) + per_channel(beta)
+        y = centred * per_channel(scale) + per_channel(offset)
 
         def grad(dy, d_mean, d_variance, d_count):
             del d_mean, d_variance, d_count  # Statistics are not differentiable.
