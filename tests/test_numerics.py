@@ -275,3 +275,30 @@ def test_debiased_average_counts_each_channel_apart_with_a_mask_on_axis_1():
     want = [means[1][0],
             (momentum * means[0][1] + means[1][1]) / (1.0 + momentum)]
     np.testing.assert_allclose(layer.moving_mean.numpy(), want, rtol=1e-6)
+
+
+def test_renorm_with_debiased_averages_and_a_skipped_nonfinite_step():
+    # "debiased" applies to the inference statistics (moving_mean, moving_stddev and
+    # the variance derived from it); renorm_mean and renorm_stddev stay Keras's
+    # averages at renorm_momentum. A non-finite step then changes none of the five.
+    epsilon, renorm_momentum = 1e-3, 0.75
+    layer = SyncBatchNormalization(momentum=0.99, epsilon=epsilon, renorm=True,
+                                   renorm_momentum=renorm_momentum, moving_average="debiased",
+                                   communicator="local")
+    x = np.random.default_rng(10).normal(4.0, 3.0, (32, 3)).astype(np.float32)
+    layer(x, training=True)
+    mean, variance = x.astype(np.float64).mean(0), x.astype(np.float64).var(0)
+    stddev = np.sqrt(variance + epsilon)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), mean, rtol=1e-5)  # t = 1: the batch
+    np.testing.assert_allclose(layer.moving_stddev.numpy(), stddev, rtol=1e-5)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), variance, rtol=1e-4)
+    np.testing.assert_allclose(layer.renorm_mean.numpy(), (1 - renorm_momentum) * mean, rtol=1e-5)
+    np.testing.assert_allclose(layer.renorm_stddev.numpy(),
+                               renorm_momentum + (1 - renorm_momentum) * stddev, rtol=1e-5)
+    before = {w.name: w.numpy().copy() for w in layer.non_trainable_weights}
+    bad = x.copy()
+    bad[0, 1] = np.nan
+    layer(bad, training=True)
+    assert layer.skipped_steps == 1
+    for weight in layer.non_trainable_weights:
+        np.testing.assert_array_equal(weight.numpy(), before[weight.name], err_msg=weight.name)
