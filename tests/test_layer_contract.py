@@ -705,3 +705,44 @@ def test_recalibrate_a_renorm_layer_keeps_its_stddev_in_step():
     batch_stddev = np.sqrt(data[0].astype(np.float64).var(0) + 1e-3)
     new_stddev = 0.5 * stddev + 0.5 * batch_stddev
     np.testing.assert_allclose(layer.moving_variance.numpy(), new_stddev ** 2 - 1e-3, rtol=1e-5)
+
+
+EVERY_KERAS_ARGUMENT = {
+    "axis": 1, "momentum": 0.8, "epsilon": 1e-2, "center": True, "scale": True,
+    "beta_initializer": keras.initializers.Constant(0.3),
+    "gamma_initializer": keras.initializers.Constant(-0.5),
+    "moving_mean_initializer": keras.initializers.Constant(1.0),
+    "moving_variance_initializer": keras.initializers.Constant(4.0),
+    "beta_regularizer": "l2", "gamma_regularizer": keras.regularizers.L1(0.01),
+    "beta_constraint": keras.constraints.MaxNorm(0.5), "gamma_constraint": "non_neg",
+}
+
+
+@pytest.mark.parametrize("renorm", [{}, {"renorm": True, "renorm_momentum": 0.7,
+                                         "renorm_clipping": {"rmax": 1.5, "dmax": 0.5}}],
+                         ids=["plain", "renorm"])
+def test_every_keras_argument_side_by_side_in_fit(renorm):
+    # Every argument of keras.layers.BatchNormalization with a value other than its
+    # default, after a Masking layer, in model.fit: the same losses (regularizers
+    # included), weights (constraints applied) and moving statistics as Keras's layer.
+    x = np.random.default_rng(11).normal(2.0, 3.0, (24, 4, 3)).astype(np.float32)
+    x[::4, 1] = 0.0  # masked time steps
+    y = np.random.default_rng(12).normal(size=(24, 4, 1)).astype(np.float32)
+    results = {}
+    for name, cls in LAYER_CLASSES.items():
+        keras.utils.set_random_seed(3)
+        model = keras.Sequential([keras.Input((4, 3)), keras.layers.Masking(),
+                                  cls(**EVERY_KERAS_ARGUMENT, **renorm), keras.layers.Dense(1)])
+        model.compile(keras.optimizers.SGD(0.05), "mse")
+        history = model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+        results[name] = (history.history["loss"], model.get_weights(),
+                         model.predict(x, verbose=0), len(model.losses))
+    (keras_loss, keras_weights, keras_out, keras_losses), (loss, weights, out, losses) = (
+        results["keras"], results["syncbn"])
+    assert losses == keras_losses == 2
+    np.testing.assert_allclose(loss, keras_loss, rtol=1e-5)
+    assert len(weights) == len(keras_weights) == (9 if renorm else 6)
+    for ours, theirs in zip(weights, keras_weights):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out, keras_out, rtol=1e-5, atol=1e-5)
+    assert np.all(weights[0] >= 0.0) and np.max(np.abs(weights[1])) <= 0.5 + 1e-6  # constraints
