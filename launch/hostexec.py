@@ -15,9 +15,32 @@ import shlex
 
 SSH_OPTIONS = ("-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no")
 # What a remote rank needs to find the same Python, packages and libraries as the
-# launcher (the `mpi` backend hands mpirun the same names with `-x`).
+# launcher (mpirun gets the same names with `-x`).
 FORWARDED = ("PATH", "PYTHONPATH", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "PYTHONUNBUFFERED",
              "OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM")
+# And every variable of these families, as `horovodrun` forwards its own: syncbn's
+# (`SYNCBN_COLLECTIVE_TIMEOUT`...), NCCL's, TensorFlow's, Horovod's, Open MPI's MCA
+# parameters. `SYNCBN_LAUNCH_*` configure the launcher itself and stay here.
+FORWARDED_PREFIXES = ("SYNCBN_", "NCCL_", "TF_", "HOROVOD_", "OMPI_MCA_")
+LAUNCHER_PREFIX = "SYNCBN_LAUNCH_"
+
+
+def forwarded_names(environ, exported=()):
+    """The names of `environ`'s variables that remote ranks get. Pure.
+
+    `FORWARDED`, then every name with one of `FORWARDED_PREFIXES` (not the
+    launcher's own `SYNCBN_LAUNCH_*`), sorted, then `exported` (`-x`); only the
+    names set in `environ`, each once.
+
+    Example:
+        >>> forwarded_names({"PATH": "/bin", "TF_CPP_MIN_LOG_LEVEL": "2", "HOME": "/root",
+        ...                  "SYNCBN_LAUNCH_TIMEOUT": "9", "MY_FLAG": "1"}, exported=["MY_FLAG"])
+        ['PATH', 'TF_CPP_MIN_LOG_LEVEL', 'MY_FLAG']
+    """
+    families = sorted(name for name in environ if name.startswith(FORWARDED_PREFIXES)
+                      and not name.startswith(LAUNCHER_PREFIX))
+    names = [name for name in (*FORWARDED, *families, *exported) if name in environ]
+    return list(dict.fromkeys(names))
 
 
 class HostRunner:
@@ -61,20 +84,21 @@ class NetnsRunner(LocalRunner):
 
 
 class SshRunner(HostRunner):
-    """Runs on `host` over ssh; the rank's variables, `FORWARDED` and `exported` cross over.
+    """Runs on `host` over ssh; the rank's variables and `forwarded_names` cross over.
 
     Args:
         host: ssh destination.
         port: ssh port, or None for ssh's default.
         identity_file: ssh `-i` file, or None.
-        exported: names of launcher environment variables to forward as well.
-        base_env: environment to read `exported` from (default: `os.environ`).
+        exported: names of launcher environment variables to forward as well (`-x`).
+        base_env: environment to forward from (default: `os.environ`).
         config_file: ssh `-F` file, or None for the user's own configuration.
 
     Example:
-        >>> runner = SshRunner("node2", base_env={"PATH": "/venv/bin", "HOME": "/root"})
+        >>> runner = SshRunner("node2", base_env={"PATH": "/venv/bin", "HOME": "/root",
+        ...                                       "SYNCBN_COLLECTIVE_TIMEOUT": "60"})
         >>> runner.command(["python", "t.py"], {"RANK": "1"}, "/w")[0][-1]
-        'cd /w && exec env PATH=/venv/bin RANK=1 python t.py'
+        'cd /w && exec env PATH=/venv/bin SYNCBN_COLLECTIVE_TIMEOUT=60 RANK=1 python t.py'
     """
 
     is_local = False
@@ -101,7 +125,7 @@ class SshRunner(HostRunner):
 
     def remote_shell_command(self, argv, added_env, cwd):
         base = os.environ if self._base_env is None else self._base_env
-        env = {name: base[name] for name in (*FORWARDED, *self.exported) if name in base}
+        env = {name: base[name] for name in forwarded_names(base, self.exported)}
         env.update(added_env)
         assignments = " ".join(f"{name}={shlex.quote(value)}" for name, value in env.items())
         command = " ".join(shlex.quote(arg) for arg in argv)

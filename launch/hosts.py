@@ -87,6 +87,11 @@ def parse_hosts(spec, argument="-H"):
 def validate_num_proc(num_proc, hosts, argument="-np"):
     """Checks that `num_proc` is a positive int that fits in the hosts' slots.
 
+    Args:
+        num_proc: the number of ranks.
+        hosts: list of `Host`, or None for no limit on the slots.
+        argument: the option name used in error messages.
+
     Raises:
         TypeError: if `num_proc` is not an int.
         ValueError: if it is < 1 or exceeds the total number of slots.
@@ -97,6 +102,8 @@ def validate_num_proc(num_proc, hosts, argument="-np"):
         )
     if num_proc < 1:
         raise ValueError(f"Argument `{argument}` must be >= 1. Received: {argument}={num_proc}")
+    if hosts is None:
+        return
     total = sum(host.slots for host in hosts)
     if num_proc > total:
         listing = ",".join(f"{h.name}:{h.slots}" for h in hosts)

@@ -1,38 +1,49 @@
-"""Test-session setup shared by every test module.
+"""Test-session setup and the fixtures every test module may use.
 
 The in-process replica tests need several CPU devices; TensorFlow only
 accepts the split before it initializes its devices, so it happens here,
 before any test module runs a TensorFlow op.
+
+Every test belongs to one tier (markers registered in setup.cfg): `unit`
+(in this process, `bash tests/run.sh --quick`) or `multiprocess` (launches
+jobs of several processes). Each test module says which with a module-level
+`pytestmark`; a test with neither, or both, stops the run at collection.
+Doctests are unit tests.
 """
 
 import os
-import sys
-from unittest import mock
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, TESTS_DIR)
-
-NUM_VIRTUAL_CPUS = 4
 
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import helpers  # noqa: E402
+
 _cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(
-    _cpu, [tf.config.LogicalDeviceConfiguration()] * NUM_VIRTUAL_CPUS
+    _cpu, [tf.config.LogicalDeviceConfiguration()] * helpers.NUM_VIRTUAL_CPUS
 )
 
-
-KERNELS = ("elementwise", "fused")  # syncbn.ops.kernels_for's two answers
-
-
-def kernels_env(kernels):
-    """A context manager: `SYNCBN_KERNELS=kernels` for what is traced inside the block."""
-    return mock.patch.dict(os.environ, {"SYNCBN_KERNELS": kernels})
+TIERS = ("unit", "multiprocess")
 
 
-@pytest.fixture(params=KERNELS)
+def pytest_collection_modifyitems(config, items):
+    untiered = []
+    for item in items:
+        if not isinstance(item, pytest.Function):  # a doctest
+            item.add_marker(pytest.mark.unit)
+        tiers = [tier for tier in TIERS if item.get_closest_marker(tier)]
+        if len(tiers) != 1:
+            untiered.append(f"{item.nodeid} (tiers: {tiers or 'none'})")
+    if untiered:
+        raise pytest.UsageError(
+            "Every test must be in exactly one tier, `unit` or `multiprocess`: give its module "
+            "`pytestmark = pytest.mark.unit` (or `.multiprocess`). Not so:\n  "
+            + "\n  ".join(untiered[:20]))
+
+
+@pytest.fixture(params=helpers.KERNELS)
 def kernels(request, monkeypatch):
     """Runs a test with each kernel set for channels-last data.
 
@@ -44,13 +55,6 @@ def kernels(request, monkeypatch):
     return request.param
 
 
-def pytest_configure(config):
-    config.addinivalue_line(
-        "markers",
-        "compat: also run on every older supported TensorFlow (tests/run.sh's second pass)",
-    )
-
-
 @pytest.fixture(scope="session")
 def mirrored_strategy():
     """The one MirroredStrategy over the virtual CPUs that every test shares.
@@ -59,7 +63,35 @@ def mirrored_strategy():
     colliding instance keys ("Shape mismatch in the collective instance"),
     so no test module may create its own.
     """
-    return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(NUM_VIRTUAL_CPUS)])
+    return tf.distribute.MirroredStrategy(
+        [f"/cpu:{i}" for i in range(helpers.NUM_VIRTUAL_CPUS)])
+
+
+@pytest.fixture(scope="session")
+def world_launch(request, tmp_path_factory):
+    """`world_launch(name)`: the `helpers.WorldResults` of launch `helpers.WORLD_LAUNCHES[name]`.
+
+    Each launch runs once per session, when a test first asks for it, with the
+    checks that the session's selected tests of that launch read (their
+    `world_checks` markers; a test parametrized by `name`), or all of them if
+    none says; every such test, in any module, then reads its records.
+    """
+    finished = {}
+
+    def get(name):
+        if name not in finished:
+            wanted = set()
+            for item in request.session.items:
+                marker = item.get_closest_marker("world_checks")
+                callspec = getattr(item, "callspec", None)
+                if marker and callspec and callspec.params.get("name") == name:
+                    wanted.update(marker.args)
+            checks = [c for c in helpers.WORLD_LAUNCHES[name].checks if not wanted or c in wanted]
+            finished[name] = helpers.launch_world(
+                name, tmp_path_factory.mktemp(f"world-{name}"), checks)
+        return finished[name]
+
+    return get
 
 
 # Job scripts run inside launched processes; they are not for import by pytest

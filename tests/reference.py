@@ -7,6 +7,8 @@ independently of syncbn's packing and collectives.
 
 import numpy as np
 
+from syncbn.check import reference as library_reference
+
 
 def _channel_shape(x, axis):
     shape = [1] * x.ndim
@@ -83,8 +85,9 @@ def renorm_correction(mean, variance, epsilon, renorm):
 
 
 def moving_average(moving, batch_value, momentum, count=None):
-    """Keras's moving average; with `count`, channels with no sample keep `moving` (syncbn's rule)."""
-    updated = moving * momentum + batch_value * (1.0 - momentum)
+    """Keras's update (the library's one definition); with `count`, channels with no sample
+    keep `moving` (syncbn's rule)."""
+    updated = library_reference.moving_average(moving, batch_value, momentum)
     return updated if count is None else np.where(np.asarray(count) > 0, updated, moving)
 
 
@@ -103,13 +106,3 @@ def renorm_moving_statistics(state, mean, variance, count, epsilon, momentum, re
         "moving_variance": np.maximum(moving_stddev ** 2 - epsilon, 0.0),
     }
     return {name: np.where(np.asarray(count) > 0, new[name], state[name]) for name in RENORM_WEIGHTS}
-
-
-def relative_error(actual, expected):
-    """max |actual - expected| / max(|expected|, tiny): one number per array."""
-    actual = np.asarray(actual, np.float64)
-    expected = np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    if expected.size == 0:
-        return 0.0
-    return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-12))

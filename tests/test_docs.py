@@ -17,13 +17,15 @@ cannot run belongs in a ```bash block or in prose.
 import glob
 import os
 import re
-import subprocess
 import sys
 
 import pytest
 
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO_DIR = os.path.dirname(TESTS_DIR)
+from helpers import REPO as REPO_DIR
+from helpers import job_env, launcher, run
+
+pytestmark = pytest.mark.multiprocess
+
 DOC_FILES = [os.path.join(REPO_DIR, "README.md")] + sorted(
     glob.glob(os.path.join(REPO_DIR, "docs", "*.md"))
 )
@@ -66,16 +68,15 @@ def test_the_docs_have_python_blocks_to_run():
 def test_doc_block_runs(directive, code, tmp_path):
     script = tmp_path / "block.py"
     script.write_text(code + "\n")
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO_DIR}
     if directive is None:
         command = [sys.executable, str(script)]
     elif directive.startswith("syncbn-launch "):
-        command = [sys.executable, "-m", "launch", *directive.split()[1:],
-                   "--timeout", str(BLOCK_TIMEOUT - 30), "--", sys.executable, str(script)]
+        command = launcher(*directive.split()[1:], "--timeout", str(BLOCK_TIMEOUT - 30), "--",
+                           sys.executable, str(script))
     else:
         raise AssertionError(f"unknown directive above a python block: {directive!r}")
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=BLOCK_TIMEOUT)
+    # This checkout's syncbn only, as a user has it: no test module on the path.
+    result = run(command, timeout=BLOCK_TIMEOUT, env=job_env(path=(REPO_DIR,)), cwd=tmp_path)
     assert result.returncode == 0, (
         f"exit {result.returncode}\n--- stdout\n{result.stdout[-4000:]}\n--- stderr\n"
         f"{result.stderr[-4000:]}"

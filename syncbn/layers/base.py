@@ -242,6 +242,11 @@ class SyncBatchNormalizationBase:
     #: initializers, regularizers, constraints and `layers.InputSpec`.
     _keras = None
 
+    #: Whether `renorm=True` is taken: Keras 3's batch renormalization. An
+    #: adapter whose Keras defines renorm otherwise sets False, and then
+    #: `renorm=True` raises a ValueError.
+    _supports_renorm = True
+
     def _add_float32_weight(self, name, shape, initializer, trainable=False,
                             regularizer=None, constraint=None):
         """Creates a float32 weight that mixed precision never casts. Set by each adapter."""
@@ -249,6 +254,14 @@ class SyncBatchNormalizationBase:
 
     def _training_when_unset(self):
         """The mode of a call with `training=None`: inference, as in Keras 3."""
+        return False
+
+    def _moving_variance_is_unbiased(self):
+        """True if the moving variance averages the Bessel-corrected batch variance.
+
+        Keras 3 averages the biased variance; tf_keras's layer averages the
+        corrected one wherever it runs fused kernels. Known once built.
+        """
         return False
 
     def __init__(
@@ -303,6 +316,10 @@ class SyncBatchNormalizationBase:
         self.group_size = group_size
         _check_flag("synchronized", synchronized)
         self.renorm = _check_flag("renorm", renorm)
+        if self.renorm and not self._supports_renorm:
+            raise ValueError(
+                f"Argument `renorm` must be False: this {type(self).__name__} does not "
+                f"synchronize this Keras's batch renormalization. Received: renorm={renorm!r}")
         if self.renorm:
             # As Keras: validated, and stored as `{}` for None, only with renorm.
             renorm_clipping, self._renorm_bounds = _check_renorm_clipping(renorm_clipping)
@@ -537,6 +554,8 @@ class SyncBatchNormalizationBase:
 
     def _update_moving_statistics(self, outputs, mean, variance, count):
         """Assigns the moving statistics after a step (syncbn/moving.py); returns `outputs`."""
+        if self._moving_variance_is_unbiased():
+            variance = moving.unbiased_variance(variance, count)
         if self._statistics_recorder is not None:  # syncbn.recalibrate: record, update nothing
             self._statistics_recorder(mean, variance, tf.convert_to_tensor(count, tf.float32))
             return outputs

@@ -19,6 +19,9 @@ its rank's rows of the outputs and every weight, prints one line and exits 1
 on a mismatch.
 
     syncbn-launch -np 2 --backend mpi -- python tests/jobs/masked_model.py --counts 4,6
+
+`run_check` runs it in a world that is already set up (`syncbn.world`);
+tests/jobs/world_checks.py runs it with the other checks of a launch.
 """
 
 import argparse
@@ -26,6 +29,10 @@ import os
 import sys
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from jobs.common import open_world, say  # noqa: E402
+from syncbn.check.reference import relative_error  # noqa: E402
 
 STEPS = 5  # time steps: the channels of the batch norm
 FEATURES = 3
@@ -76,30 +83,23 @@ def train_step(model, x, y, global_count):
     return (out, *tape.gradient(loss, model.trainable_variables))
 
 
-def relative_error(actual, expected):
-    expected = np.asarray(expected, np.float64)
-    if expected.size == 0:
-        return 0.0
-    scale = max(float(np.max(np.abs(expected))), 1e-12)
-    return float(np.max(np.abs(np.asarray(actual, np.float64) - expected)) / scale)
+def run_check(world, counts, steps=3, tolerance=2e-4):
+    """Trains both models on this rank of `world`; returns the record of this rank.
 
-
-def main(argv=None):
-    args = parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from syncbn import world as worlds
-
-    world = worlds.create_world()
+    The record holds the line printed for it (`masked_model rank=R/W ... ok|FAIL
+    ...`), the largest relative errors, this replica's `rows` and how many of
+    them are all masked out (`masked_rows`), and `ok`.
+    """
     import keras
 
     import syncbn
 
-    counts = [int(c) for c in args.counts.split(",")]
+    counts = list(counts)
     if len(counts) != world.num_replicas:
-        raise ValueError(f"Argument `--counts` needs one entry per replica ({world.num_replicas}). "
-                         f"Received: --counts={args.counts}")
+        raise ValueError(f"Argument `counts` needs one entry per replica ({world.num_replicas}). "
+                         f"Received: counts={counts}")
     bounds = np.cumsum([0] + counts)
-    batches = global_batches(counts, args.steps)
+    batches = global_batches(counts, steps)
     with world.scope():
         model = build_model(syncbn.SyncBatchNormalization)
     reference = build_model(keras.layers.BatchNormalization)
@@ -135,14 +135,26 @@ def main(argv=None):
             worst[name] = max(worst.get(name, 0.0), error)
     # The comparison saw trained statistics, not the initial zeros and ones.
     moved = not (np.allclose(bn.moving_mean.numpy(), 0.0) or np.allclose(bn.moving_variance.numpy(), 1.0))
-    failed = not moved or any(error > args.tolerance for error in worst.values())
+    ok = moved and all(error <= tolerance for error in worst.values())
+    replica = world.local_replica_ids[0]
+    own_rows = x[bounds[replica]:bounds[replica + 1]]  # the last step's
+    masked_rows = int(np.sum(np.all(own_rows == 0.0, axis=(1, 2))))
     summary = " ".join(f"{name}={error:.2e}" for name, error in worst.items())
-    sys.stdout.write(f"masked_model rank={world.process_rank}/{world.num_processes} "
-                     f"world={world.name} rows={counts[world.local_replica_ids[0]]} "
-                     f"{'FAIL' if failed else 'ok'} {summary}\n")
-    sys.stdout.flush()
-    world.barrier()
-    return 1 if failed else 0
+    line = (f"masked_model rank={world.process_rank}/{world.num_processes} world={world.name} "
+            f"rows={counts[replica]} masked_rows={masked_rows} {'ok' if ok else 'FAIL'} {summary}")
+    say(line)
+    return {"line": line, "ok": ok, "world": world.name, "rows": counts[replica],
+            "masked_rows": masked_rows, "errors": worst}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    world = open_world("auto")
+    record = run_check(world, [int(c) for c in args.counts.split(",")], args.steps,
+                       args.tolerance)
+    world.barrier()  # nobody shuts its backend down while another rank still sums
+    return 0 if record["ok"] else 1
 
 
 if __name__ == "__main__":
