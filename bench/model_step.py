@@ -52,6 +52,11 @@ function in its library (before Grappler). Ratios are per round, medians over
     python bench/model_step.py --mirrored 2
     python bench/model_step.py --launch 2 --backends horovod,mpi,tf --rounds 3
     python bench/model_step.py --launch 2 --quick      # smoke test: every backend, 1 step
+    python bench/model_step.py --renorm --models mobilenetv2   # every BN with renorm=True
+
+With `--renorm` (one process or `--mirrored`) every BatchNormalization of the
+model is built with `renorm=True` before the variants are made: Keras's
+renorm layer against syncbn's.
 """
 
 import argparse
@@ -110,6 +115,8 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: " + " ".join(f"--{k} {v}" for k, v in QUICK.items())
                              + " (overrides them)")
+    parser.add_argument("--renorm", action="store_true",
+                        help="every BatchNormalization with renorm=True (not with --launch)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     # One variant in this process (the parent runs these).
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -121,6 +128,9 @@ def parse_args(argv=None):
         raise ValueError(f"Argument `--mirrored` must be 0 or >= 2. Received: --mirrored={args.mirrored}")
     if args.launch < 0 or args.launch == 1:
         raise ValueError(f"Argument `--launch` must be 0 or >= 2. Received: --launch={args.launch}")
+    if args.launch and args.renorm:
+        raise ValueError("Argument `--renorm` is for one process and --mirrored. "
+                         f"Received: --launch={args.launch} --renorm")
     if args.launch and args.mirrored:
         raise ValueError(f"Arguments `--launch` and `--mirrored` are separate modes: give one. "
                          f"Received: --launch={args.launch} --mirrored={args.mirrored}")
@@ -177,14 +187,14 @@ def build_model(name, size, keras=None):
     return keras.applications.EfficientNetB0(weights=None, input_shape=shape, classes=10)
 
 
-def keras_synchronized(model):
-    """A copy of `model` whose BatchNormalization layers have `synchronized=True`."""
+def with_batch_norm_config(model, **changes):
+    """A copy of `model` whose BatchNormalization layers' configs have `changes` (new weights)."""
     import keras
 
     def clone(layer):
         config = layer.get_config()
         if isinstance(layer, keras.layers.BatchNormalization):
-            config["synchronized"] = True
+            config.update(changes)
         return layer.__class__.from_config(config)
 
     return keras.models.clone_model(model, clone_function=clone)
@@ -196,7 +206,7 @@ def make_variant(variant, model):
     if variant == "keras":
         return model
     if variant == "keras-sync":
-        return keras_synchronized(model)
+        return with_batch_norm_config(model, synchronized=True)
     if variant == "syncbn":
         return syncbn.convert(model)
     if variant == "synced":
@@ -256,15 +266,19 @@ def run_child(spec):
             cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
     import keras
 
+    def build():
+        model = build_model(spec["model"], spec["size"])
+        return with_batch_norm_config(model, renorm=True) if spec.get("renorm") else model
+
     start = time.perf_counter()
     if replicas:
         strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)])
         with strategy.scope():
-            model = make_variant(spec["variant"], build_model(spec["model"], spec["size"]))
+            model = make_variant(spec["variant"], build())
             optimizer = keras.optimizers.SGD(0.01)
     else:
         strategy = None
-        model = make_variant(spec["variant"], build_model(spec["model"], spec["size"]))
+        model = make_variant(spec["variant"], build())
         optimizer = keras.optimizers.SGD(0.01)
     build_seconds = time.perf_counter() - start
     global_batch = spec["batch"] * max(replicas, 1)
@@ -351,7 +365,9 @@ def cases(args):
         return [(f"{backend} {model}", {**common, "model": model, "backend": backend,
                                         "launch": args.launch, "timeout": args.timeout})
                 for backend in args.backend_list for model in args.model_list]
-    return [(model, {**common, "model": model, "mirrored": args.mirrored})
+    suffix = ", renorm" if args.renorm else ""
+    return [(model + suffix, {**common, "model": model, "mirrored": args.mirrored,
+                              "renorm": args.renorm})
             for model in args.model_list]
 
 
@@ -437,6 +453,7 @@ def main(argv=None):
                                     row_title="backend model (BN layers)"))
     else:
         setup = f"MirroredStrategy, {args.mirrored} logical CPUs" if args.mirrored else "one replica"
+        setup += ", every BatchNormalization with renorm=True" if args.renorm else ""
         print(f"\n{setup}; {args.steps} steady steps per process, medians\n")
         print(markdown_side_by_side(results, variants))
     finish(args.json, results)

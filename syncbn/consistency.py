@@ -25,7 +25,8 @@ class InconsistentReplicasError(RuntimeError):
 
 def _layer_state(layer):
     """`(name, variable)` of the state compared for `layer`."""
-    names = ["gamma", "beta", "moving_mean", "moving_variance", "moving_updates"]
+    names = ["gamma", "beta", "moving_mean", "moving_variance", "moving_stddev", "renorm_mean",
+             "renorm_stddev", "moving_updates"]
     return [(name, getattr(layer, name)) for name in names if getattr(layer, name, None) is not None]
 
 
@@ -75,8 +76,8 @@ def check_consistency(model, strict=False, tolerance=DEFAULT_TOLERANCE):
     """Compares every SyncBatchNormalization's state across the replicas of its group.
 
     For every synchronized layer, `gamma`, `beta`, `moving_mean`,
-    `moving_variance` (and `moving_updates`) are compared across the
-    replicas that synchronize it, with one all-reduce (per communicator and
+    `moving_variance` (and `moving_updates`, and the renorm weights) are
+    compared across the replicas that synchronize it, with one all-reduce (per communicator and
     group size; one in a usual model) of the sums of every value and of its
     square, in float64. Every replica gets the same answer, so with
     `strict=True` all of them raise together. Call it on every replica (it

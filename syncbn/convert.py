@@ -19,6 +19,7 @@ import logging
 import sys
 
 import keras
+import numpy as np
 from keras.src.models.functional import Functional  # what clone_model rebuilds
 
 from syncbn import collectives
@@ -108,8 +109,6 @@ class _Conversion:
     def why_not_convertible(self, layer):
         """A reason string if `layer` is or holds a layer this call cannot convert."""
         if self.is_source(layer):
-            if self.to == "sync" and layer.renorm:
-                return f"renorm=True {_UNSUPPORTED}"
             return None
         if isinstance(layer, self.source_class):
             return (
@@ -186,15 +185,37 @@ class _Conversion:
                 f"where the original has {len(originals)}; its weights cannot be copied."
             )
         for source, target in zip(originals, copies):
+            if self.is_source(source) and type(target) is self.target_class:
+                _copy_batch_norm_weights(source, target)
+                continue
             store = {}
             source.save_own_variables(store)
-            if isinstance(source, self.sync_batch_normalization) and self.to == "local" \
-                    and type(target) is self.target_class:
-                # Keras BN's weights are the first ones (gamma and beta only if used).
-                store = {str(i): store[str(i)] for i in range(len(target.weights))}
             target.load_own_variables(
                 {key: keras.ops.convert_to_numpy(value) for key, value in store.items()}
             )
+
+
+def _copy_batch_norm_weights(source, target):
+    """Copies a converted layer's weights by name, deriving those the source lacks.
+
+    Both classes name their weights as Keras BN does; each side may have
+    weights the other lacks: `moving_updates` (debiased layers: a copied
+    layer starts at 0, its statistics counting as initial values), and the
+    renorm weights when a layer keyword argument turns `renorm` on (they
+    start from the moving statistics: `renorm_mean = moving_mean`,
+    `moving_stddev = renorm_stddev = sqrt(moving_variance + epsilon)`, so the
+    derived `moving_variance` stays what it was).
+    """
+    values = {variable.name: keras.ops.convert_to_numpy(variable) for variable in source.weights}
+    if "moving_stddev" not in values:
+        stddev = np.sqrt(values["moving_variance"] + np.float32(target.epsilon))
+        values.update(moving_stddev=stddev, renorm_stddev=stddev,
+                      renorm_mean=values["moving_mean"])
+    for variable in target.weights:
+        if variable.name == "moving_updates":
+            variable.assign(np.zeros(variable.shape, np.float32))
+        else:
+            variable.assign(values[variable.name])
 
 
 def _copy_trainable_flags(conversion, original, copy):
@@ -256,7 +277,11 @@ def convert(model, group_size=None, communicator="auto", to="sync", **layer_kwar
             from a `BatchNormalization` count as initial values, so with
             `"debiased"` the first update replaces them. With `to="local"`,
             the moving statistics are copied as they are (debiased ones are
-            already corrected) and `moving_updates` is dropped.
+            already corrected) and `moving_updates` is dropped. Batch
+            renormalization (`renorm=True`) is carried both ways with its
+            weights; `renorm=True` given here starts `renorm_mean` at the
+            moving mean and `moving_stddev`, `renorm_stddev` at
+            `sqrt(moving_variance + epsilon)`.
 
     Returns:
         The converted copy of `model`.
@@ -266,9 +291,8 @@ def convert(model, group_size=None, communicator="auto", to="sync", **layer_kwar
             sits where it cannot be converted (inside a subclassed model or
             layer, or it is a subclass of the class to convert).
         ValueError: if `to`, `group_size`, `communicator` or a layer keyword
-            argument is invalid, or a
-            `BatchNormalization` uses `renorm=True` (or, in tf_keras,
-            `virtual_batch_size` or `adjustment`).
+            argument is invalid, or, in tf_keras, a `BatchNormalization`
+            uses `renorm=True`, `virtual_batch_size` or `adjustment`.
 
     Example:
 
@@ -312,7 +336,8 @@ def convert(model, group_size=None, communicator="auto", to="sync", **layer_kwar
         )
     blocked = conversion.find_unconvertible(model)
     if blocked:
-        # An argument the layer cannot take (renorm) is a bad value; a layer out of reach, a type.
+        # An argument the layer cannot take (tf_keras's renorm) is a bad value; a layer out
+        # of reach, a type.
         error = ValueError if any(_UNSUPPORTED in item for item in blocked) else TypeError
         raise error(
             f"Cannot convert model '{model.name}' to {target}: nothing was converted. "

@@ -29,6 +29,8 @@ class LegacyConversion(_Conversion):
             for argument in ("virtual_batch_size", "adjustment"):
                 if getattr(layer, argument, None) is not None:
                     return f"{argument}={getattr(layer, argument)!r} {_UNSUPPORTED}"
+            if layer.renorm:  # the tf_keras layer refuses it (syncbn.layers.legacy)
+                return f"renorm=True {_UNSUPPORTED}"
         return super().why_not_convertible(layer)
 
     def source_config(self, layer):

@@ -10,7 +10,9 @@ one-sample batches) is a per-channel select, `tf.where`, on `[C]` vectors.
 
 Synchronized paths make exactly one call to `all_sum` each way:
 
-* forward: `[count] + [sum x] + [sum of squares]`, float64, `[2C + 1]`;
+* forward: `[count] + [sum x] + [sum of squares]`, float64, `[2C + 1]`
+  (`[3C]`, a count per channel, when a mask covers the channel axis:
+  Keras's masks broadcast over the last axis, see `stats.mask_weights`);
 * backward: `[sum dy] + [sum dy * x_hat]`, float32, `[2C]`.
 
 The backward pass is written out rather than left to autodiff, because
@@ -23,9 +25,18 @@ With global count `N`, selection weights `w` (1 without a mask),
 
     dx = gamma * inv_std * (dy - w / N * (sum(dy) + x_hat * sum(dy * x_hat)))
 
-where both sums run over every element of every replica. `dgamma` and `dbeta`
-are this replica's local sums: summing them over replicas, as a gradient
-all-reduce does, gives the gradient of the global batch.
+where both sums run over every element of every replica (`N` per channel
+when each has its own count). `dgamma` and `dbeta` are this replica's local
+sums: summing them over replicas, as a gradient all-reduce does, gives the
+gradient of the global batch.
+
+Batch renormalization (`renorm`) changes only the affine step: `r` and `d`
+come from the global statistics (`renorm_correction`) and, constant to the
+gradient as in Keras, turn `gamma` and `beta` into `r * gamma` and
+`d * gamma + beta`, which every path above uses where it used `gamma` and
+`beta`; `dgamma = r * sum(dy * x_hat) + d * sum(dy)`. No extra collective,
+and no extra pass over the data but on the one-replica fused path, whose
+training kernel takes no `r` (one affine op after it).
 
 Exact at any offset, with no branch. Channels-last data without a mask runs
 in TensorFlow's fused batch-norm kernels (`FusedBatchNormV3` and its
@@ -69,6 +80,7 @@ that choice statically, from the device and the static shape;
 CPUs).
 """
 
+import collections
 import math
 import os
 
@@ -82,6 +94,69 @@ def _as_vector(value, num_channels, fill):
     if value is None:
         return tf.fill([num_channels], tf.constant(fill, tf.float32))
     return tf.cast(value, tf.float32)
+
+
+class Renorm(collections.namedtuple("Renorm", ["mean", "stddev", "rmin", "rmax", "dmax"])):
+    """Batch renormalization's inputs to one training call (Ioffe, 2017, arXiv:1702.03275).
+
+    `mean` and `stddev` are float32 `[C]` tensors, the layer's `renorm_mean`
+    and `renorm_stddev` before this step's update; `rmin`, `rmax`, `dmax`
+    the clipping, Python floats or None (no bound).
+    """
+
+
+def renorm_correction(mean, variance, epsilon, renorm):
+    """Batch renormalization's `(r, d)`, float32 `[C]`, from the global batch statistics.
+
+    As Keras 3 computes them: with `s = max(renorm_stddev, sqrt(epsilon))`,
+    `r = sqrt(variance + epsilon) / s` clipped to `[rmin, rmax]` and
+    `d = (mean - renorm_mean) / s` clipped to `[-dmax, dmax]`. Both are
+    constants to the gradient (the callers' custom gradients treat them so,
+    as Keras's `stop_gradient` does).
+
+    Data far from zero keep `d` exact: `mean` is float64 (the difference is
+    then taken in float64), or a float32 pair `(shift, offset)` whose sum is
+    the mean, a value of the data and a small offset from it
+    (`((shift - renorm_mean) + offset)`: the first difference is exact when
+    the renorm mean is near the data).
+    """
+    renorm_stddev = tf.maximum(renorm.stddev, np.sqrt(np.float32(epsilon)))
+    r = tf.sqrt(variance + epsilon) / renorm_stddev
+    if isinstance(mean, tuple):
+        shift, offset = mean
+        d = ((shift - renorm.mean) + offset) / renorm_stddev
+    else:
+        d = tf.cast(mean - tf.cast(renorm.mean, mean.dtype), tf.float32) / renorm_stddev
+    if renorm.rmin is not None:
+        r = tf.maximum(r, renorm.rmin)
+    if renorm.rmax is not None:
+        r = tf.minimum(r, renorm.rmax)
+    if renorm.dmax is not None:
+        d = tf.clip_by_value(d, -renorm.dmax, renorm.dmax)
+    return r, d
+
+
+def _effective_affine(gamma, beta, mean, variance, epsilon, renorm):
+    """`(gamma', beta', r, d)`: what scales and offsets `x_hat` in this call.
+
+    Without renorm `gamma`, `beta` (and `r`, `d` None); with it Keras's
+    composition `(x_hat * r + d) * gamma + beta = x_hat * (r * gamma) + (d * gamma + beta)`.
+    """
+    if renorm is None:
+        return gamma, beta, None, None
+    r, d = renorm_correction(mean, variance, epsilon, renorm)
+    return gamma * r, d * gamma + beta, r, d
+
+
+def _parameter_grads(sum_dy_xhat, sum_dy, r, d):
+    """`(dgamma, dbeta)` from this replica's `sum(dy * x_hat)` and `sum(dy)`.
+
+    With renorm `gamma' = r * gamma` and `beta' = d * gamma + beta`, `r` and
+    `d` constant: `dgamma = r * sum(dy * x_hat) + d * sum(dy)`.
+    """
+    if r is None:
+        return sum_dy_xhat, sum_dy
+    return r * sum_dy_xhat + d * sum_dy, sum_dy
 
 
 KERNELS_ENV = "SYNCBN_KERNELS"
@@ -224,21 +299,37 @@ def _fused_affine(x4, scale, offset):
     )[0]
 
 
-def _single_replica_kernels(x, gamma, beta, epsilon):
-    """One replica, channels last, no mask: the training kernel on shifted data."""
+def _single_replica_kernels(x, gamma, beta, epsilon, renorm):
+    """One replica, channels last, no mask: the training kernel on shifted data.
+
+    With renorm the kernel returns `x_hat` (scale 1, offset 0) and one
+    affine op applies `r * gamma` and `d * gamma + beta`, `r` and `d`
+    stopped for autodiff.
+    """
     x4 = _channels_last_4d(x)
     # Autodiff runs through this path: the shift must stop the gradient.
     shifted, shift = _shifted(x4, stop_gradient=True)
     count = _position_count(x4)
-    y4, kernel_mean, unbiased_variance = _fused_train(shifted, gamma, beta, epsilon)
+    if renorm is None:
+        y4, kernel_mean, unbiased_variance = _fused_train(shifted, gamma, beta, epsilon)
+    else:
+        ones = tf.ones_like(gamma)
+        y4, kernel_mean, unbiased_variance = _fused_train(
+            shifted, ones, tf.zeros_like(gamma), epsilon)
     mean_offset, m2 = _kernel_moments(count, kernel_mean, unbiased_variance)
     # float32 is enough here: the moving mean is float32, and the output
     # never uses this sum.
     mean = shift + mean_offset
-    return _like(y4, x), mean, m2 / _at_least(count, 1.0), count
+    variance = m2 / _at_least(count, 1.0)
+    if renorm is not None:
+        scale, offset, _, _ = _effective_affine(
+            gamma, beta, (shift, tf.stop_gradient(mean_offset)), tf.stop_gradient(variance),
+            epsilon, renorm)
+        y4 = y4 * scale + offset
+    return _like(y4, x), mean, variance, count
 
 
-def _synced_kernels(x, gamma, beta, epsilon, all_sum, name):
+def _synced_kernels(x, gamma, beta, epsilon, all_sum, name, renorm):
     """Synchronized, channels last, no mask: fused kernels on shifted data, custom gradient."""
     num_channels = x.shape[-1]
 
@@ -258,8 +349,9 @@ def _synced_kernels(x, gamma, beta, epsilon, all_sum, name):
         # The global mean as seen from this replica's shifted data: small, so
         # exact in float32 even when the mean itself is 1e5.
         shifted_mean = tf.cast(mean - shift64, tf.float32)
+        scale, offset, r, d = _effective_affine(gamma, beta, mean, variance, epsilon, renorm)
         y4 = tf.raw_ops.FusedBatchNormV3(
-            x=shifted, scale=gamma, offset=beta, mean=shifted_mean, variance=variance,
+            x=shifted, scale=scale, offset=offset, mean=shifted_mean, variance=variance,
             epsilon=epsilon, is_training=False,
         )[0]
 
@@ -269,7 +361,7 @@ def _synced_kernels(x, gamma, beta, epsilon, all_sum, name):
             dx_partial, sum_dy_xhat, sum_dy, _, _ = tf.raw_ops.FusedBatchNormGradV3(
                 y_backprop=_channels_last_4d(tf.cast(dy, tf.float32)),
                 x=shifted,
-                scale=gamma,
+                scale=scale,
                 reserve_space_1=shifted_mean,
                 reserve_space_2=variance,
                 reserve_space_3=tf.zeros([0]),
@@ -284,18 +376,18 @@ def _synced_kernels(x, gamma, beta, epsilon, all_sum, name):
             # dx = dx_partial - gamma * inv_std / N * (sum dy + x_hat * sum dy x_hat),
             # with x_hat = (shifted - shifted_mean) * inv_std: one affine pass in `shifted`.
             inv_std = tf.math.rsqrt(variance + epsilon)
-            minus_scale_per_count = -(gamma * inv_std) / _at_least(global_count, 1.0)
+            minus_scale_per_count = -(scale * inv_std) / _at_least(global_count, 1.0)
             per_shifted = minus_scale_per_count * inv_std * global_sum_dy_xhat
             constant = minus_scale_per_count * global_sum_dy - shifted_mean * per_shifted
             dx4 = dx_partial + _fused_affine(shifted, per_shifted, constant)
-            return _like(dx4, x), sum_dy_xhat, sum_dy
+            return (_like(dx4, x), *_parameter_grads(sum_dy_xhat, sum_dy, r, d))
 
         return (_like(y4, x), tf.cast(mean, tf.float32), variance, global_count), grad
 
     return normalize(x, gamma, beta)
 
 
-def _channels_last_elementwise(x, gamma, beta, epsilon, all_sum, name, single_replica):
+def _channels_last_elementwise(x, gamma, beta, epsilon, all_sum, name, single_replica, renorm):
     """Channels last, no mask, on a CPU: element-wise float32 math on shifted data, custom gradient.
 
     The same shift as the fused paths (`_shifted`), then two passes for this
@@ -320,6 +412,8 @@ def _channels_last_elementwise(x, gamma, beta, epsilon, all_sum, name, single_re
             global_count, shifted_mean, variance = count, mean_offset, m2 * inv_count
             mean = shift + mean_offset
             statistics = (mean, variance)
+            # For renorm's d: the global mean, exact (see renorm_correction).
+            mean_for_renorm = (shift, mean_offset)
         else:
             shift64 = tf.cast(shift, stats.STATS_DTYPE)
             local_mean = shift64 + tf.cast(mean_offset, stats.STATS_DTYPE)
@@ -330,10 +424,13 @@ def _channels_last_elementwise(x, gamma, beta, epsilon, all_sum, name, single_re
             # Small, so exact in float32 even when the mean itself is 1e5.
             shifted_mean = tf.cast(mean64 - shift64, tf.float32)
             statistics = (tf.cast(mean64, tf.float32), variance, global_count)
+            mean_for_renorm = mean64
+        effective_gamma, offset, r, d = _effective_affine(
+            gamma, beta, mean_for_renorm, variance, epsilon, renorm)
         inv_std = tf.math.rsqrt(variance + epsilon)
-        scale = gamma * inv_std
+        scale = effective_gamma * inv_std
         centred = shifted - shifted_mean
-        y = centred * scale + beta
+        y = centred * scale + offset
 
         def grad(dy, *statistics_gradients):
             del statistics_gradients  # Statistics are not differentiable.
@@ -352,7 +449,7 @@ def _channels_last_elementwise(x, gamma, beta, epsilon, all_sum, name, single_re
             minus_scale_per_count = -scale / _at_least(global_count, 1.0)
             per_centred = minus_scale_per_count * tf.square(inv_std) * global_sum_dy_centred
             dx = dy * scale + (centred * per_centred + minus_scale_per_count * global_sum_dy)
-            return dx, sum_dy_centred * inv_std, sum_dy
+            return (dx, *_parameter_grads(sum_dy_centred * inv_std, sum_dy, r, d))
 
         return (y, *statistics), grad
 
@@ -360,30 +457,38 @@ def _channels_last_elementwise(x, gamma, beta, epsilon, all_sum, name, single_re
     return (*outputs, count) if single_replica else outputs
 
 
-def _elementwise(x, gamma, beta, epsilon, all_sum, name, axis, selection):
-    """A mask or channels not last: float32 element-wise math, custom gradient."""
+def _elementwise(x, gamma, beta, epsilon, all_sum, name, axis, selection, renorm):
+    """A mask or channels not last: float32 element-wise math, custom gradient.
+
+    With a count per channel (`stats.counts_per_channel`) the packed
+    statistics carry `[C]` counts, and the backward pass divides each
+    channel by its own.
+    """
     rank = x.shape.rank
     num_channels = x.shape[axis]
     axes = stats.reduction_axes(rank, axis)
     channel_shape = [1] * rank
     channel_shape[axis] = num_channels
+    per_channel_count = stats.counts_per_channel(rank, axis, selection is not None)
 
     def per_channel(vector):
         return tf.reshape(vector, channel_shape)
 
     @tf.custom_gradient
     def normalize(x, gamma, beta):
-        # [1], [C], [C] -> [2C + 1] -> [], [C], [C]
+        # [1], [C], [C] -> [2C + 1] -> [], [C], [C]; per channel [C] x 3 -> [3C] -> [C] x 3
         global_count, mean, variance = stats.unpack_moments(
             all_sum(stats.pack_moments(*stats.local_moments(x, axes, selection)), name + "/forward"),
-            num_channels,
+            num_channels, per_channel_count,
         )
+        effective_gamma, offset, r, d = _effective_affine(gamma, beta, mean, variance, epsilon,
+                                                          renorm)
         inv_std = tf.math.rsqrt(variance + epsilon)
-        scale = gamma * inv_std
+        scale = effective_gamma * inv_std
         mean_high, mean_low = stats.split_mean(mean)
         # Not x * scale + (beta - mean * scale): that cancels when |mean| >> std.
         centred = (x - per_channel(mean_high)) - per_channel(mean_low)
-        y = centred * per_channel(scale) + per_channel(beta)
+        y = centred * per_channel(scale) + per_channel(offset)
 
         def grad(dy, d_mean, d_variance, d_count):
             del d_mean, d_variance, d_count  # Statistics are not differentiable.
@@ -396,21 +501,22 @@ def _elementwise(x, gamma, beta, epsilon, all_sum, name, axis, selection):
                 all_sum(stats.pack_grad_sums(sum_dy, sum_dy_xhat), name + "/backward"),
                 num_channels,
             )
-            inv_count = 1.0 / tf.maximum(global_count, 1.0)
+            inv_count = 1.0 / tf.maximum(global_count, 1.0)  # [] or [C]
             correction = x_hat * per_channel(global_sum_dy_xhat * inv_count) + per_channel(
                 global_sum_dy * inv_count
             )
             if selection is not None:
                 correction = correction * selection[0]
             dx = per_channel(scale) * (dy - correction)
-            return dx, sum_dy_xhat, sum_dy
+            return (dx, *_parameter_grads(sum_dy_xhat, sum_dy, r, d))
 
         return (y, tf.cast(mean, tf.float32), tf.identity(variance), tf.identity(global_count)), grad
 
     return normalize(x, gamma, beta)
 
 
-def sync_batch_norm(x, gamma, beta, *, axis, epsilon, all_sum, name, mask=None, single_replica=False):
+def sync_batch_norm(x, gamma, beta, *, axis, epsilon, all_sum, name, mask=None,
+                    single_replica=False, renorm=None):
     """Batch-normalizes `x` with statistics of the global batch.
 
     Args:
@@ -422,19 +528,26 @@ def sync_batch_norm(x, gamma, beta, *, axis, epsilon, all_sum, name, mask=None, 
         epsilon: added to the variance.
         all_sum: `all_sum(tensor, name)`, sums over the synchronization group.
         name: unique name of the call site, used to match collectives.
-        mask: optional boolean tensor shaped like `x` without `axis`; masked
-            positions are left out of the (global) statistics but still
-            normalized.
+        mask: optional Keras mask: the rank of `x` minus one, broadcast over
+            `x`'s LAST axis whatever `axis` is (`stats.mask_weights`).
+            Masked positions are left out of the (global) statistics and of
+            the gradient through them, but still normalized. With `axis` not
+            last the mask covers the channel axis, and each channel has its
+            own count.
         single_replica: True when `all_sum` is the identity (one replica): on
             channels-last data without a mask, `all_sum` is then not called
             (on a GPU the fused training kernel and its gradient do everything).
+        renorm: optional `Renorm`: batch renormalization, with `r` and `d`
+            from the global statistics (`renorm_correction`).
 
     Returns:
         `(y, mean, variance, count)`: `y` in float32, shaped like `x`; the
         global batch mean and biased variance (`[C]`, float32) and the global
-        sample count: a float32 scalar, or a Python float where it is known
-        when tracing (one replica, static shape). The statistics are not differentiable
-        (their gradient is ignored): they are meant for moving averages.
+        sample count: a float32 scalar, a float32 `[C]` when each channel has
+        its own (a mask with `axis` not last), or a Python float where it is
+        known when tracing (one replica, static shape). The statistics are
+        not differentiable (their gradient is ignored): they are meant for
+        moving averages.
     """
     rank = x.shape.rank
     num_channels = x.shape[axis]
@@ -444,15 +557,16 @@ def sync_batch_norm(x, gamma, beta, *, axis, epsilon, all_sum, name, mask=None, 
     # The one decision, from static facts: no branch in the graph.
     if not fused_kernels_apply(rank, axis, mask):
         selection = stats.mask_weights(mask, x, axis) if mask is not None else None
-        return _elementwise(x, gamma, beta, epsilon, all_sum, name, axis, selection)
+        return _elementwise(x, gamma, beta, epsilon, all_sum, name, axis, selection, renorm)
     # The custom-gradient paths ignore the statistics' gradients; autodiff
     # runs through the one-replica fused path, so its statistics stop them.
     if kernels_for(x, single_replica) == "elementwise":
-        return _channels_last_elementwise(x, gamma, beta, epsilon, all_sum, name, single_replica)
+        return _channels_last_elementwise(x, gamma, beta, epsilon, all_sum, name, single_replica,
+                                          renorm)
     if single_replica:
-        y, mean, variance, count = _single_replica_kernels(x, gamma, beta, epsilon)
+        y, mean, variance, count = _single_replica_kernels(x, gamma, beta, epsilon, renorm)
         return y, tf.stop_gradient(mean), tf.stop_gradient(variance), count
-    return _synced_kernels(x, gamma, beta, epsilon, all_sum, name)
+    return _synced_kernels(x, gamma, beta, epsilon, all_sum, name, renorm)
 
 
 def batch_norm_inference(x, mean, variance, gamma, beta, *, axis, epsilon):

@@ -166,12 +166,15 @@ class _StepRunner:
         return self._strategy.experimental_distribute_values_from_function(piece)
 
     def __call__(self, x):
-        """`[(layer index, global count, mean, variance)]` of one batch, in call order."""
+        """`[(layer index, global count, mean, variance)]` of one batch, in call order.
+
+        A count is a scalar, or `[C]` where a mask gives each channel its own.
+        """
         records = self._function(self._distribute(x))
         if self._strategy is not None:
             records = tf.nest.map_structure(
                 lambda value: self._strategy.experimental_local_results(value)[0], records)
-        return [(index, float(count), np.asarray(mean, np.float64),
+        return [(index, np.asarray(count, np.float64), np.asarray(mean, np.float64),
                  np.asarray(variance, np.float64))
                 for index, (count, mean, variance) in zip(self._recorder.order, records)]
 
@@ -203,22 +206,30 @@ class _Totals:
         self.sums = [[0.0, 0.0, 0.0] for _ in layers]
 
     def add(self, records):
+        # A channel with no sample has mean and variance 0: it adds nothing.
         for index, count, mean, variance in records:
-            if count > 0:
-                total = self.sums[index]
-                total[0] += count
-                total[1] = total[1] + count * mean
-                total[2] = total[2] + count * variance
+            total = self.sums[index]
+            total[0] = total[0] + count
+            total[1] = total[1] + count * mean
+            total[2] = total[2] + count * variance
 
     def assign(self):
-        """Sets each layer's moving statistics to its weighted averages."""
+        """Sets each layer's moving statistics to its weighted averages.
+
+        Per channel where a mask gave each channel its own count: a channel
+        that saw no sample keeps its statistics.
+        """
         for layer, (count, sum_mean, sum_variance) in zip(self.layers, self.sums):
-            if count == 0:
+            if not np.any(count > 0):
                 logger.warning("recalibrate: layer '%s' saw no sample; its moving statistics "
                                "are unchanged.", layer.name)
                 continue
-            layer.moving_mean.assign((sum_mean / count).astype(np.float32))
-            layer.moving_variance.assign((sum_variance / count).astype(np.float32))
+            seen = np.broadcast_to(count > 0, np.shape(sum_mean))
+            safe_count = np.maximum(count, 1.0)
+            layer._assign_moving_statistics(
+                np.where(seen, sum_mean / safe_count, layer.moving_mean.numpy()).astype(np.float32),
+                np.where(seen, sum_variance / safe_count,
+                         layer.moving_variance.numpy()).astype(np.float32))
 
 
 def _check_arguments(model, data, steps, verbose):
@@ -252,11 +263,13 @@ def recalibrate(model, data, steps=None, verbose="auto"):
     step), then sets each SyncBatchNormalization layer's `moving_mean` and
     `moving_variance` to the averages over those global batches, weighted by
     their sample counts: `sum_b n_b * mean_b / sum_b n_b` and
-    `sum_b n_b * var_b / sum_b n_b` (biased variances, as Keras stores). No
-    trainable weight and no optimizer slot changes, and every other
-    non-trainable variable (e.g. a Keras `BatchNormalization`'s, a dropout
-    seed) is restored afterwards; `moving_updates` of debiased layers is left
-    as it is.
+    `sum_b n_b * var_b / sum_b n_b` (biased variances, as Keras stores; per
+    channel where a mask gives each channel its own count, and a channel
+    that saw no sample keeps its values). With `renorm`, `moving_stddev` is
+    set to `sqrt(moving_variance + epsilon)` to agree. No trainable weight
+    and no optimizer slot changes, and every other non-trainable variable
+    (e.g. a Keras `BatchNormalization`'s, a dropout seed) is restored
+    afterwards; `moving_updates` of debiased layers is left as it is.
 
     Every replica passes its own shard; batch sizes may differ across
     replicas and steps, empty included. Accumulation is in float64 on the
@@ -331,7 +344,7 @@ def recalibrate(model, data, steps=None, verbose="auto"):
                 break
             records = run_step(x)
             # The global counts are the same on every replica of a group: all stop together.
-            if not one_replica and not any(count > 0 for _, count, _, _ in records):
+            if not one_replica and not any(np.any(count > 0) for _, count, _, _ in records):
                 break
             totals.add(records)
             done += 1

@@ -37,17 +37,40 @@ def reduction_axes(rank, axis):
     return [i for i in range(rank) if i != axis]
 
 
-def mask_weights(mask, x, axis):
-    """Turns a mask without the channel axis into 0/1 weights shaped like `x`.
+def counts_per_channel(rank, axis, masked):
+    """True if each channel has its own sample count: a mask, and a channel axis that is not last.
 
-    `mask` has the shape of `x` with `axis` removed (Keras's convention); its
-    entries are treated as booleans. Returns `(weights, count)` where `count`
-    is the float32 number of selected positions (per channel).
+    Keras's mask convention (`mask_weights`) broadcasts the mask over the
+    LAST axis. With the channels last, every channel sees the same
+    positions and one count serves all; with another channel axis the mask
+    covers the channel axis, so the counts differ per channel. A static
+    fact, known when tracing.
     """
-    selected = tf.cast(tf.cast(mask, tf.bool), x.dtype)
-    count = tf.reduce_sum(selected)
-    weights = tf.broadcast_to(tf.expand_dims(selected, axis), tf.shape(x))
-    return weights, count
+    return masked and axis != rank - 1
+
+
+def mask_weights(mask, x, axis):
+    """A Keras mask -> 0/1 weights shaped like `x`, and the count they select.
+
+    Keras's convention (`keras.layers.BatchNormalization`, and the masks
+    `Masking` and `Embedding(mask_zero=True)` produce): `mask` has the rank
+    of `x` minus one and broadcasts against `x`'s shape without its LAST
+    axis; it is expanded at the last axis and broadcast over it, whatever the
+    channel axis. Its entries are treated as booleans.
+
+    Returns `(weights, count)`: float weights shaped like `x`, and the float32
+    number of selected positions per channel, one scalar when the channel axis
+    is last (every channel the same), `[C]` otherwise (`counts_per_channel`).
+    """
+    rank = x.shape.rank
+    selected = tf.broadcast_to(tf.cast(tf.cast(mask, tf.bool), x.dtype), tf.shape(x)[:-1])
+    weights = tf.broadcast_to(tf.expand_dims(selected, -1), tf.shape(x))
+    if not counts_per_channel(rank, axis, True):
+        return weights, tf.reduce_sum(selected)
+    # The weights repeat along the last axis: count on the mask, times its length.
+    other_axes = [i for i in range(rank - 1) if i != axis]
+    last_size = tf.cast(tf.shape(x)[-1], x.dtype)
+    return weights, tf.reduce_sum(selected, axis=other_axes) * last_size
 
 
 def local_moments(x, axes, mask=None):
@@ -64,9 +87,10 @@ def local_moments(x, axes, mask=None):
         mask: optional `(weights, count)` pair from `mask_weights`.
 
     Returns:
-        `(count, mean, m2)`: a float32 scalar (samples per channel, may be
-        0), the float64 `[C]` mean and the float32 `[C]` centred sum of
-        squares. With `count == 0` the mean and `m2` are 0, never NaN.
+        `(count, mean, m2)`: the float32 count of samples per channel (a
+        scalar, or `[C]` when a mask gives each channel its own; may be 0),
+        the float64 `[C]` mean and the float32 `[C]` centred sum of squares.
+        Where the count is 0 the mean and `m2` are 0, never NaN.
     """
     first = x[:1]
     first_size = tf.cast(tf.size(first), tf.float32) / tf.cast(tf.shape(x)[_channel_axis(x, axes)], tf.float32)
@@ -121,32 +145,37 @@ def pack_moments(count, mean, m2):
     """Packs one replica's moments into the float64 vector that is all-reduced.
 
     Layout: `[count] + [count * mean] + [m2 + count * mean**2]`, shapes
-    `[1], [C], [C] -> [2C + 1]`. `count` may be a Python float (a static
-    shape), which costs no op.
+    `[1], [C], [C] -> [2C + 1]`; with a count per channel (`[C]`, see
+    `counts_per_channel`) `[C], [C], [C] -> [3C]`. `count` may be a Python
+    float (a static shape), which costs no op.
     """
     if is_static_count(count):
         count64 = tf.constant([count], STATS_DTYPE)
     else:
-        count64 = tf.reshape(tf.cast(count, STATS_DTYPE), [1])
+        count64 = tf.reshape(tf.cast(count, STATS_DTYPE), [-1])
     mean64 = tf.cast(mean, STATS_DTYPE)  # already float64 from local_moments
     sum_x = count64 * mean64
     return tf.concat([count64, sum_x, tf.cast(m2, STATS_DTYPE) + sum_x * mean64], axis=0)
 
 
-def unpack_moments(packed_sums, num_channels):
+def unpack_moments(packed_sums, num_channels, per_channel_count=False):
     """Global count, mean and biased variance from the all-reduced vector.
 
-    `[2C + 1] -> [], [C], [C]`: float32 count, float64 mean (see
-    `split_mean`) and float32 variance; mean and variance are 0 when no
-    replica had any sample (`global_count == 0`).
+    `[2C + 1] -> [], [C], [C]`, or with `per_channel_count`
+    `[3C] -> [C], [C], [C]`: float32 count, float64 mean (see `split_mean`)
+    and float32 variance; mean and variance are 0 where no replica had any
+    sample (a global count of 0).
     """
+    count_size = num_channels if per_channel_count else 1
     # One split op, not three strided slices: fewer nodes in every traced step.
-    global_count, sum_x, sum_sq = tf.split(packed_sums, [1, num_channels, num_channels])
-    safe_count = tf.maximum(global_count, 1.0)  # [1], broadcast against [C]
+    global_count, sum_x, sum_sq = tf.split(packed_sums, [count_size, num_channels, num_channels])
+    safe_count = tf.maximum(global_count, 1.0)  # [1] or [C], against [C]
     mean = sum_x / safe_count
     # Clamp the float64 rounding residue; the combine itself cannot go negative.
     variance = tf.maximum((sum_sq - sum_x * mean) / safe_count, 0.0)
-    return tf.cast(tf.squeeze(global_count, 0), tf.float32), mean, tf.cast(variance, tf.float32)
+    if not per_channel_count:
+        global_count = tf.squeeze(global_count, 0)
+    return tf.cast(global_count, tf.float32), mean, tf.cast(variance, tf.float32)
 
 
 def pack_grad_sums(sum_dy, sum_dy_xhat):

@@ -30,10 +30,21 @@ pytestmark = pytest.mark.unit
     (["--models", "vgg16"], "Received: --models='vgg16'"),
     (["--steps", "0"], "Argument `--steps` must be >= 1. Received: --steps=0"),
     (["--timeout", "0"], "Argument `--timeout` must be > 0. Received: --timeout=0.0"),
+    (["--launch", "2", "--renorm"], "Argument `--renorm` is for one process and --mirrored."),
 ])
 def test_bad_arguments_name_the_argument_and_value(argv, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         model_step.parse_args(argv)
+
+
+def test_renorm_copy_has_renorm_layers_only():
+    import keras
+
+    model = model_step.with_batch_norm_config(
+        model_step.build_model(model_step.SMALL_MODEL, 32), renorm=True)
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert len(norms) == 6 and all(layer.renorm for layer in norms)
+    assert all(len(layer.non_trainable_weights) == 5 for layer in norms)
 
 
 def test_quick_and_launch_defaults():

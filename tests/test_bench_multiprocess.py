@@ -34,6 +34,22 @@ def ratios(cell):
     return [float(value) for value in cell.split(",")]
 
 
+def test_renorm_mode_compares_renorm_layers_in_one_process():
+    # --renorm: every BN of the model with renorm=True, Keras's against syncbn's.
+    command = [sys.executable, os.path.join(REPO, "bench", "model_step.py"), "--renorm",
+               "--models", model_step.SMALL_MODEL, "--size", "32", "--batch", "2", "--steps", "1"]
+    result = run(command, timeout=2000)
+    assert result.returncode == 0, output(result)[-6000:]
+    assert "every BatchNormalization with renorm=True" in result.stdout
+    (row,) = table_rows(result.stdout)
+    assert row[0] == f"{model_step.SMALL_MODEL}, renorm (6)", row
+    # model | first step s | ratio | steady ms | ratio | traced ops keras / syncbn / synced
+    assert all(math.isfinite(r) and r > 0 for cell in (row[2], row[4]) for r in ratios(cell)), row
+    keras_ops, syncbn_ops, _ = (int(n) for n in row[5].replace(",", "").split(" / "))
+    plain = model_step.parse_args(["--models", model_step.SMALL_MODEL])
+    assert not plain.renorm and keras_ops > 0 and syncbn_ops > 0
+
+
 def test_launch_mode_prints_every_backend_with_finite_positive_ratios():
     command = [sys.executable, os.path.join(REPO, "bench", "model_step.py"),
                "--launch", "2", "--quick", "--timeout", "600"]

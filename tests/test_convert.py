@@ -389,17 +389,80 @@ def test_bn_inside_a_custom_layer_is_refused_with_every_path():
     assert "reachable_bn" not in message and "nothing was converted" in message
 
 
-def test_bn_subclass_and_renorm_are_refused():
+def test_bn_subclass_is_refused():
     class MyBN(keras.layers.BatchNormalization):
         pass
 
     model = keras.Sequential([keras.Input((4,)), MyBN(name="custom_bn")], name="m")
     with pytest.raises(TypeError, match=r"m/custom_bn \(MyBN subclasses BatchNormalization"):
         syncbn.convert(model)
-    model = keras.Sequential([keras.Input((4,)), keras.layers.BatchNormalization(
-        renorm=True, name="renorm_bn")], name="r")
-    with pytest.raises(ValueError, match=r"r/renorm_bn \(renorm=True is not supported"):
-        syncbn.convert(model)
+
+
+# -- batch renormalization ----------------------------------------------------
+
+
+def renorm_model():
+    return keras.Sequential(
+        [keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3, padding="same", use_bias=False),
+         keras.layers.BatchNormalization(renorm=True, renorm_momentum=0.9, name="renorm_bn",
+                                         renorm_clipping={"rmax": 2.0, "dmax": 1.0}),
+         keras.layers.GlobalAveragePooling2D(),
+         keras.layers.BatchNormalization(name="plain_bn")], name="renorm_model")
+
+
+RENORM_WEIGHTS = ("moving_stddev", "renorm_mean", "renorm_stddev")
+
+
+def test_renorm_layers_convert_both_ways_with_their_weights():
+    model = randomize_bn_state(renorm_model())
+    renorm_layer = model.get_layer("renorm_bn")
+    for name in RENORM_WEIGHTS:  # distinct values, so that copying each one matters
+        getattr(renorm_layer, name).assign(np.random.default_rng(len(name)).uniform(0.5, 2.0, 4))
+    x = images((8, 8, 3), batch=4)
+    converted = syncbn.convert(model)
+    assert count_exact(converted, SYNC_BN) == 2
+    layer = converted.get_layer("renorm_bn")
+    assert layer.renorm and layer.renorm_momentum == 0.9
+    assert layer.renorm_clipping == {"rmax": 2.0, "dmax": 1.0}
+    assert_same_weights(model, converted)
+    assert max_abs_diff(converted(x, training=False), model(x, training=False)) <= OUTPUT_TOLERANCE
+    # A training step: the same renorm output and updates as Keras's layer.
+    np.testing.assert_allclose(converted(x, training=True), model(x, training=True), atol=1e-5)
+    for a, b in zip(model.get_weights(), converted.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    exported = syncbn.convert(converted, to="local")
+    assert count_exact(exported, BN) == 2 and exported.get_layer("renorm_bn").renorm
+    assert_same_weights(converted, exported)
+
+
+def test_renorm_turned_on_by_convert_starts_from_the_moving_statistics():
+    model = randomize_bn_state(sequential_model())
+    converted = syncbn.convert(model, renorm=True, moving_average="debiased")
+    x = images((8, 8, 3))
+    assert max_abs_diff(converted(x, training=False), model(x, training=False)) <= OUTPUT_TOLERANCE
+    for original in all_layers(model):
+        if type(original) is not BN:
+            continue
+        layer = converted.get_layer(original.name)
+        stddev = np.sqrt(original.moving_variance.numpy() + np.float32(layer.epsilon))
+        np.testing.assert_array_equal(layer.renorm_mean.numpy(), original.moving_mean.numpy())
+        np.testing.assert_array_equal(layer.moving_stddev.numpy(), stddev)
+        np.testing.assert_array_equal(layer.renorm_stddev.numpy(), stddev)
+        assert float(layer.moving_updates.numpy()) == 0.0
+    # And back: a renorm model without renorm keeps the inference statistics.
+    plain = syncbn.convert(randomize_bn_state(renorm_model()), renorm=False)
+    assert not plain.get_layer("renorm_bn").renorm and len(plain.get_layer("renorm_bn").weights) == 4
+
+
+def test_debiased_renorm_layers_export_keras_weights():
+    converted = syncbn.convert(randomize_bn_state(renorm_model()), moving_average="debiased")
+    assert [w.name for w in converted.get_layer("renorm_bn").weights][-1] == "moving_updates"
+    exported = syncbn.convert(converted, to="local")
+    assert [w.name for w in exported.get_layer("renorm_bn").weights] == [
+        "gamma", "beta", "moving_mean", "moving_variance", *RENORM_WEIGHTS]
+    for a, b in zip(exported.get_layer("renorm_bn").get_weights(),
+                    converted.get_layer("renorm_bn").get_weights()):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_custom_layer_without_bn_is_copied_with_its_weights():

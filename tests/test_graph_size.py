@@ -42,7 +42,7 @@ def _traced_step_op_types(layer, shape, axis=-1, masked=False, static_batch=Fals
     The batch size is unknown when tracing unless `static_batch` (a model
     traced on a concrete batch knows it, and then its counts cost no op).
     """
-    mask_shape = shape[: axis % len(shape)] + shape[axis % len(shape) + 1 :]
+    mask_shape = shape[:-1]  # Keras's convention, whatever the channel axis
 
     def traced(apply):
         @tf.function
@@ -74,6 +74,21 @@ PATHS = {
                                     (8, 16, 6, 6), 1, False, False),
     "synchronized, masked": (lambda: SyncBatchNormalization(communicator=PretendReplicas(2)),
                              (8, 5, 16), -1, True, False),
+    # A Keras mask with channels on axis 1: a count per channel.
+    "synchronized, masked, channels first": (
+        lambda: SyncBatchNormalization(axis=1, communicator=PretendTwoReplicas()),
+        (8, 16, 6, 6), 1, True, False),
+    "one replica, channels last, renorm": (
+        lambda: SyncBatchNormalization(communicator="local", renorm=True,
+                                       renorm_clipping={"rmax": 3.0, "dmax": 5.0}),
+        SHAPE, -1, False, True),
+    "synchronized, channels last, renorm": (
+        lambda: SyncBatchNormalization(communicator=PretendTwoReplicas(), renorm=True,
+                                       renorm_clipping={"rmax": 3.0, "dmax": 5.0}),
+        SHAPE, -1, False, True),
+    "synchronized, masked, channels first, renorm": (
+        lambda: SyncBatchNormalization(axis=1, communicator=PretendTwoReplicas(), renorm=True),
+        (8, 16, 6, 6), 1, True, False),
 }
 
 
@@ -139,6 +154,29 @@ def test_ops_per_layer_stay_near_keras_batch_normalization(kernels, static_batch
     assert synced <= 1.45 * keras_ops, (synced, keras_ops)
 
 
+@pytest.mark.parametrize("static_batch", [False, True], ids=["batch unknown", "batch static"])
+def test_renorm_ops_per_layer_stay_near_keras_renorm(kernels, static_batch):
+    # Batch renormalization: r and d from the statistics the op already has (an
+    # effective gamma and beta), and Keras's five moving weights. Keras's renorm
+    # layer adds about 140 ops here; with the element-wise kernels syncbn's one
+    # replica adds about as many, the synchronized layer 1.25x.
+    def ops(layer):
+        return sum(_traced_step_op_types(layer, SHAPE, static_batch=static_batch).values())
+
+    clipping = {"rmax": 3.0, "rmin": 0.3, "dmax": 5.0}
+    keras_ops = ops(keras.layers.BatchNormalization(renorm=True, renorm_clipping=clipping))
+    single = ops(SyncBatchNormalization(communicator="local", renorm=True,
+                                        renorm_clipping=clipping))
+    synced = ops(SyncBatchNormalization(communicator=PretendTwoReplicas(), renorm=True,
+                                        renorm_clipping=clipping))
+    plain = ops(SyncBatchNormalization(communicator="local"))
+    assert single > plain + 30, (single, plain)  # the count saw the renorm ops
+    # The one-replica fused kernels (GPUs, large tensors) apply r and d in an extra
+    # affine op, whose gradient autodiff writes out.
+    assert single <= (1.05 if kernels == "elementwise" else 1.1) * keras_ops, (single, keras_ops)
+    assert synced <= 1.35 * keras_ops, (synced, keras_ops)
+
+
 def test_kernels_follow_the_device_the_size_and_syncbn_kernels(monkeypatch):
     monkeypatch.delenv("SYNCBN_KERNELS", raising=False)
     small = tf.zeros([8, 4, 4, 16])
@@ -189,7 +227,14 @@ def print_node_counts(shape=(8, 16, 16, 32)):
     channels_first = (shape[0], shape[-1]) + shape[1:-1]
     rows = [("keras.layers.BatchNormalization", keras.layers.BatchNormalization, shape, -1),
             ("keras.layers.BatchNormalization(synchronized=True)",
-             lambda: keras.layers.BatchNormalization(synchronized=True), shape, -1)]
+             lambda: keras.layers.BatchNormalization(synchronized=True), shape, -1),
+            ("keras.layers.BatchNormalization(renorm=True)",
+             lambda: keras.layers.BatchNormalization(renorm=True), shape, -1),
+            ("syncbn, one replica, renorm=True",
+             lambda: SyncBatchNormalization(communicator="local", renorm=True), shape, -1),
+            ("syncbn, synchronized, renorm=True",
+             lambda: SyncBatchNormalization(communicator=PretendTwoReplicas(), renorm=True),
+             shape, -1)]
     for nonfinite in ("skip", "update", "raise"):
         rows += [
             (f"syncbn, one replica, nonfinite={nonfinite!r}",

@@ -29,22 +29,23 @@ EXACTNESS = os.path.join(JOBS_DIR, "exactness.py")
 
 
 def _check_summed_parameter_gradients(out_dir, counts, layouts, steps, offset=0.0):
-    """Summed over ranks, dgamma/dbeta equal Keras's on the global batch."""
+    """Summed over ranks, dgamma/dbeta equal Keras's on the global batch (renorm and masks too)."""
     for layout in layouts:
-        feature_shape, axis = exactness.LAYOUTS[layout]
-        reference = keras.layers.BatchNormalization(axis=axis, momentum=exactness.MOMENTUM,
-                                                    epsilon=exactness.EPSILON)
-        reference.build((None,) + feature_shape)
-        reference.set_weights(exactness.initial_weights(layout))
+        reference = exactness.keras_reference_layer(layout)
         per_rank = [np.load(os.path.join(out_dir, f"rank{r}.{layout}.npz")) for r in range(len(counts))]
-        for step, (x, dy) in enumerate(exactness.global_batches(layout, counts, steps, offset)):
-            _, _, dgamma, dbeta = exactness.layer_gradients(reference, tf.constant(x), dy)
+        batches = exactness.global_batches(layout, counts, steps, offset)
+        masks = exactness.global_masks(layout, counts, steps)
+        for step, ((x, dy), mask) in enumerate(zip(batches, masks)):
+            _, _, dgamma, dbeta = exactness.layer_gradients(
+                reference, tf.constant(x), dy, None if mask is None else tf.constant(mask))
             summed_dgamma = sum(r[f"dgamma_{step}"] for r in per_rank)
             summed_dbeta = sum(r[f"dbeta_{step}"] for r in per_rank)
             assert relative_error(summed_dgamma, dgamma.numpy()) < 2e-4, (layout, step)
             assert relative_error(summed_dbeta, dbeta.numpy()) < 2e-4, (layout, step)
         for r in per_rank:
-            assert relative_error(r[f"moving_variance_{steps - 1}"], reference.moving_variance.numpy()) < 2e-4
+            for name in exactness.weight_names(layout):
+                assert relative_error(r[f"{name}_{steps - 1}"],
+                                      getattr(reference, name).numpy()) < 2e-4, (layout, name)
 
 
 def _passed(launch, check, per_rank):
@@ -79,6 +80,37 @@ def test_uneven_ranks_with_an_empty_rank_match_the_global_batch(world_launch, na
     assert all(r["kernels"] == "elementwise" for r in records), records  # what CPUs run
     _check_summed_parameter_gradients(os.path.join(launch.out_dir, "exactness"), counts,
                                       case.layouts, case.steps)
+
+
+@pytest.mark.world_checks("renorm_masks")
+@pytest.mark.parametrize("name", worlds_with("renorm_masks"))
+def test_renorm_and_a_per_channel_mask_match_the_global_batch(world_launch, name):
+    # Batch renormalization (r and d from the global statistics, clipped; all five
+    # moving weights) and a Keras mask with channels on axis 1 (a count per channel,
+    # rank 0's rows all masked out), uneven ranks with an empty one, against Keras's
+    # layer on the global batch; summed gamma/beta gradients too.
+    launch = world_launch(name)
+    case = exactness.RENORM_MASKS_CASE
+    counts = case.counts_for(launch.spec.num_proc)
+    records = _passed(launch, "renorm_masks", len(case.layouts))
+    assert {r["layout"] for r in records} == {"renorm", "masked_ncw"}
+    assert 0 in counts and sum(r["rows"] == 0 for r in records) == len(case.layouts)
+    _check_summed_parameter_gradients(os.path.join(launch.out_dir, "renorm_masks"), counts,
+                                      case.layouts, case.steps)
+
+
+@pytest.mark.world_checks("masked_model")
+@pytest.mark.parametrize("name", worlds_with("masked_model"))
+def test_masking_then_batch_norm_on_axis_1_trains_as_one_process(world_launch, name):
+    # Masking, then SyncBatchNormalization(axis=1): Keras's mask covers the channel
+    # axis, each channel has its own global count, rank 0's rows are all masked out.
+    # Moving statistics, outputs and weights after 3 SGD steps equal one process's
+    # keras.layers.BatchNormalization on the global batch (tests/jobs/masked_model.py).
+    launch = world_launch(name)
+    records = launch.records("masked_model")
+    assert len(records) == launch.spec.num_proc, [r["line"] for r in records]
+    assert all(r["ok"] for r in records), [r["line"] for r in records]
+    assert records[0]["masked_rows"] == records[0]["rows"] > 0, records[0]  # a fully masked rank
 
 
 @pytest.mark.world_checks("large_offset")

@@ -63,7 +63,7 @@ def test_matches_float64_reference(shape_axis, policy, masked, offsets):
     # A fixed seed per case (Python's hash() of a tuple of strings changes from run to run).
     rng = np.random.default_rng([20240517, CASES.index((shape_axis, policy, masked))])
     channel_axis = axis % len(shape)
-    mask_shape = shape[:channel_axis] + shape[channel_axis + 1 :]
+    mask_shape = shape[:-1]  # Keras's convention, whatever the channel axis
     input_dtype = {"float32": np.float32, "mixed_float16": np.float16}.get(policy, np.float32)
     steps = 3
     xs = [rng.normal(offsets[policy], 2.0, shape).astype(input_dtype) for _ in range(steps)]
@@ -89,8 +89,9 @@ def test_matches_float64_reference(shape_axis, policy, masked, offsets):
         want = reference.batch_norm(x64, gamma, beta, dy_seen, axis, 1e-3, mask)
         for key in ("y", "dx", "dgamma", "dbeta"):
             assert relative_error(got[key], want[key]) < tolerance, key
-        moving_mean = reference.moving_average(moving_mean, want["mean"], 0.9)
-        moving_variance = reference.moving_average(moving_variance, want["variance"], 0.9)
+        moving_mean = reference.moving_average(moving_mean, want["mean"], 0.9, want["count"])
+        moving_variance = reference.moving_average(moving_variance, want["variance"], 0.9,
+                                                   want["count"])
     assert layer.moving_mean.dtype == "float32"
     assert relative_error(layer.moving_mean.numpy(), moving_mean) < 1e-5
     assert relative_error(layer.moving_variance.numpy(), moving_variance) < 1e-5
@@ -115,6 +116,37 @@ def test_reference_gradient_matches_autodiff():
         y = gamma * (xt - mean) / tf.sqrt(var + 1e-3) + beta
         loss = tf.reduce_sum(y * dy)
     assert relative_error(tape.gradient(loss, xt), want["dx"]) < 1e-12
+    assert relative_error(y, want["y"]) < 1e-12
+
+
+def test_reference_with_per_channel_counts_and_renorm_matches_autodiff():
+    # Channels on axis 1, a Keras mask over the last axis (each channel its own
+    # count), and batch renormalization with clipping, r and d stopped.
+    rng = np.random.default_rng(8)
+    x = rng.normal(2.0, 1.5, size=(5, 3, 4))
+    dy = rng.normal(size=x.shape)
+    mask = rng.random((5, 3)) > 0.4
+    gamma, beta = rng.normal(size=3), rng.normal(size=3)
+    renorm = {"mean": rng.normal(size=3), "stddev": rng.uniform(0.5, 2.0, 3), "rmax": 1.2,
+              "dmax": 0.5}
+    want = reference.batch_norm(x, gamma, beta, dy, 1, 1e-3, mask, renorm)
+    xt, gt, bt = tf.constant(x), tf.constant(gamma), tf.constant(beta)
+    w = tf.constant(np.broadcast_to(mask[..., None], x.shape).astype(np.float64))
+    with tf.GradientTape() as tape:
+        tape.watch([xt, gt, bt])
+        count = tf.reduce_sum(w, [0, 2])
+        mean = tf.reduce_sum(w * xt, [0, 2]) / count
+        centred = xt - mean[:, None]
+        var = tf.reduce_sum(w * centred ** 2, [0, 2]) / count
+        stddev = tf.sqrt(var + 1e-3)
+        r = tf.stop_gradient(tf.minimum(stddev / renorm["stddev"], 1.2))
+        d = tf.stop_gradient(tf.clip_by_value((mean - renorm["mean"]) / renorm["stddev"], -0.5, 0.5))
+        y = gt[:, None] * (centred / stddev[:, None] * r[:, None] + d[:, None]) + bt[:, None]
+        loss = tf.reduce_sum(y * dy)
+    grads = tape.gradient(loss, [xt, gt, bt])
+    assert not np.all(mask.all(axis=0))  # counts really differ per channel
+    for key, got in zip(("dx", "dgamma", "dbeta"), grads):
+        assert relative_error(got, want[key]) < 1e-12, key
     assert relative_error(y, want["y"]) < 1e-12
 
 
@@ -167,3 +199,100 @@ def test_empty_and_single_sample_batches_on_the_fused_path():
     np.testing.assert_allclose(layer.moving_mean.numpy(), [0.5, 1.0, 1.5])
     np.testing.assert_allclose(layer.moving_variance.numpy(), 0.5)
 
+
+
+RENORM_CLIPPING = {"none": {}, "clipped": {"rmin": 0.8, "rmax": 1.25, "dmax": 0.5}}
+
+
+@pytest.mark.parametrize("clipping", sorted(RENORM_CLIPPING))
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("shape,axis", SHAPES_AND_AXES)
+def test_renorm_matches_float64_reference(shape, axis, masked, clipping, offsets):
+    # Batch renormalization on one replica: outputs, gradients and all five moving
+    # weights over 3 steps, r and d from the moving renorm statistics of each step.
+    rng = np.random.default_rng(SHAPES_AND_AXES.index((shape, axis)))
+    channel_axis = axis % len(shape)
+    channels = shape[channel_axis]
+    offset = offsets["float32"]
+    steps, momentum, renorm_momentum, epsilon = 3, 0.9, 0.6, 1e-3
+    layer = SyncBatchNormalization(axis=axis, momentum=momentum, epsilon=epsilon, renorm=True,
+                                   renorm_momentum=renorm_momentum,
+                                   renorm_clipping=RENORM_CLIPPING[clipping],
+                                   communicator="local")
+    layer.build(shape)
+    gamma, beta = rng.normal(1.0, 0.5, channels), rng.normal(0.0, 0.5, channels)
+    state = {"moving_mean": offset + rng.normal(size=channels),
+             "moving_variance": rng.uniform(1.0, 6.0, channels),
+             "renorm_mean": offset + rng.normal(size=channels),
+             "renorm_stddev": rng.uniform(1.0, 3.0, channels)}
+    state["moving_stddev"] = np.sqrt(state["moving_variance"] + epsilon)
+    for name, value in [("gamma", gamma), ("beta", beta), *state.items()]:
+        getattr(layer, name).assign(value.astype(np.float32))
+    xs = [rng.normal(offset, 2.0, shape).astype(np.float32) for _ in range(steps)]
+    dys = [rng.normal(size=shape).astype(np.float32) for _ in range(steps)]
+    masks = [rng.random(shape[:-1]) > 0.3 if masked else None for _ in range(steps)]
+    tolerance = 2e-5 if offset < 100 else 1e-4
+    for x, dy, mask in zip(xs, dys, masks):
+        # The state this step starts from, as the layer stores it (float32: at 1e4 the
+        # stored renorm mean is 1e-3 apart from a float64 recursion's, and d with it).
+        state = {name: getattr(layer, name).numpy().astype(np.float64)
+                 for name in reference.RENORM_WEIGHTS}
+        (got,) = _run_steps(layer, [x], [dy], [mask])
+        renorm = {"mean": state["renorm_mean"], "stddev": state["renorm_stddev"],
+                  **RENORM_CLIPPING[clipping]}
+        want = reference.batch_norm(x, gamma, beta, dy, axis, epsilon, mask, renorm)
+        for key in ("y", "dx", "dgamma", "dbeta"):
+            assert relative_error(got[key], want[key]) < tolerance, key
+        state = reference.renorm_moving_statistics(state, want["mean"], want["variance"],
+                                                   want["count"], epsilon, momentum,
+                                                   renorm_momentum)
+        for name, value in state.items():
+            assert relative_error(getattr(layer, name).numpy(), value) < 1e-5, name
+
+
+def test_debiased_average_counts_each_channel_apart_with_a_mask_on_axis_1():
+    # Channels on axis 1 and Keras's mask: channel 0 has no sample in the first
+    # step, so its debiased average starts at the second (weights 1 then
+    # a/(1+a), 1/(1+a)), while channel 1's spans both steps.
+    momentum = 0.5
+    layer = SyncBatchNormalization(axis=1, momentum=momentum, moving_average="debiased",
+                                   communicator="local")
+    rng = np.random.default_rng(9)
+    xs = [rng.normal(3.0, 1.0, (6, 2, 4)).astype(np.float32) for _ in range(2)]
+    masks = [np.ones((6, 2), bool), np.ones((6, 2), bool)]
+    masks[0][:, 0] = False
+    means = []
+    for x, mask in zip(xs, masks):
+        layer(x, training=True, mask=mask)
+        means.append(x.astype(np.float64).mean(axis=(0, 2)))
+    np.testing.assert_array_equal(layer.moving_updates.numpy(), [1.0, 2.0])
+    want = [means[1][0],
+            (momentum * means[0][1] + means[1][1]) / (1.0 + momentum)]
+    np.testing.assert_allclose(layer.moving_mean.numpy(), want, rtol=1e-6)
+
+
+def test_renorm_with_debiased_averages_and_a_skipped_nonfinite_step():
+    # "debiased" applies to the inference statistics (moving_mean, moving_stddev and
+    # the variance derived from it); renorm_mean and renorm_stddev stay Keras's
+    # averages at renorm_momentum. A non-finite step then changes none of the five.
+    epsilon, renorm_momentum = 1e-3, 0.75
+    layer = SyncBatchNormalization(momentum=0.99, epsilon=epsilon, renorm=True,
+                                   renorm_momentum=renorm_momentum, moving_average="debiased",
+                                   communicator="local")
+    x = np.random.default_rng(10).normal(4.0, 3.0, (32, 3)).astype(np.float32)
+    layer(x, training=True)
+    mean, variance = x.astype(np.float64).mean(0), x.astype(np.float64).var(0)
+    stddev = np.sqrt(variance + epsilon)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), mean, rtol=1e-5)  # t = 1: the batch
+    np.testing.assert_allclose(layer.moving_stddev.numpy(), stddev, rtol=1e-5)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), variance, rtol=1e-4)
+    np.testing.assert_allclose(layer.renorm_mean.numpy(), (1 - renorm_momentum) * mean, rtol=1e-5)
+    np.testing.assert_allclose(layer.renorm_stddev.numpy(),
+                               renorm_momentum + (1 - renorm_momentum) * stddev, rtol=1e-5)
+    before = {w.name: w.numpy().copy() for w in layer.non_trainable_weights}
+    bad = x.copy()
+    bad[0, 1] = np.nan
+    layer(bad, training=True)
+    assert layer.skipped_steps == 1
+    for weight in layer.non_trainable_weights:
+        np.testing.assert_array_equal(weight.numpy(), before[weight.name], err_msg=weight.name)

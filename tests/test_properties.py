@@ -1,13 +1,16 @@
 """Property-based replica equivalence: hypothesis draws the cases, float64 NumPy judges.
 
 Each example draws an input rank (2-5), a channel axis, a dtype (float16,
-bfloat16, float32), an optional mask, four per-replica batch sizes (0 and 1
-included), a data offset up to 1e5 and a `group_size`, and runs one training
+bfloat16, float32), an optional mask (Keras's convention: the input's shape
+without its last axis, so with channels not last each channel has its own
+count), four per-replica batch sizes (0 and 1 included), a data offset up to
+1e5, a `group_size` and batch renormalization or not, and runs one training
 step of `SyncBatchNormalization` on `MirroredStrategy` with 4 in-process
 replicas. Channels-last cases without a mask also draw the kernels
 (`SYNCBN_KERNELS`: the element-wise ones CPUs run, or the fused ones GPUs
 run). Outputs, input gradients, gamma/beta gradients (summed over each
-group's replicas) and every replica's moving statistics must match
+group's replicas) and every replica's moving statistics (renorm's five
+moving weights) must match
 `tests/reference.py` on each group's samples concatenated.
 
 Profiles (`HYPOTHESIS_PROFILE`):
@@ -17,11 +20,12 @@ Profiles (`HYPOTHESIS_PROFILE`):
   `HYPOTHESIS_PROFILE=thorough python -m pytest tests/test_properties.py`.
 
 Speed: one traced step per "bucket" (rank, axis, dtype, mask or not,
-group_size), kept across examples with its layer, whose weights are reset per
-example; the batch axis of each replica is left unknown in the trace
+group_size, renorm), kept across examples with its layer, whose weights are
+reset per example; the batch axis of each replica is left unknown in the trace
 (`reduce_retracing`), so batch sizes never retrace. The CI profile draws the
 bucket from `CI_BUCKETS`, a fixed set that covers every rank, axis position,
-dtype, group size and both mask states; the thorough profile draws any bucket.
+dtype, group size and both mask states, with and without renorm; the
+thorough profile draws any bucket.
 """
 
 import os
@@ -34,7 +38,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from helpers import KERNELS, kernels_env, relative_error
-from reference import batch_norm, moving_average
+from reference import batch_norm, moving_average, renorm_correction, renorm_moving_statistics
 from syncbn import SyncBatchNormalization
 
 pytestmark = pytest.mark.unit
@@ -48,6 +52,8 @@ EPSILON = 1e-3
 DTYPES = ("float32", "float16", "bfloat16")
 POLICIES = {"float32": "float32", "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}
 GROUP_SIZES = (None, 1, 2)
+RENORM_MOMENTUM = 0.6
+RENORM_CLIPPING = {"rmax": 1.5, "rmin": 0.7, "dmax": 1.0}
 
 settings.register_profile("ci", max_examples=200, derandomize=True, deadline=None,
                           print_blob=True,
@@ -56,18 +62,22 @@ settings.register_profile("thorough", max_examples=5000, deadline=None, print_bl
                           suppress_health_check=[hypothesis.HealthCheck.too_slow])
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 
-# (rank, axis, dtype, masked, group_size): every rank, first/middle/last channel
-# axes (negative and positive spellings), every dtype and group size, with and
-# without a mask, in 16 traces.
+# (rank, axis, dtype, masked, group_size, renorm): every rank, first/middle/last
+# channel axes (negative and positive spellings), every dtype and group size, with
+# and without a mask, in 16 traces; and 5 with batch renormalization (synchronized
+# and one replica, channels last and not, masked with per-channel counts).
 CI_BUCKETS = (
-    (2, -1, "float32", False, None), (2, 1, "float16", True, 2),
-    (2, -1, "bfloat16", False, 1), (2, 1, "float32", True, None),
-    (3, 1, "float32", False, 2), (3, -1, "float16", False, None),
-    (3, 2, "bfloat16", True, None), (3, -1, "float32", True, 1),
-    (4, -1, "float32", False, None), (4, 1, "bfloat16", False, 2),
-    (4, 2, "float16", True, None), (4, 3, "float32", True, 2),
-    (5, -1, "float16", False, 2), (5, 2, "float32", False, None),
-    (5, 1, "float32", True, None), (5, -2, "bfloat16", True, 1),
+    (2, -1, "float32", False, None, False), (2, 1, "float16", True, 2, False),
+    (2, -1, "bfloat16", False, 1, False), (2, 1, "float32", True, None, False),
+    (3, 1, "float32", False, 2, False), (3, -1, "float16", False, None, False),
+    (3, 2, "bfloat16", True, None, False), (3, -1, "float32", True, 1, False),
+    (4, -1, "float32", False, None, False), (4, 1, "bfloat16", False, 2, False),
+    (4, 2, "float16", True, None, False), (4, 3, "float32", True, 2, False),
+    (5, -1, "float16", False, 2, False), (5, 2, "float32", False, None, False),
+    (5, 1, "float32", True, None, False), (5, -2, "bfloat16", True, 1, False),
+    (2, -1, "float32", False, None, True), (3, 1, "float32", True, 2, True),
+    (4, -1, "float16", True, 1, True), (4, 2, "bfloat16", False, None, True),
+    (5, -1, "float32", False, 1, True),
 )
 
 
@@ -78,7 +88,7 @@ def any_bucket(draw):
     if draw(st.booleans()):
         axis -= rank  # the same axis, spelled negative
     return (rank, axis, draw(st.sampled_from(DTYPES)), draw(st.booleans()),
-            draw(st.sampled_from(GROUP_SIZES)))
+            draw(st.sampled_from(GROUP_SIZES)), draw(st.booleans()))
 
 
 # The largest |offset| each dtype can carry with data around it: float16 ends
@@ -91,7 +101,7 @@ EPS = {"float32": 2.0 ** -23, "float16": 2.0 ** -10, "bfloat16": 2.0 ** -7}
 @st.composite
 def cases(draw):
     bucket = draw(st.sampled_from(CI_BUCKETS) if PROFILE == "ci" else any_bucket())
-    rank, axis, dtype, masked, group_size = bucket
+    rank, axis, dtype, masked, group_size, _ = bucket
     counts = draw(st.lists(st.integers(0, MAX_PER_REPLICA), min_size=NUM_REPLICAS,
                            max_size=NUM_REPLICAS))
     offset = draw(st.one_of(st.just(0.0), st.sampled_from([1e2, 1e3, 1e4, 1e5]),
@@ -151,38 +161,42 @@ def quantized(array, dtype):
     return tf.cast(tf.cast(tf.constant(array), dtype), tf.float64).numpy()
 
 
-def group_reference(x, dy, mask, gamma, beta, moving_mean, moving_variance, axis):
+def group_reference(x, dy, mask, gamma, beta, moving, axis, renorm):
     """The float64 reference on one group's samples, with syncbn's rule for no samples.
 
-    With no selected sample in the group (all batches empty, or all masked
-    out), syncbn uses mean 0 and variance 0 and leaves the moving statistics
-    alone (SyncBatchNormalization docstring); the NumPy reference would divide
-    0 by 0. Masked-out positions are still normalized, so gamma/beta gradients
-    sum over every position, as in `reference.batch_norm`.
+    A channel with no selected sample in the group (all batches empty, or all
+    masked out) normalizes with mean 0 and variance 0, as Keras's layer does,
+    and syncbn leaves its moving statistics alone (SyncBatchNormalization
+    docstring). Masked-out positions are still normalized, so gamma/beta
+    gradients sum over every position, as in `reference.batch_norm`.
+
+    `moving` maps the moving weights' names to their values before the step;
+    with `renorm`, `r` and `d` come from its renorm mean and stddev.
     """
     shape = [1] * x.ndim
     shape[axis] = -1
     reduce_axes = tuple(i for i in range(x.ndim) if i != axis)
-    selected = np.sum(mask) if mask is not None else x.shape[0]
-    if selected > 0:
-        want = batch_norm(x, gamma, beta, dy, axis, EPSILON, mask=mask)
-        mean, variance = want["mean"], want["variance"]
-        results = [want["y"], want["dx"], want["dgamma"], want["dbeta"],
-                   moving_average(moving_mean, mean, MOMENTUM),
-                   moving_average(moving_variance, variance, MOMENTUM)]
+    correction = None
+    if renorm:
+        correction = {"mean": moving["renorm_mean"], "stddev": moving["renorm_stddev"],
+                      **RENORM_CLIPPING}
+    want = batch_norm(x, gamma, beta, dy, axis, EPSILON, mask=mask, renorm=correction)
+    mean, variance, count = want["mean"], want["variance"], want["count"]
+    if renorm:
+        new_moving = renorm_moving_statistics(moving, mean, variance, count, EPSILON, MOMENTUM,
+                                              RENORM_MOMENTUM)
     else:
-        mean, variance = np.zeros(CHANNELS), np.zeros(CHANNELS)
-        x_hat = x / np.sqrt(EPSILON)
-        results = [gamma.reshape(shape) * x_hat + beta.reshape(shape),
-                   (gamma / np.sqrt(EPSILON)).reshape(shape) * dy,
-                   (dy * x_hat).sum(axis=reduce_axes), dy.sum(axis=reduce_axes),
-                   moving_mean, moving_variance]
+        new_moving = {name: moving_average(moving[name], value, MOMENTUM, count)
+                      for name, value in (("moving_mean", mean), ("moving_variance", variance))}
+    results = [want["y"], want["dx"], want["dgamma"], want["dbeta"], new_moving]
     # The size of the terms each result is a sum or difference of (see `compare`).
+    r, d = renorm_correction(mean, variance, EPSILON, correction)
     inv_std = 1.0 / np.sqrt(variance + EPSILON)
     x_hat = (x - mean.reshape(shape)) * inv_std.reshape(shape)
-    scales = [0.0, _largest(np.abs(gamma * inv_std).reshape(shape) * np.abs(dy)),
-              _largest(np.abs(dy * x_hat).sum(axis=reduce_axes)),
-              _largest(np.abs(dy).sum(axis=reduce_axes)), 0.0, 0.0]
+    scales = [0.0, _largest(np.abs(gamma * r * inv_std).reshape(shape) * np.abs(dy)),
+              _largest(r * np.abs(dy * x_hat).sum(axis=reduce_axes)
+                       + np.abs(d) * np.abs(dy).sum(axis=reduce_axes)),
+              _largest(np.abs(dy).sum(axis=reduce_axes))]
     return results, scales
 
 
@@ -225,12 +239,15 @@ def compare(name, actual, expected, dtype, tol, scale=0.0):
 class Bucket:
     """One layer and its traced step, reused by every example of a bucket."""
 
-    def __init__(self, strategy, rank, axis, dtype, masked, group_size, kernels):
+    def __init__(self, strategy, rank, axis, dtype, masked, group_size, renorm, kernels):
         self.strategy = strategy
         self.masked = masked
+        renorm_kwargs = dict(renorm=True, renorm_momentum=RENORM_MOMENTUM,
+                             renorm_clipping=RENORM_CLIPPING) if renorm else {}
         with strategy.scope():
             self.layer = SyncBatchNormalization(axis=axis, momentum=MOMENTUM, epsilon=EPSILON,
-                                                group_size=group_size, dtype=POLICIES[dtype])
+                                                group_size=group_size, dtype=POLICIES[dtype],
+                                                **renorm_kwargs)
             self.layer.build(input_shape(rank, axis, None))
         self.traces = 0
 
@@ -257,11 +274,12 @@ class Bucket:
         self.step = step if masked else step_without_mask
 
     def run(self, xs, dys, masks, weights):
-        """One step on per-replica lists; returns per-replica numpy results."""
-        for variable, value in zip(
-                (self.layer.gamma, self.layer.beta, self.layer.moving_mean,
-                 self.layer.moving_variance), weights):
-            variable.assign(value.astype(np.float32))
+        """One step on per-replica lists; returns per-replica numpy results.
+
+        `weights` maps weight names (gamma, beta and the moving weights) to values.
+        """
+        for name, value in weights.items():
+            getattr(self.layer, name).assign(value.astype(np.float32))
 
         def distribute(arrays, dtype):
             return self.strategy.experimental_distribute_values_from_function(
@@ -277,8 +295,8 @@ class Bucket:
         def as_float64(values):
             return [tf.cast(v, tf.float64).numpy() for v in local(values)]
 
-        moving = [[tf.cast(v, tf.float64).numpy() for v in local(variable.value)]
-                  for variable in (self.layer.moving_mean, self.layer.moving_variance)]
+        moving = {variable.name: [tf.cast(v, tf.float64).numpy() for v in local(variable.value)]
+                  for variable in self.layer.non_trainable_weights}
         return as_float64(y), as_float64(dx), as_float64(dgamma), as_float64(dbeta), moving
 
 
@@ -292,7 +310,7 @@ def bucket_for(strategy, key):
 
 
 def check_case(strategy, case):
-    (rank, axis, dtype, masked, group_size), counts, offset, seed, kernels = case
+    (rank, axis, dtype, masked, group_size, renorm), counts, offset, seed, kernels = case
     rng = np.random.default_rng(seed)
     channel_axis = axis % rank
     std = data_std(dtype, offset)
@@ -301,22 +319,30 @@ def check_case(strategy, case):
         shape = input_shape(rank, axis, count)
         xs.append((offset + std * rng.normal(size=shape)).astype(np.float32))
         dys.append(rng.normal(size=shape).astype(np.float32))
-        mask_shape = shape[:channel_axis] + shape[channel_axis + 1:]
-        masks.append(rng.random(mask_shape) < 0.7 if masked else None)
-    weights = [rng.normal(1.0, 0.3, CHANNELS), rng.normal(0.0, 0.3, CHANNELS),
-               offset + rng.normal(0.0, 1.0, CHANNELS), rng.uniform(0.5, 2.0, CHANNELS)]
-    bucket = bucket_for(strategy, (rank, axis, dtype, masked, group_size, kernels))
-    y, dx, dgamma, dbeta, (moving_mean, moving_variance) = bucket.run(xs, dys, masks, weights)
+        # Keras's convention: the input's shape without its LAST axis.
+        masks.append(rng.random(shape[:-1]) < 0.7 if masked else None)
+    weights = {"gamma": rng.normal(1.0, 0.3, CHANNELS), "beta": rng.normal(0.0, 0.3, CHANNELS),
+               "moving_mean": offset + rng.normal(0.0, 1.0, CHANNELS),
+               "moving_variance": rng.uniform(0.5, 2.0, CHANNELS)}
+    if renorm:
+        # Renorm statistics near the data's, so that r and d vary, some clipped.
+        weights.update(moving_stddev=np.sqrt(weights["moving_variance"] + EPSILON),
+                       renorm_mean=offset + std * rng.normal(0.0, 1.0, CHANNELS),
+                       renorm_stddev=std * rng.uniform(0.5, 2.0, CHANNELS))
+    weights = {name: value.astype(np.float32).astype(np.float64) for name, value in weights.items()}
+    bucket = bucket_for(strategy, (rank, axis, dtype, masked, group_size, renorm, kernels))
+    y, dx, dgamma, dbeta, moving = bucket.run(xs, dys, masks, weights)
     tol = tolerance(dtype, abs(offset) / std)
     size = group_size or NUM_REPLICAS
+    initial_moving = {name: value for name, value in weights.items() if name in moving}
     for start in range(0, NUM_REPLICAS, size):
         replicas = range(start, start + size)
         x = np.concatenate([quantized(xs[r], dtype) for r in replicas])
         # The gradient reaching the layer is dy rounded to its compute dtype.
         dy = np.concatenate([quantized(dys[r], dtype) for r in replicas])
         mask = np.concatenate([masks[r] for r in replicas]) if masked else None
-        want, scales = group_reference(x, dy, mask, *[w.astype(np.float64) for w in weights],
-                                       axis=channel_axis)
+        want, scales = group_reference(x, dy, mask, weights["gamma"], weights["beta"],
+                                       initial_moving, channel_axis, renorm)
         got = (np.concatenate([y[r] for r in replicas]), np.concatenate([dx[r] for r in replicas]),
                sum(dgamma[r] for r in replicas), sum(dbeta[r] for r in replicas))
         for name, actual, expected, scale in zip(("y", "dx"), got, want, scales):
@@ -326,15 +352,15 @@ def check_case(strategy, case):
             # Summed in float32 from float32 terms: the float32 part of the tolerance.
             compare(f"{name} of group {start // size}", actual, expected, "float32", tol, scale)
         for r in replicas:
-            compare(f"moving_mean of replica {r}", moving_mean[r], want[4], "float32", tol)
-            compare(f"moving_variance of replica {r}", moving_variance[r], want[5], "float32", tol)
+            for name, expected in want[4].items():
+                compare(f"{name} of replica {r}", moving[name][r], expected, "float32", tol)
 
 
 @settings(settings.get_profile(PROFILE))
 @given(case=cases())
 # Found by the CI profile: float16 dx of a 2-sample group is ~1e-6, float16
 # subnormals, where the first tolerance (relative to max|dx|) was wrong.
-@example(case=((2, 1, "float16", True, 2), [0, 1, 0, 2], 1000.0, 0, "elementwise"))
+@example(case=((2, 1, "float16", True, 2, False), [0, 1, 0, 2], 1000.0, 0, "elementwise"))
 def test_replicas_match_float64_reference(mirrored_strategy, case):
     check_case(mirrored_strategy, case)
 
@@ -365,6 +391,12 @@ def test_ci_draws_are_repeatable_and_cover_every_rank_axis_position_dtype_group_
     assert {b[3] for b in buckets} == {False, True}
     assert {b[4] for b in buckets} == set(GROUP_SIZES)
     assert {case[4] for case in first} == set(KERNELS)
+    # With and without renorm; renorm in every group size, with and without a mask,
+    # and with a mask on a channel axis that is not last (per-channel counts).
+    assert {b[5] for b in buckets} == {False, True}
+    renorm = [b for b in buckets if b[5]]
+    assert {b[4] for b in renorm} == set(GROUP_SIZES) and {b[3] for b in renorm} == {False, True}
+    assert any(b[3] and b[1] % b[0] != b[0] - 1 for b in renorm)
     for rank in (3, 4, 5):  # first, a middle and the last non-batch axis
         positions = {b[1] % rank for b in buckets if b[0] == rank}
         assert {1, rank - 1} <= positions and len(positions) >= 2, rank
@@ -379,6 +411,6 @@ def test_a_wrong_layer_fails_the_check(mirrored_strategy, monkeypatch):
         return [v * 1.01 for v in y], dx, dgamma, dbeta, moving
 
     monkeypatch.setattr(Bucket, "run", off_run)
-    case = ((2, -1, "float32", False, None), [3, 2, 0, 4], 0.0, 7, "elementwise")
+    case = ((2, -1, "float32", False, None, False), [3, 2, 0, 4], 0.0, 7, "elementwise")
     with pytest.raises(AssertionError, match="y of group 0: error"):
         check_case(mirrored_strategy, case)

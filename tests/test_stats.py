@@ -76,3 +76,25 @@ def test_pack_layout_is_count_sums_squares():
     # [1], [C], [C] -> [2C + 1]
     np.testing.assert_array_equal(packed.numpy(), [2.0, 2.0, 6.0, 2.5, 18.0])
     assert packed.dtype == tf.float64
+
+
+def test_mask_over_the_last_axis_gives_each_channel_its_own_count():
+    # Keras's convention with channels on axis 1: the mask covers the channel
+    # axis, so the per-replica [C] counts travel in the packed vector ([3C]).
+    rng = np.random.default_rng(4)
+    chunks = [rng.normal(3.0, 2.0, size=(n, 3, 4)).astype(np.float32) for n in (5, 0, 4)]
+    masks = [rng.random((len(c), 3)) > 0.5 for c in chunks]
+    packed = []
+    for x, mask in zip(chunks, masks):
+        weights = stats.mask_weights(tf.constant(mask), tf.constant(x), 1)
+        assert weights[1].shape == (3,)
+        packed.append(stats.pack_moments(*stats.local_moments(tf.constant(x), [0, 2], weights)))
+    assert packed[0].shape == (9,)
+    count, mean, variance = stats.unpack_moments(tf.add_n(packed), 3, per_channel_count=True)
+    x, mask = np.concatenate(chunks), np.concatenate(masks)
+    for channel in range(3):
+        selected = x[:, channel][mask[:, channel]].astype(np.float64)
+        assert float(count[channel]) == selected.size
+        assert relative_error(mean[channel], selected.mean()) < 1e-6
+        assert relative_error(variance[channel], selected.var()) < 1e-5
+    assert len(set(count.numpy().tolist())) > 1  # the counts really differ

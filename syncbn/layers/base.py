@@ -9,28 +9,117 @@ math is not here either: `syncbn.ops` computes, `syncbn.moving` updates the
 moving statistics, `syncbn.collectives` sums.
 """
 
+import numpy as np
 import tensorflow as tf
 
 from syncbn import collectives, moving, ops, skip_monitor
 
 
-def _check_bool(name, value):
-    if not isinstance(value, bool):
-        raise TypeError(f"Argument `{name}` must be a bool. Received: {name}={value!r}")
-    return value
+def _convert(name, value, convert, what):
+    """`convert(value)` as Keras converts the argument, re-raised naming it.
+
+    The exception type is what `convert` raises (so the one Keras raises for
+    the same value): ValueError for a string that does not parse, TypeError
+    for None or a list.
+    """
+    try:
+        return convert(value)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"Argument `{name}` must be {what}. Received: {name}={value!r}") from None
 
 
-def _check_float(name, value, low, high, high_open):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"Argument `{name}` must be a float. Received: {name}={value!r}")
-    value = float(value)
-    above = value >= high if high_open else value > high
-    if not low <= value or above:
-        bracket = ")" if high_open else "]"
+def _get(name, identifier, module):
+    """`module.get(identifier)` (Keras's initializers, regularizers, constraints), naming the argument."""
+    try:
+        return module.get(identifier)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"Argument `{name}`: {error} Received: {name}={identifier!r}") from None
+
+
+def _is_bool(value):
+    return isinstance(value, (bool, np.bool_))
+
+
+def _check_axis(axis):
+    # Keras does int(axis); a bool, or a float with a fraction, has no meaning as an axis.
+    if _is_bool(axis) or (isinstance(axis, (float, np.floating)) and not float(axis).is_integer()):
+        raise ValueError(f"Argument `axis` must be an integer. Received: axis={axis!r}")
+    return _convert("axis", axis, int, "an integer")
+
+
+def _check_float(name, value, low, high):
+    """`float(value)` as Keras converts it, in `[low, high)`; a bool or a NaN has no meaning."""
+    converted = _convert(name, value, float, "a float")
+    if _is_bool(value) or not low <= converted < high:
+        raise ValueError(f"Argument `{name}` must be a float in [{low}, {high}). "
+                         f"Received: {name}={value!r}")
+    return converted
+
+
+def _check_flag(name, value):
+    """A bool (or 0, 1). Keras takes any value's truth; a string such as "False" has no meaning."""
+    if _is_bool(value) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
+        return bool(value)
+    raise ValueError(f"Argument `{name}` must be a bool. Received: {name}={value!r}")
+
+
+def _check_mask(mask, inputs):
+    """Keras's mask convention: the inputs' rank minus one, broadcast against all but the LAST axis."""
+    if len(mask.shape) != len(inputs.shape) - 1:
         raise ValueError(
-            f"Argument `{name}` must be in [{low}, {high}{bracket}. Received: {name}={value!r}"
+            "The mask provided should be one dimension less than the inputs (Keras's "
+            "convention: the inputs' shape without the last axis, whatever `axis` is). "
+            f"Received: mask.shape={mask.shape}, inputs.shape={inputs.shape}"
         )
-    return value
+    for mask_size, size in zip(mask.shape, inputs.shape[:-1]):
+        if mask_size not in (None, 1) and size is not None and mask_size != size:
+            raise ValueError(
+                "The mask must broadcast against the inputs' shape without the last axis "
+                f"(Keras's convention). Received: mask.shape={mask.shape}, "
+                f"inputs.shape={inputs.shape}"
+            )
+
+
+RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
+
+
+def _check_renorm_clipping(renorm_clipping):
+    """Keras's validation of `renorm_clipping` (same errors), with its values made floats.
+
+    Returns the dict Keras stores (`{}` for None) and `(rmin, rmax, dmax)`,
+    floats or None.
+    """
+    renorm_clipping = renorm_clipping or {}
+    if not isinstance(renorm_clipping, dict):
+        raise TypeError("Argument `renorm_clipping` must be a dict with keys from "
+                        f"{list(RENORM_CLIPPING_KEYS)}. Received: renorm_clipping={renorm_clipping!r}")
+    if set(renorm_clipping) - set(RENORM_CLIPPING_KEYS):
+        raise ValueError(
+            "Received invalid keys for `renorm_clipping` argument: "
+            f"{renorm_clipping}. Supported values: {list(RENORM_CLIPPING_KEYS)}."
+        )
+    bounds = {}
+    for key in RENORM_CLIPPING_KEYS:
+        value = renorm_clipping.get(key)
+        # Numbers only (Keras compares them: anything else is a TypeError there).
+        if value is not None and (_is_bool(value) or not isinstance(value, (int, float, np.number))):
+            raise TypeError(f"Argument `renorm_clipping` must map {key!r} to a float or None. "
+                            f"Received: renorm_clipping={renorm_clipping!r}")
+        if value is not None and np.isnan(value):
+            raise ValueError(f"Argument `renorm_clipping` must map {key!r} to a number, not NaN. "
+                             f"Received: renorm_clipping={renorm_clipping!r}")
+        bounds[key] = None if value is None else float(value)
+    rmin, rmax, dmax = bounds["rmin"], bounds["rmax"], bounds["dmax"]
+    if rmax is not None and rmin is not None and rmax < rmin:
+        raise ValueError(
+            "rmax should be greater than rmin in the `renorm_clipping` argument. "
+            f"Received: rmax={rmax}, rmin={rmin}."
+        )
+    if dmax is not None and dmax < 0:
+        raise ValueError(
+            f"dmax should be non-negative in the `renorm_clipping` argument. Received: dmax={dmax}."
+        )
+    return renorm_clipping, (rmin, rmax, dmax)
 
 
 class SyncBatchNormalizationBase:
@@ -58,7 +147,7 @@ class SyncBatchNormalizationBase:
 
     Args:
         axis: Integer, the channel axis (e.g. `1` after a channels-first
-            `Conv2D`).
+            `Conv2D`); any axis but the batch axis.
         momentum: Momentum of the moving averages, in `[0, 1)`.
         epsilon: Small float added to the variance, `> 0`.
         center: If True, add the learned offset `beta`.
@@ -81,14 +170,28 @@ class SyncBatchNormalizationBase:
         synchronized: Accepted for compatibility with
             `keras.layers.BatchNormalization` configs and ignored: this layer
             always synchronizes.
-        renorm: Must be False; batch renormalization is not supported.
+        renorm: If True, Batch Renormalization (Ioffe, 2017), as Keras 3's
+            `renorm=True`, with `r` and `d` computed from the *global* batch
+            statistics; adds the non-trainable weights `moving_stddev`,
+            `renorm_mean` and `renorm_stddev` (Keras's, in Keras's order).
+            Inference is unchanged.
+        renorm_clipping: With `renorm`, an optional dict of floats `"rmax"`,
+            `"rmin"`, `"dmax"` clipping `r` to `[rmin, rmax]` and `d` to
+            `[-dmax, dmax]` (a missing key: no bound), validated as Keras does.
+        renorm_momentum: With `renorm`, the momentum of `renorm_mean` and
+            `renorm_stddev`, in `[0, 1)`.
         moving_average: `"ema"` (default): Keras's exponential moving
             average, so the layer stays a drop-in. `"debiased"`: the
             bias-corrected average, in which the initial values have no
             weight (after the first step the moving statistics are that
             step's global batch statistics); the layer then has one more
             non-trainable weight, `moving_updates`, the number of updates
-            so far (saved and restored with the others).
+            so far (saved and restored with the others; one per channel
+            when the channel axis is not last, since a mask then counts each
+            channel apart). With `renorm`, `moving_mean` and `moving_stddev`
+            are debiased (and `moving_variance` derived from them, as in
+            Keras); `renorm_mean` and `renorm_stddev`, which shape training
+            itself, stay Keras's average at `renorm_momentum`.
         nonfinite: What a step whose *global* batch statistics are not
             finite does to the moving statistics: `"skip"` (default) leaves
             them unchanged and counts the step in `skipped_steps`, with no
@@ -97,7 +200,8 @@ class SyncBatchNormalizationBase:
             `syncbn.skip_monitor`). `"update"` averages them in, as Keras
             does; `"raise"` fails the step on every replica with an
             `InvalidArgumentError` naming the layer. Outputs and gradients
-            are the same in all three. Under XLA (`jit_compile=True`) the
+            are the same in all three. With `renorm` the decision covers all
+            five moving weights. Under XLA (`jit_compile=True`) the
             compiler drops the assertion of `"raise"`; `"skip"` still skips,
             counts and warns.
         **kwargs: Base layer keyword arguments (e.g. `name` and `dtype`).
@@ -108,9 +212,17 @@ class SyncBatchNormalizationBase:
         training: Python bool or boolean scalar tensor (for example a
             `tf.Variable` flipped between training and evaluation inside one
             `tf.function`). None means inference.
-        mask: Optional boolean tensor shaped like `inputs` without the
-            channel axis. Masked-out positions are left out of the global
-            statistics (they are still normalized).
+        mask: Optional boolean tensor, Keras's convention: the shape of
+            `inputs` without the LAST axis (or one that broadcasts to it),
+            broadcast over the last axis whatever `axis` is, as the masks of
+            `Masking` and `Embedding(mask_zero=True)` are. Masked-out
+            positions add nothing to the global statistics, the moving
+            averages or the gradient through the statistics; they are still
+            normalized. With `axis` not last the mask covers the channel
+            axis and each channel has its own global count; a channel with
+            none, or a global batch with none, normalizes with mean 0 and
+            variance 0 (as Keras does) and leaves the moving statistics
+            unchanged (where Keras averages zeros in).
 
     Example:
 
@@ -129,6 +241,11 @@ class SyncBatchNormalizationBase:
     #: The Keras this class is a layer of (`keras` or `tf_keras`): its
     #: initializers, regularizers, constraints and `layers.InputSpec`.
     _keras = None
+
+    #: Whether `renorm=True` is taken: Keras 3's batch renormalization. An
+    #: adapter whose Keras defines renorm otherwise sets False, and then
+    #: `renorm=True` raises a ValueError.
+    _supports_renorm = True
 
     def _add_float32_weight(self, name, shape, initializer, trainable=False,
                             regularizer=None, constraint=None):
@@ -173,36 +290,40 @@ class SyncBatchNormalizationBase:
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if isinstance(axis, bool) or not isinstance(axis, int):
-            raise TypeError(f"Argument `axis` must be an integer. Received: axis={axis!r}")
-        self.axis = axis
-        self.momentum = _check_float("momentum", momentum, 0.0, 1.0, high_open=True)
-        self.epsilon = _check_float("epsilon", epsilon, 0.0, float("inf"), high_open=False)
-        if self.epsilon <= 0:
-            raise ValueError(f"Argument `epsilon` must be > 0. Received: epsilon={epsilon!r}")
-        self.center = _check_bool("center", center)
-        self.scale = _check_bool("scale", scale)
+        # Each argument converted as Keras converts it (int(axis), float(momentum), ...),
+        # so a value Keras takes is taken and one it refuses raises the same type.
+        self.axis = _check_axis(axis)
+        self.momentum = _check_float("momentum", momentum, 0.0, 1.0)
+        self.epsilon = _convert("epsilon", epsilon, float, "a float")
+        if _is_bool(epsilon) or not 0.0 < self.epsilon < float("inf"):
+            raise ValueError(f"Argument `epsilon` must be a float > 0. Received: epsilon={epsilon!r}")
+        self.center = _check_flag("center", center)
+        self.scale = _check_flag("scale", scale)
         initializers, regularizers, constraints = (
             self._keras.initializers, self._keras.regularizers, self._keras.constraints)
-        self.beta_initializer = initializers.get(beta_initializer)
-        self.gamma_initializer = initializers.get(gamma_initializer)
-        self.moving_mean_initializer = initializers.get(moving_mean_initializer)
-        self.moving_variance_initializer = initializers.get(moving_variance_initializer)
-        self.beta_regularizer = regularizers.get(beta_regularizer)
-        self.gamma_regularizer = regularizers.get(gamma_regularizer)
-        self.beta_constraint = constraints.get(beta_constraint)
-        self.gamma_constraint = constraints.get(gamma_constraint)
+        self.beta_initializer = _get("beta_initializer", beta_initializer, initializers)
+        self.gamma_initializer = _get("gamma_initializer", gamma_initializer, initializers)
+        self.moving_mean_initializer = _get(
+            "moving_mean_initializer", moving_mean_initializer, initializers)
+        self.moving_variance_initializer = _get(
+            "moving_variance_initializer", moving_variance_initializer, initializers)
+        self.beta_regularizer = _get("beta_regularizer", beta_regularizer, regularizers)
+        self.gamma_regularizer = _get("gamma_regularizer", gamma_regularizer, regularizers)
+        self.beta_constraint = _get("beta_constraint", beta_constraint, constraints)
+        self.gamma_constraint = _get("gamma_constraint", gamma_constraint, constraints)
         self.communicator = collectives.validate_spec(communicator)
         collectives.validate_group_size(group_size)
         self.group_size = group_size
-        _check_bool("synchronized", synchronized)
-        if renorm:
+        _check_flag("synchronized", synchronized)
+        self.renorm = _check_flag("renorm", renorm)
+        if self.renorm and not self._supports_renorm:
             raise ValueError(
-                "Argument `renorm` must be False: SyncBatchNormalization does not "
-                f"support batch renormalization. Received: renorm={renorm!r}"
-            )
-        # Kept only so that configs round-trip like BatchNormalization's.
-        self.renorm = False
+                f"Argument `renorm` must be False: this {type(self).__name__} does not "
+                f"synchronize this Keras's batch renormalization. Received: renorm={renorm!r}")
+        if self.renorm:
+            # As Keras: validated, and stored as `{}` for None, only with renorm.
+            renorm_clipping, self._renorm_bounds = _check_renorm_clipping(renorm_clipping)
+            renorm_momentum = _check_float("renorm_momentum", renorm_momentum, 0.0, 1.0)
         self.renorm_clipping = renorm_clipping
         self.renorm_momentum = renorm_momentum
         self.moving_average = moving.check_moving_average(moving_average)
@@ -219,6 +340,9 @@ class SyncBatchNormalizationBase:
         self.beta = None
         self.moving_mean = None
         self.moving_variance = None
+        self.moving_stddev = None
+        self.renorm_mean = None
+        self.renorm_stddev = None
 
     def build(self, input_shape):
         rank = len(input_shape)
@@ -265,9 +389,22 @@ class SyncBatchNormalizationBase:
             "moving_mean", shape, self.moving_mean_initializer)
         self.moving_variance = self._add_float32_weight(
             "moving_variance", shape, self.moving_variance_initializer)
+        if self.renorm:
+            # Keras's three renorm weights, in its order: the standard deviations
+            # start at the square root of the variance initializer's values.
+            def stddev_initializer(shape, dtype=None):
+                return tf.sqrt(self._fresh(self.moving_variance_initializer)(shape, dtype=dtype))
+
+            self.moving_stddev = self._add_float32_weight("moving_stddev", shape, stddev_initializer)
+            self.renorm_mean = self._add_float32_weight(
+                "renorm_mean", shape, self._fresh(self.moving_mean_initializer))
+            self.renorm_stddev = self._add_float32_weight("renorm_stddev", shape, stddev_initializer)
         if self.moving_average == "debiased":
-            # Only then: a default layer keeps Keras BN's four weights.
-            self.moving_updates = self._add_float32_weight("moving_updates", (), "zeros")
+            # Only then, and last: a default layer keeps Keras BN's weights. One
+            # count per channel when a mask may give each channel its own count
+            # (a channel axis that is not last).
+            updates_shape = () if self._channel_axis == rank - 1 else shape
+            self.moving_updates = self._add_float32_weight("moving_updates", updates_shape, "zeros")
         # Diagnostics, not state: a plain variable, outside `weights`, so that
         # the layer's weights stay those of Keras BN. Every replica holds the
         # same value (the decision is global), hence ONLY_FIRST_REPLICA.
@@ -277,6 +414,12 @@ class SyncBatchNormalizationBase:
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
             )
         self.input_spec = self._keras.layers.InputSpec(ndim=rank, axes={self.axis: num_channels})
+
+    def _fresh(self, initializer):
+        """A new initializer with `initializer`'s config, as Keras makes for its renorm weights."""
+        if isinstance(initializer, self._keras.initializers.Initializer):
+            return initializer.__class__.from_config(initializer.get_config())
+        return initializer
 
     @property
     def supports_jit(self):
@@ -310,6 +453,10 @@ class SyncBatchNormalizationBase:
         return count
 
     def compute_output_shape(self, input_shape):
+        rank = len(input_shape)
+        if not -rank <= self.axis < rank:
+            raise ValueError(f"Axis {self.axis} is out of bounds for input shape {input_shape}. "
+                             f"Received: axis={self.axis}")
         return input_shape
 
     def _gamma_beta(self):
@@ -377,8 +524,33 @@ class SyncBatchNormalizationBase:
             name=f"syncbn/{self.name}",
             mask=mask,
             single_replica=communicator.num_replicas == 1,
+            renorm=self._renorm_inputs(),
         )
         return self._update_moving_statistics(outputs, mean, variance, count)
+
+    def _renorm_inputs(self):
+        """What the op needs for batch renormalization this call (None without renorm)."""
+        if not self.renorm:
+            return None
+        rmin, rmax, dmax = self._renorm_bounds
+        return ops.Renorm(tf.convert_to_tensor(self.renorm_mean),
+                          tf.convert_to_tensor(self.renorm_stddev), rmin, rmax, dmax)
+
+    def _moving_weights(self):
+        """`{name: variable}` of the moving weights a training step updates."""
+        names = moving.RENORM_STATE if self.renorm else ("moving_mean", "moving_variance")
+        return {name: getattr(self, name) for name in names}
+
+    def _assign_moving_statistics(self, mean, variance):
+        """Sets the inference statistics (`syncbn.recalibrate`); with renorm, `moving_stddev` too.
+
+        Renorm derives `moving_variance` from `moving_stddev` at every update,
+        so that one is set to `sqrt(variance + epsilon)` to agree.
+        """
+        self.moving_mean.assign(mean)
+        self.moving_variance.assign(variance)
+        if self.renorm:
+            self.moving_stddev.assign(tf.sqrt(tf.convert_to_tensor(variance) + self.epsilon))
 
     def _update_moving_statistics(self, outputs, mean, variance, count):
         """Assigns the moving statistics after a step (syncbn/moving.py); returns `outputs`."""
@@ -388,11 +560,19 @@ class SyncBatchNormalizationBase:
             self._statistics_recorder(mean, variance, tf.convert_to_tensor(count, tf.float32))
             return outputs
         updates = None if self.moving_updates is None else tf.convert_to_tensor(self.moving_updates)
-        new_mean, new_variance, new_updates, nonfinite_step = moving.next_moving_statistics(
-            tf.convert_to_tensor(self.moving_mean), tf.convert_to_tensor(self.moving_variance),
-            mean, variance, count, momentum=self.momentum,
-            moving_average=self.moving_average, updates=updates, nonfinite=self.nonfinite,
-        )
+        variables = self._moving_weights()
+        current = {name: tf.convert_to_tensor(variable) for name, variable in variables.items()}
+        common = dict(momentum=self.momentum, moving_average=self.moving_average,
+                      updates=updates, nonfinite=self.nonfinite)
+        if self.renorm:
+            new_values, new_updates, nonfinite_step = moving.next_renorm_statistics(
+                current, mean, variance, count, epsilon=self.epsilon,
+                renorm_momentum=self.renorm_momentum, **common)
+        else:
+            new_mean, new_variance, new_updates, nonfinite_step = moving.next_moving_statistics(
+                current["moving_mean"], current["moving_variance"], mean, variance, count,
+                **common)
+            new_values = {"moving_mean": new_mean, "moving_variance": new_variance}
         checks = []
         if self.nonfinite == "raise":
             checks.append(tf.debugging.Assert(
@@ -406,8 +586,8 @@ class SyncBatchNormalizationBase:
             self._skipped_steps.assign_add(tf.cast(nonfinite_step, tf.int64))
             skip_monitor.monitor().watch(self)
         with tf.control_dependencies(checks):
-            self.moving_mean.assign(new_mean)
-            self.moving_variance.assign(new_variance)
+            for name, variable in variables.items():
+                variable.assign(new_values[name])
             if new_updates is not None:
                 self.moving_updates.assign(new_updates)
             # Only the assertion must run before the outputs are used; the
@@ -415,11 +595,8 @@ class SyncBatchNormalizationBase:
             return tf.identity(outputs) if checks else outputs
 
     def call(self, inputs, training=None, mask=None):
-        if mask is not None and len(mask.shape) != len(inputs.shape) - 1:
-            raise ValueError(
-                "The mask must have the shape of the inputs without the channel "
-                f"axis. Received: mask.shape={mask.shape}, inputs.shape={inputs.shape}"
-            )
+        if mask is not None:
+            _check_mask(mask, inputs)
         if training is None:
             training = self._training_when_unset()
         if not self.trainable:

@@ -1,6 +1,7 @@
 """`SyncBatchNormalization` as a Keras 3 layer (`keras.layers.Layer`)."""
 
 import keras
+import numpy as np
 
 from syncbn.layers.base import SyncBatchNormalizationBase
 
@@ -25,6 +26,13 @@ class SyncBatchNormalization(SyncBatchNormalizationBase, keras.layers.Layer):
         if self.moving_updates is not None and len(store.keys()) == len(keras_weights):
             for index, variable in enumerate(keras_weights):
                 variable.assign(store[str(index)])
-            self.moving_updates.assign(0.0)
+            self.moving_updates.assign(np.zeros(self.moving_updates.shape, np.float32))
             return
+        if self.moving_updates is not None and self.moving_updates.shape:
+            # A count saved as one scalar: every channel has had that many updates.
+            updates_key = str(len(self.weights) - 1)
+            if updates_key in store and not np.shape(store[updates_key]):
+                store = {key: np.asarray(store[key]) for key in store.keys()}
+                store[updates_key] = np.full(self.moving_updates.shape, store[updates_key],
+                                             np.float32)
         super().load_own_variables(store)

@@ -53,6 +53,7 @@ class SyncBatchNormalization(SyncBatchNormalizationBase, tf_keras.layers.Layer):
     """
 
     _keras = tf_keras
+    _supports_renorm = False  # tf_keras's renorm is its own, not synchronized here
 
     def __init__(self, axis=-1, *args, fused=None, virtual_batch_size=None, adjustment=None,
                  **kwargs):

@@ -9,7 +9,11 @@ compares, for its own slice: outputs, input gradients, its share of the
 gamma/beta gradients (their sum over ranks is the global gradient) and the
 moving statistics after every step. Under `TF_USE_LEGACY_KERAS=1` both
 layers are tf_keras's (`syncbn.SyncBatchNormalization` follows `tf.keras`).
-With `--offset`, the data has that mean and std 1, and the reference is
+Besides the plain layouts, `renorm` runs batch renormalization (r and d from
+the global statistics, clipped; all five moving weights compared) and
+`masked_ncw` a Keras mask (the input's shape without its last axis) with
+channels on axis 1, so each channel has its own global count; the first
+rank's rows are all masked out (both Keras 3 only). With `--offset`, the data has that mean and std 1, and the reference is
 float64 NumPy instead (Keras's float32 layer cancels there).
 
 It prints one line per layout with the largest relative errors and exits 1
@@ -35,10 +39,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jobs.common import WORLDS, open_world, say  # noqa: E402
 from syncbn.check.reference import relative_error  # noqa: E402
 
-LAYOUTS = {"2d": ((6,), -1), "nhwc": ((3, 3, 5), -1), "ncw": ((4, 5), 1)}
+LAYOUTS = {"2d": ((6,), -1), "nhwc": ((3, 3, 5), -1), "ncw": ((4, 5), 1),
+           "renorm": ((3, 3, 5), -1), "masked_ncw": ((4, 5), 1)}
+# Layer arguments beyond axis, momentum and epsilon, the same for both layers.
+LAYER_OPTIONS = {"renorm": {"renorm": True, "renorm_momentum": 0.6,
+                            "renorm_clipping": {"rmax": 1.5, "rmin": 0.7, "dmax": 0.8}}}
+MASKED_LAYOUTS = ("masked_ncw",)
 MOMENTUM = 0.7
 EPSILON = 1e-3
-NAMES = ["y", "dx", "dgamma", "dbeta", "moving_mean", "moving_variance"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +84,10 @@ class Case:
         return list(counts)
 
 
+# Batch renormalization and a per-channel mask, uneven ranks with an empty one.
+RENORM_MASKS_CASE = Case(name="renorm_masks", layouts=("renorm", "masked_ncw"))
+
+
 def global_batches(layout, counts, steps, offset, seed=1234):
     """The same `(x, dy)` global batches on every rank and in the tests."""
     feature_shape, _ = LAYOUTS[layout]
@@ -88,16 +100,49 @@ def global_batches(layout, counts, steps, offset, seed=1234):
     return [(make_x(), rng.normal(size=shape).astype(np.float32)) for _ in range(steps)]
 
 
+def global_masks(layout, counts, steps, seed=4321):
+    """Per step, the global batch's Keras mask (or None): about 35% masked, the first rank's rows all."""
+    feature_shape, _ = LAYOUTS[layout]
+    if layout not in MASKED_LAYOUTS:
+        return [None] * steps
+    rng = np.random.default_rng([seed, sorted(LAYOUTS).index(layout)])
+    masks = []
+    for _ in range(steps):
+        mask = rng.random((sum(counts),) + feature_shape[:-1]) > 0.35
+        mask[:counts[0]] = False
+        masks.append(mask)
+    return masks
+
+
+def weight_names(layout):
+    """The moving weights the layout's layers update, in Keras's order."""
+    if LAYER_OPTIONS.get(layout, {}).get("renorm"):
+        return ["moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev"]
+    return ["moving_mean", "moving_variance"]
+
+
+def result_names(layout):
+    """What `run_synced` and the references return per step, in order."""
+    return ["y", "dx", "dgamma", "dbeta"] + weight_names(layout)
+
+
 def initial_weights(layout):
     feature_shape, axis = LAYOUTS[layout]
     channels = feature_shape[axis if axis < 0 else axis - 1]
     rng = np.random.default_rng(99)
-    return [
+    weights = [
         rng.normal(1.0, 0.3, channels).astype(np.float32),  # gamma
         rng.normal(0.0, 0.3, channels).astype(np.float32),  # beta
         np.zeros(channels, np.float32),  # moving_mean
         np.ones(channels, np.float32),  # moving_variance
     ]
+    if len(weight_names(layout)) > 2:
+        # moving_stddev, then renorm_mean and renorm_stddev near the data (mean 2,
+        # std 3), so that r and d vary and some are clipped.
+        weights += [np.ones(channels, np.float32),
+                    rng.normal(2.0, 1.0, channels).astype(np.float32),
+                    rng.uniform(2.0, 4.5, channels).astype(np.float32)]
+    return weights
 
 
 def parse_args(argv=None):
@@ -116,19 +161,19 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def layer_gradients(layer, x, dy):
+def layer_gradients(layer, x, dy, mask=None):
     """`y` and the gradients of `sum(y * dy)` w.r.t. `x`, gamma and beta, in training mode."""
     import tensorflow as tf
 
     with tf.GradientTape() as tape:
         tape.watch(x)
-        y = layer(x, training=True)
+        y = layer(x, training=True) if mask is None else layer(x, training=True, mask=mask)
         loss = tf.reduce_sum(y * dy)
     dx, dgamma, dbeta = tape.gradient(loss, [x, layer.gamma, layer.beta])
     return y, dx, dgamma, dbeta
 
 
-def run_synced(layer, batches, lo, hi, strategy):
+def run_synced(layer, batches, masks, lo, hi, strategy, moving_names):
     import functools
 
     import tensorflow as tf
@@ -136,53 +181,68 @@ def run_synced(layer, batches, lo, hi, strategy):
     step = functools.partial(layer_gradients, layer)
 
     if strategy is not None:
-        compiled = tf.function(lambda x, dy: strategy.run(step, args=(x, dy)))
+        compiled = tf.function(lambda *args: strategy.run(step, args=args))
     else:
         compiled = tf.function(step)
     results = []
-    for x, dy in batches:
-        outputs = compiled(tf.constant(x[lo:hi]), tf.constant(dy[lo:hi]))
+    for (x, dy), mask in zip(batches, masks):
+        args = [tf.constant(x[lo:hi]), tf.constant(dy[lo:hi])]
+        outputs = compiled(*args, *([] if mask is None else [tf.constant(mask[lo:hi])]))
         if strategy is not None:
             outputs = [strategy.experimental_local_results(o)[0] for o in outputs]
         results.append([o.numpy() for o in outputs]
-                       + [layer.moving_mean.numpy().copy(), layer.moving_variance.numpy().copy()])
+                       + [getattr(layer, name).numpy().copy() for name in moving_names])
     return results
 
 
-def run_reference(layout, batches, lo, hi):
+def keras_reference_layer(layout):
+    """The `tf.keras.layers.BatchNormalization` the layout is compared with, built and set."""
+    import tensorflow as tf
+
+    feature_shape, axis = LAYOUTS[layout]
+    layer = tf.keras.layers.BatchNormalization(axis=axis, momentum=MOMENTUM, epsilon=EPSILON,
+                                               **LAYER_OPTIONS.get(layout, {}))
+    layer.build((None,) + feature_shape)
+    layer.set_weights(initial_weights(layout))
+    return layer
+
+
+def run_reference(layout, batches, masks, lo, hi):
     """tf.keras's BatchNormalization on the global batch, restricted to this rank's rows."""
     import tensorflow as tf
 
     feature_shape, axis = LAYOUTS[layout]
-    layer = tf.keras.layers.BatchNormalization(axis=axis, momentum=MOMENTUM, epsilon=EPSILON)
-    layer.build((None,) + feature_shape)
-    layer.set_weights(initial_weights(layout))
+    layer = keras_reference_layer(layout)
     gamma, beta = layer.gamma.numpy(), layer.beta.numpy()
     channel_shape = [1] * (len(feature_shape) + 1)
     channel_shape[axis] = -1
     reduce_axes = tuple(i for i in range(len(channel_shape)) if i != axis % len(channel_shape))
     results = []
-    for x, dy in batches:
-        y, dx, _, _ = layer_gradients(layer, tf.constant(x), dy)
+    for (x, dy), mask in zip(batches, masks):
+        y, dx, _, _ = layer_gradients(layer, tf.constant(x), dy,
+                                      None if mask is None else tf.constant(mask))
         y, dx = y.numpy(), dx.numpy()
-        # This rank's share of dgamma / dbeta: sum over its rows of dy * x_hat / dy.
+        # This rank's share of dgamma / dbeta: sum over its rows of dy * (y - beta) / gamma
+        # (x_hat, or with renorm r * x_hat + d: dgamma's terms either way) and of dy.
         x_hat = (y[lo:hi] - beta.reshape(channel_shape)) / gamma.reshape(channel_shape)
         results.append([
             y[lo:hi], dx[lo:hi],
             (dy[lo:hi] * x_hat).sum(axis=reduce_axes), dy[lo:hi].sum(axis=reduce_axes),
-            layer.moving_mean.numpy().copy(), layer.moving_variance.numpy().copy(),
-        ])
+        ] + [getattr(layer, name).numpy().copy() for name in weight_names(layout)])
     return results
 
 
-def run_float64_reference(layout, batches, lo, hi):
+def run_float64_reference(layout, batches, masks, lo, hi):
     """The same quantities from the float64 NumPy reference (tests/reference.py).
 
     Used for data far from zero, where Keras's own float32 BatchNormalization
-    is not accurate enough to be the reference.
+    is not accurate enough to be the reference (plain layouts only).
     """
     import reference
 
+    if layout in LAYER_OPTIONS or layout in MASKED_LAYOUTS:
+        raise ValueError(f"Argument `offset` is for the plain layouts (2d, nhwc, ncw). "
+                         f"Received: layout {layout!r}")
     _, axis = LAYOUTS[layout]
     gamma, beta, moving_mean, moving_variance = [w.astype(np.float64) for w in initial_weights(layout)]
     results = []
@@ -256,21 +316,25 @@ def run_case(world, case, out=None):
         for layout in case.layouts:
             feature_shape, axis = LAYOUTS[layout]
             batches = global_batches(layout, counts, case.steps, case.offset)
+            masks = global_masks(layout, counts, case.steps)
             group_rows = slice(sum(counts[:group_start]), sum(counts[:group_start + group]))
             batches = [(x[group_rows], dy[group_rows]) for x, dy in batches]
+            masks = [None if m is None else m[group_rows] for m in masks]
             with world.scope():
                 layer = syncbn.SyncBatchNormalization(
                     axis=axis, momentum=MOMENTUM, epsilon=EPSILON, communicator=communicator,
-                    group_size=case.group_size, name=f"bn_{case.name}_{layout}")
+                    group_size=case.group_size, name=f"bn_{case.name}_{layout}",
+                    **LAYER_OPTIONS.get(layout, {}))
                 layer.build((None,) + feature_shape)
                 layer.set_weights(initial_weights(layout))
-            got = run_synced(layer, batches, lo, hi, world.strategy)
+            names = result_names(layout)
+            got = run_synced(layer, batches, masks, lo, hi, world.strategy, weight_names(layout))
             # Far from zero, Keras's float32 layer is itself inexact (it folds the mean
             # into an offset, which cancels), so float64 NumPy is the reference there.
             reference = run_float64_reference if case.offset else run_reference
-            want = reference(layout, batches, lo, hi)
+            want = reference(layout, batches, masks, lo, hi)
             errors = {name: max(relative_error(g[i], w[i]) for g, w in zip(got, want))
-                      for i, name in enumerate(NAMES)}
+                      for i, name in enumerate(names)}
             ok = all(error <= case.tolerance for error in errors.values())
             summary = " ".join(f"{k}={v:.2e}" for k, v in errors.items())
             line = (f"exactness rank={rank}/{world_size} case={case.name} layout={layout} "
@@ -284,7 +348,7 @@ def run_case(world, case, out=None):
                 os.makedirs(out, exist_ok=True)
                 np.savez(os.path.join(out, f"rank{rank}.{layout}.npz"),
                          **{f"{name}_{s}": g[i] for s, g in enumerate(got)
-                            for i, name in enumerate(NAMES)})
+                            for i, name in enumerate(names)})
     return records
 
 

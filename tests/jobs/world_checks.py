@@ -37,7 +37,7 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jobs import convert_train_step, exactness, moving_stats  # noqa: E402
+from jobs import convert_train_step, exactness, masked_model, moving_stats  # noqa: E402
 from jobs.common import WORLDS, open_world, say  # noqa: E402
 from jobs.exactness import Case  # noqa: E402
 from launch_jobs import collective_check  # noqa: E402
@@ -48,11 +48,20 @@ def _per_rank(values, world):
     return tuple(values[r % len(values)] for r in range(world.num_processes))
 
 
-# The exactness cases: uneven batches with an empty rank on every layout; data
-# far from zero (float64 reference); the fused kernels GPUs run; layers with
-# communicator="auto"; consecutive groups of 2.
+# The exactness cases: uneven batches with an empty rank on every layout; batch
+# renormalization and a per-channel mask; data far from zero (float64
+# reference); the fused kernels GPUs run; layers with communicator="auto";
+# consecutive groups of 2. And a Masking + batch norm on axis 1 model, trained.
 def check_exactness(world, out):
     return exactness.run_case(world, Case(), os.path.join(out, "exactness"))
+
+
+def check_renorm_masks(world, out):
+    return exactness.run_case(world, exactness.RENORM_MASKS_CASE, os.path.join(out, "renorm_masks"))
+
+
+def check_masked_model(world, out):
+    return [masked_model.run_check(world, counts=_per_rank((4, 6, 3, 5), world))]
 
 
 def check_large_offset(world, out):
@@ -97,6 +106,8 @@ def check_collective(world, out):
 CHECKS = {
     "collective": check_collective,
     "exactness": check_exactness,
+    "renorm_masks": check_renorm_masks,
+    "masked_model": check_masked_model,
     "large_offset": check_large_offset,
     "fused": check_fused,
     "auto": check_auto,
