@@ -3,6 +3,11 @@
     syncbn-launch -np 4 [-H host1:2,host2:2 | --simulate-hosts 2 [--ssh]]
                   [--backend horovod|mpi|tf] [--timeout SECONDS] [--output-dir DIR]
                   -- python train.py ARGS
+    syncbn-launch --simulate-hosts 2 --slurm -- sbatch --wait job.sbatch
+
+Inside a Slurm allocation (`SLURM_JOB_ID` set) and without `-H`, the hosts
+and their slots are the allocation's, and every rank starts as a job step
+of its own (`launch.hostexec.SrunRunner`).
 
 Every option has an environment fallback, `SYNCBN_LAUNCH_<OPTION>`; the command
 line wins over the environment, which wins over the built-in default.
@@ -19,7 +24,7 @@ import sys
 
 from launch import hosts as hosts_lib
 from launch.backends import BACKENDS, Placement, create_backend, default_backend
-from launch.hostexec import LocalRunner, NetnsRunner, SshRunner
+from launch.hostexec import LocalRunner, NetnsRunner, SrunRunner, SshRunner
 from launch.supervisor import Supervisor
 
 logger = logging.getLogger("launch")
@@ -64,6 +69,12 @@ def build_parser():
         help="with --simulate-hosts: start an sshd in every simulated host, with keys "
              "made for the job, and reach the hosts over ssh as -H reaches remote "
              "machines, instead of `ip netns exec` (default: off; env SYNCBN_LAUNCH_SSH=1)")
+    ranks.add_argument(
+        "--slurm", action="store_true", default=_env("SLURM") == "1",
+        help="with --simulate-hosts: run a Slurm cluster on the simulated hosts (munged, "
+             "slurmctld, a slurmd per host) and run the command once, here (the login "
+             "node), with SLURM_CONF set; -np is not used (default: off; "
+             "env SYNCBN_LAUNCH_SLURM=1)")
     ranks.add_argument(
         "--gpus-per-host", default=_env("GPUS_PER_HOST", "auto"),
         help="GPUs per host, one per local rank via CUDA_VISIBLE_DEVICES; 'auto' uses "
@@ -155,6 +166,16 @@ def validate(args):
     if not args.command:
         raise ValueError("No command given. Received: nothing after `--`; "
                          "usage: syncbn-launch -np 2 -- python train.py")
+    if args.slurm:
+        if args.simulate_hosts is None:
+            raise ValueError(
+                "Argument `--slurm` needs `--simulate-hosts N` (inside a real allocation, "
+                "syncbn-launch finds its hosts by itself). Received: --slurm without "
+                "--simulate-hosts")
+        if args.simulate_hosts < 1:
+            raise ValueError(f"Argument `--simulate-hosts` must be >= 1. "
+                             f"Received: --simulate-hosts={args.simulate_hosts}")
+        return args
     if args.num_proc is None:
         raise ValueError("Argument `-np` is required. Received: none")
     if args.num_proc < 1:
@@ -245,6 +266,8 @@ def make_placement(args, network, cwd, ssh_servers=None):
             launcher_address=network.gateway, iface="sbn0", command=args.command, cwd=cwd,
             cpus=cpus, gpu_ids=gpu_ids, shared_machine=True, network=network,
             exported=tuple(args.export))
+    if args.hosts is None and os.environ.get("SLURM_JOB_ID"):
+        return allocation_placement(args, cwd, cpus, gpu_ids, os.environ)
     host_list = hosts_lib.parse_hosts(args.hosts or f"localhost:{args.num_proc}")
     slots = hosts_lib.assign_ranks(host_list, args.num_proc)
     used = {slot.hostname for slot in slots}
@@ -273,12 +296,81 @@ def make_placement(args, network, cwd, ssh_servers=None):
                      cwd=cwd, cpus=cpus, gpu_ids=gpu_ids, exported=tuple(args.export))
 
 
+def _scontrol(*args):
+    return subprocess.run(["scontrol", *args], capture_output=True, text=True, check=True,
+                          timeout=60).stdout
+
+
+def node_addresses(text):
+    """`{NodeName: NodeAddr}` from `scontrol show node -o` output. Pure.
+
+    Example:
+        >>> node_addresses("NodeName=n1 Arch=x86_64 NodeAddr=10.0.0.5 NodeHostName=n1\\n")
+        {'n1': '10.0.0.5'}
+    """
+    found = {}
+    for line in text.splitlines():
+        fields = dict(word.split("=", 1) for word in line.split() if "=" in word)
+        if "NodeName" in fields:
+            found[fields["NodeName"]] = fields.get("NodeAddr", fields["NodeName"])
+    return found
+
+
+def _local_route(address):
+    """True if `address` is this machine's own (in this network namespace)."""
+    words = subprocess.run(["ip", "-o", "route", "get", address], capture_output=True,
+                           text=True, check=True).stdout.split()
+    return bool(words) and words[0] == "local"
+
+
+def allocation_placement(args, cwd, cpus, gpu_ids, environ):
+    """The placement inside a Slurm allocation: its nodes and task counts, ranks as steps.
+
+    Slurm's own `scontrol show hostnames` expands `SLURM_JOB_NODELIST`, and
+    `NodeAddr` (`scontrol show node`) gives the address other nodes reach
+    each node at (on most clusters, its name).
+    """
+    names = _scontrol("show", "hostnames", environ["SLURM_JOB_NODELIST"]).split()
+    host_list = hosts_lib.allocation_hosts(names, environ.get("SLURM_TASKS_PER_NODE", ""))
+    slots = hosts_lib.assign_ranks(host_list, args.num_proc)
+    used = {slot.hostname for slot in slots}
+    host_list = [h for h in host_list if h.name in used]
+    addresses = node_addresses(_scontrol("show", "node", "-o", ",".join(h.name for h in host_list)))
+    addresses = {h.name: addresses.get(h.name, h.name) for h in host_list}
+    elsewhere = [a for a in addresses.values() if not _local_route(a)]
+    if elsewhere:
+        iface, source = _route_to(elsewhere[0])
+    else:  # every rank runs on this node
+        iface, source = "lo", "127.0.0.1"
+    return Placement(
+        slots=slots, hosts=host_list, runners={h.name: SrunRunner(h.name) for h in host_list},
+        addresses=addresses, launcher_address=args.launcher_address or source,
+        iface=args.network_interface or iface, command=args.command, cwd=cwd, cpus=cpus,
+        gpu_ids=gpu_ids, exported=tuple(args.export))
+
+
+def run_login_command(args):
+    """`--simulate-hosts N --slurm`: the command, once, beside a simulated Slurm cluster."""
+    from launch.netns import SimulatedNetwork
+    from launch.slurm import SimulatedSlurm
+    from launch.supervisor import WorkerSpec
+
+    with SimulatedNetwork(args.simulate_hosts) as network, SimulatedSlurm(network) as cluster:
+        spec = WorkerSpec(label="login", argv=list(args.command),
+                          env={**os.environ, **cluster.env()}, cwd=os.getcwd(),
+                          death_signal=signal.SIGTERM)
+        return Supervisor([spec], output_dir=args.output_dir, grace_period=args.grace_period,
+                          timeout=args.timeout).run()
+
+
 def run(args):
     """Runs a validated job; returns the exit code."""
     if os.geteuid() == 0:
         # Open MPI refuses root without both (Gloo and TF do not care).
         os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
         os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    if args.slurm:
+        return run_login_command(args)
     backend_name = args.backend or default_backend()
     backend = create_backend(backend_name, args)
     network = None

@@ -1,4 +1,4 @@
-""""Run this command on host H": one small abstraction, three implementations.
+""""Run this command on host H": one small abstraction, four implementations.
 
 A `HostRunner` turns `(argv, added_env, cwd)` into the argv and environment that
 the launcher hands to `subprocess.Popen` on this machine:
@@ -8,10 +8,13 @@ the launcher hands to `subprocess.Popen` on this machine:
 - `NetnsRunner`: `ip netns exec NS CMD`, for `--simulate-hosts` (`ip netns exec`
   execs in place, so the rank is still the launcher's direct child and inherits
   its parent-death signal).
+- `SrunRunner`: `srun ... --nodelist NODE CMD`, a one-task job step on a node of
+  the Slurm allocation the launcher runs in.
 """
 
 import os
 import shlex
+import signal
 
 SSH_OPTIONS = ("-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no")
 # What a remote rank needs to find the same Python, packages and libraries as the
@@ -115,3 +118,41 @@ class SshRunner(HostRunner):
 
     def __repr__(self):
         return f"SshRunner({self.host!r})"
+
+
+class SrunRunner(HostRunner):
+    """Runs on node `node` of this Slurm allocation, as a job step of one task.
+
+    `--overlap` lets the ranks' steps share the allocation's CPUs (Slurm 21.08+
+    gives each step its CPUs alone otherwise, and a rank would wait for
+    another's); `--mpi=none`, because each step holds one rank of a job whose
+    world the backend sets up, not an MPI world of its own. srun passes the
+    whole environment on and forwards SIGTERM to the task, and it gets SIGTERM
+    (`death_signal`) if the launcher dies, so the step ends with it.
+
+    Example:
+        >>> runner = SrunRunner("node1", base_env={"PATH": "/venv/bin"})
+        >>> argv, env = runner.command(["python", "t.py"], {"RANK": "1"}, "/w")
+        >>> " ".join(argv)
+        'srun --overlap --nodes=1 --ntasks=1 --ntasks-per-node=1 --nodelist=node1 --mpi=none --kill-on-bad-exit=1 --chdir=/w python t.py'
+        >>> env["RANK"], env["PATH"]
+        ('1', '/venv/bin')
+    """
+
+    is_local = False
+    death_signal = signal.SIGTERM
+
+    def __init__(self, node, base_env=None):
+        self.node = node
+        self._base_env = base_env
+
+    def command(self, argv, added_env, cwd):
+        base = os.environ if self._base_env is None else self._base_env
+        env = {**base, **added_env}
+        step = ["srun", "--overlap", "--nodes=1", "--ntasks=1", "--ntasks-per-node=1",
+                f"--nodelist={self.node}", "--mpi=none", "--kill-on-bad-exit=1",
+                f"--chdir={cwd}"]
+        return [*step, *argv], env
+
+    def __repr__(self):
+        return f"SrunRunner({self.node!r})"

@@ -10,7 +10,9 @@ removes it if this one is SIGKILLed, see `launch.netns.remove_stale`):
 - `slurmctld` in the launcher's own network namespace, the "login node", on the
   bridge's address and a free port;
 - one `slurmd` in every simulated host (`slurmd -N node<i>`, `NodeAddr` = the
-  host's address), with per-node spool, pid and log files (`%n`).
+  host's address), with per-node spool, pid and log files (`%n`). Node names
+  resolve on the nodes (each namespace's hosts file), not on the login node,
+  where Slurm's `NodeAddr` says where a node is.
 
 No cgroups and no accounting: `ProctrackType=proctrack/linuxproc` (which finds
 a task's processes by parentage, also those that start their own session, as
@@ -34,7 +36,7 @@ import subprocess
 import tempfile
 import time
 
-from launch.netns import mpi_session_base
+from launch.netns import NETNS_ETC, mpi_session_base
 
 logger = logging.getLogger("launch")
 
@@ -245,6 +247,7 @@ class SimulatedSlurm:
                 controller_address=self.network.gateway,
                 port=_free_port(self.network.gateway), directory=self.directory,
                 munge_socket=munge_socket, nodes=self.nodes, cpus=self.cpus))
+        self._name_nodes()
         bases = {}
         for (name, _), host in zip(self.nodes, self.network.hosts):
             bases[name] = mpi_session_base(host.namespace)
@@ -267,6 +270,14 @@ class SimulatedSlurm:
         self._wait_until_idle()
         logger.info("Slurm cluster of %d nodes (%s), SLURM_CONF=%s", len(self.nodes),
                     ", ".join(f"{n} at {a}" for n, a in self.nodes), self.conf)
+
+    def _name_nodes(self):
+        """Makes every node's name resolve to its address on every node, as cluster DNS
+        would (`ip netns exec` shows each namespace its `/etc/netns/<ns>/hosts`)."""
+        lines = "".join(f"{address} {name}\n" for name, address in self.nodes)
+        for host in self.network.hosts:
+            with open(os.path.join(NETNS_ETC, host.namespace, "hosts"), "a") as hosts:
+                hosts.write(lines)
 
     def _node_conf(self, name):
         """A directory of node `name`'s own: the cluster's slurm.conf, and an mpi.conf.

@@ -1,5 +1,7 @@
 """Pieces shared by the per-rank backends (horovod, tf)."""
 
+import signal
+
 from launch.environment import build_rank_env
 from launch.supervisor import WorkerSpec
 
@@ -25,6 +27,7 @@ def rank_workers(placement, backend_env_for, base_env):
                 env=popen_env,
                 rank=slot.rank,
                 cwd=placement.cwd if runner.is_local else None,
+                death_signal=getattr(runner, "death_signal", signal.SIGKILL),
             )
         )
     return specs
