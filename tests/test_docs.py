@@ -12,6 +12,10 @@ them in an HTML comment on the line just above it, which readers do not see:
 The test then runs the block through `syncbn-launch` with those options, as
 the docs tell users to. There is no way to exempt a block: code that
 cannot run belongs in a ```bash block or in prose.
+
+A ```bash block runs only under a directive that gives it a place to run:
+`<!-- syncbn-launch --simulate-hosts 2 --slurm -->` runs it with bash on the
+login node of a simulated Slurm cluster (launch/slurm.py).
 """
 
 import glob
@@ -30,6 +34,9 @@ DOC_FILES = [os.path.join(REPO_DIR, "README.md")] + sorted(
 BLOCK = re.compile(
     r"(?:<!--\s*(?P<directive>[^\n]*?)\s*-->\s*\n)?```python\n(?P<code>.*?)\n```", re.DOTALL
 )
+BASH_BLOCK = re.compile(
+    r"<!--\s*(?P<directive>syncbn-launch [^\n]*?--slurm[^\n]*?)\s*-->\s*\n```bash\n(?P<code>.*?)\n```",
+    re.DOTALL)
 BLOCK_TIMEOUT = 600
 
 
@@ -43,12 +50,22 @@ def code_blocks(path):
     ]
 
 
+def bash_blocks(path):
+    """`(line number, directive, code)` for every bash block of `path` that has a directive."""
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    return [(text.count("\n", 0, match.start("code")) + 1, match.group("directive"),
+             match.group("code")) for match in BASH_BLOCK.finditer(text)]
+
+
 def _cases():
     cases = []
     for path in DOC_FILES:
-        for line, directive, code in code_blocks(path):
+        blocks = [(line, directive, code, "python") for line, directive, code in code_blocks(path)]
+        blocks += [(line, directive, code, "bash") for line, directive, code in bash_blocks(path)]
+        for line, directive, code, language in blocks:
             name = f"{os.path.relpath(path, REPO_DIR)}:{line}"
-            cases.append(pytest.param(directive, code, id=name))
+            cases.append(pytest.param(directive, code, language, id=name))
     return cases
 
 
@@ -62,12 +79,19 @@ def test_the_docs_have_python_blocks_to_run():
         assert handle.read().count("```python") == len(code_blocks(DOC_FILES[0]))
 
 
-@pytest.mark.parametrize("directive, code", CASES)
-def test_doc_block_runs(directive, code, tmp_path):
-    script = tmp_path / "block.py"
+def test_bash_blocks_with_a_directive_are_found():
+    assert any(case.values[2] == "bash" for case in CASES), [case.id for case in CASES]
+
+
+@pytest.mark.parametrize("directive, code, language", CASES)
+def test_doc_block_runs(directive, code, language, tmp_path):
+    script = tmp_path / ("block.py" if language == "python" else "block.sh")
     script.write_text(code + "\n")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO_DIR}
-    if directive is None:
+    if language == "bash":
+        command = [sys.executable, "-m", "launch", *directive.split()[1:],
+                   "--timeout", str(BLOCK_TIMEOUT - 30), "--", "bash", "-e", str(script)]
+    elif directive is None:
         command = [sys.executable, str(script)]
     elif directive.startswith("syncbn-launch "):
         command = [sys.executable, "-m", "launch", *directive.split()[1:],
