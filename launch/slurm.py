@@ -25,18 +25,18 @@ parent-death signal; `close()` stops them and deletes the directory, and the
 processes of the jobs end when `SimulatedNetwork.close` removes the namespaces.
 """
 
-import ctypes
+import contextlib
 import logging
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 import time
 
 from launch.netns import NETNS_ETC, mpi_session_base
+from launch.netns_ssh import _start_in_namespace, _tail, stop_daemons
 
 logger = logging.getLogger("launch")
 
@@ -47,7 +47,6 @@ CLIENT_TOOLS = ("srun", "sbatch", "salloc", "sinfo", "scontrol")
 READY_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 10.0
 PARTITION = "sbn"
-_PR_SET_PDEATHSIG = 1
 # `ip netns exec` mounts a fresh /sys, without the cgroup file systems, and
 # slurmd 22.05 initializes its cgroup plugin (cgroup v1 here) even when no plugin
 # of the configuration uses cgroups: it wants a tmpfs with the named `systemd`
@@ -144,13 +143,17 @@ def task_prolog(session_bases):
 
     The nodes share /tmp, /dev/shm and the host name, so Open MPI's session
     directories and shared-memory segments get a base of each node's own, as
-    they would on separate machines (`launch.netns.mpi_session_base`).
+    they would on separate machines (`launch.netns.mpi_session_base`), and
+    its byte transfer layers are TCP and self only, as `--simulate-hosts`
+    gives mpirun: with one host name for every node, tasks of different nodes
+    would take each other for neighbours and map each other's shared-memory
+    segments (Open MPI's `vader` then crashes).
 
     Args:
         session_bases: `{node name: directory}`.
 
     Example:
-        >>> print(task_prolog({"node0": "/tmp/n0"}).splitlines()[-5])
+        >>> print(task_prolog({"node0": "/tmp/n0"}).splitlines()[-6])
           node0) base=/tmp/n0 ;;
     """
     cases = "".join(f"  {name}) base={base} ;;\n" for name, base in session_bases.items())
@@ -161,29 +164,14 @@ def task_prolog(session_bases):
             "  *) exit 0 ;;\n"
             "esac\n"
             'echo "export OMPI_MCA_orte_tmpdir_base=$base"\n'
-            'echo "export OMPI_MCA_btl_vader_backing_directory=$base"\n')
+            'echo "export OMPI_MCA_btl_vader_backing_directory=$base"\n'
+            'echo "export OMPI_MCA_btl=self,tcp"\n')
 
 
 def _free_port(address):
     with socket.socket() as sock:
         sock.bind((address, 0))
         return sock.getsockname()[1]
-
-
-def _start(argv, log_path, namespace=None):
-    parent = os.getpid()
-
-    def child_setup():
-        # The daemons die with this process; nothing else would stop them.
-        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-        if os.getppid() != parent:
-            os._exit(1)
-
-    if namespace is not None:
-        argv = ["ip", "netns", "exec", namespace, *argv]
-    with open(log_path, "ab") as log:
-        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                start_new_session=True, preexec_fn=child_setup)
 
 
 class SimulatedSlurm:
@@ -212,11 +200,10 @@ class SimulatedSlurm:
 
     def __enter__(self):
         check_can_run_slurm()
-        try:
+        with contextlib.ExitStack() as on_error:
+            on_error.callback(self.close)  # whatever was started before a failure
             self._create()
-        except BaseException:
-            self.close()
-            raise
+            on_error.pop_all()
         return self
 
     def __exit__(self, *exc_info):
@@ -257,15 +244,17 @@ class SimulatedSlurm:
             script.write(task_prolog(bases))
         os.chmod(prolog, 0o755)
         env_argv = ["env", f"SLURM_CONF={self.conf}"]
-        self._daemons.append(("slurmctld", _start(
-            [*env_argv, SLURMCTLD, "-D", "-i", "-f", self.conf], self._path("slurmctld.out")),
+        self._daemons.append(("slurmctld", _start_in_namespace(
+            None, [*env_argv, SLURMCTLD, "-D", "-i", "-f", self.conf],
+            self._path("slurmctld.out")),
             self._path("slurmctld.log")))
         for (name, _), host in zip(self.nodes, self.network.hosts):
             node_conf = self._node_conf(name)
-            self._daemons.append((f"slurmd {name}", _start(
+            self._daemons.append((f"slurmd {name}", _start_in_namespace(
+                host.namespace,
                 ["sh", "-c", SLURMD_IN_NAMESPACE, "slurmd", "env", f"SLURM_CONF={node_conf}",
                  SLURMD, "-D", "-N", name, "-f", node_conf],
-                self._path(f"slurmd.{name}.out"), namespace=host.namespace),
+                self._path(f"slurmd.{name}.out")),
                 self._path(f"slurmd.{name}.log")))
         self._wait_until_idle()
         logger.info("Slurm cluster of %d nodes (%s), SLURM_CONF=%s", len(self.nodes),
@@ -305,7 +294,7 @@ class SimulatedSlurm:
                 f"--socket={munge_socket}", f"--pid-file={self._path('munge', 'munged.pid')}",
                 f"--log-file={self._path('munge', 'munged.log')}",
                 f"--seed-file={self._path('munge', 'munged.seed')}"]
-        self._daemons.append(("munged", _start(argv, self._path("munge", "munged.out")),
+        self._daemons.append(("munged", _start_in_namespace(None, argv, self._path("munge", "munged.out")),
                               self._path("munge", "munged.log")))
         deadline = time.monotonic() + READY_TIMEOUT_SECONDS
         while not os.path.exists(munge_socket):
@@ -350,24 +339,10 @@ class SimulatedSlurm:
     def close(self):
         """Stops the daemons (SIGTERM, then SIGKILL), slurmds first, and deletes the
         directory. Idempotent."""
-        for _, process, _ in reversed(self._daemons):
-            if process.poll() is None:
-                process.terminate()
-        for _, process, _ in reversed(self._daemons):
-            try:
-                process.wait(timeout=STOP_TIMEOUT_SECONDS)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_daemons([process for _, process, _ in reversed(self._daemons)],
+                     timeout=STOP_TIMEOUT_SECONDS)
         self._daemons = []
         if self.directory:
             shutil.rmtree(self.directory, ignore_errors=True)
             self.directory = None
 
-
-def _tail(path, lines=10):
-    try:
-        with open(path, errors="replace") as log:
-            return " | ".join(log.read().splitlines()[-lines:]) or "(no log output)"
-    except OSError:
-        return "(no log)"

@@ -281,8 +281,8 @@ def test_fault_ends_the_srun_step_within_the_timeout_and_names_the_task(cluster,
         # Rank 0 waits for the stalled rank, says which collective, and aborts the step.
         assert re.search(r"syncbn: MPI all-reduce 'syncbn/bn_\w/\w+' waited more than 20 s",
                          output), output[-4000:]
-        assert re.search(r"srun: error: node0: task 0: Exited with exit code 124", output), (
-            output[-4000:])
+        assert re.search(r"MPI_ABORT was invoked on rank 0 in communicator MPI_COMM_WORLD\s+"
+                         r"with errorcode 124", output), output[-4000:]
     assert cluster.node_states() != {}
 
 
