@@ -203,7 +203,7 @@ def test_sbatch_example_trains_synchronized_and_exact(cluster, tmp_path):
     assert (state, exit_code) == ("COMPLETED", "0:0"), output[-4000:]
     assert sorted(re.findall(r"^task (\d)/4: moving mean", output, re.M)) == ["0", "1", "2", "3"]
     assert "synchronized: moving statistics identical on all 4 tasks: True" in output, output
-    assert re.search(r"^exact: 176 samples in batches of \[32, 40, 48, 56\], .*: OK$", output,
+    assert re.search(r"^exact: 56 samples in batches of \[8, 12, 16, 20\], .*: OK$", output,
                      re.M), output
 
 
