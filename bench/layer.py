@@ -31,14 +31,16 @@ ratio ran in the same round, so load from other processes largely cancels).
 """
 
 import argparse
+import functools
 import json
 import os
 import platform
 import shlex
 import sys
-import time
 
 import numpy as np
+
+from timing import time_round_robin
 
 # (name, shape, channel axis, dtype). The first two are the issue's targets.
 CASES = [
@@ -51,16 +53,6 @@ CASES = [
 ]
 VARIANTS = ["copy", "fused", "syncbn", "synced-local", "keras"]
 EPSILON = 1e-3
-
-
-class PretendTwoReplicas:
-    """Says 2 replicas, sums nothing: the synchronized path without communication."""
-
-    num_replicas = 2
-
-    def all_sum(self, tensor, name):
-        del name
-        return tensor * 1.0
 
 
 def parse_args(argv=None):
@@ -82,6 +74,7 @@ def build_variants(shape, axis, dtype_name):
     import tensorflow as tf
 
     import syncbn
+    from syncbn.collectives import PretendReplicas
 
     dtype = tf.as_dtype(dtype_name)
     rng = np.random.default_rng(0)
@@ -134,7 +127,7 @@ def build_variants(shape, axis, dtype_name):
         "copy": copy,
         "fused": fused,
         "syncbn": keras_layer_step(sync_layer("local")),
-        "synced-local": keras_layer_step(sync_layer(PretendTwoReplicas())),
+        "synced-local": keras_layer_step(sync_layer(PretendReplicas())),
         "keras": keras_layer_step(
             keras.layers.BatchNormalization(axis=axis, epsilon=EPSILON, dtype=policy)
         ),
@@ -144,24 +137,6 @@ def build_variants(shape, axis, dtype_name):
 def run_once(step):
     for output in step():
         output.numpy()  # Forces completion; zero-copy for CPU tensors.
-
-
-def time_round_robin(steps, rounds, repeat, warmup=2):
-    """Name -> list of per-round seconds per call, variants interleaved."""
-    for step in steps.values():
-        for _ in range(warmup):
-            run_once(step)
-    samples = {name: [] for name in steps}
-    for round_index in range(rounds):
-        # Rotate the order so no variant always runs first (cache, frequency).
-        names = list(steps)
-        names = names[round_index % len(names):] + names[: round_index % len(names)]
-        for name in names:
-            start = time.perf_counter()
-            for _ in range(repeat):
-                run_once(steps[name])
-            samples[name].append((time.perf_counter() - start) / repeat)
-    return samples
 
 
 def summarize(samples):
@@ -217,7 +192,8 @@ def main(argv=None):
     results = {}
     for name, shape, axis, dtype_name in cases:
         steps = build_variants(shape, axis, dtype_name)
-        results[name] = summarize(time_round_robin(steps, args.rounds, args.repeat))
+        timed = {step_name: functools.partial(run_once, step) for step_name, step in steps.items()}
+        results[name] = summarize(time_round_robin(timed, args.rounds, args.repeat))
         print(f"done: {name}", file=sys.stderr, flush=True)
     print()
     print(markdown(results))

@@ -35,7 +35,6 @@ import sys
 
 import numpy as np
 
-from layer import PretendTwoReplicas
 
 VARIANTS = ["none", "keras", "syncbn", "synced-local"]
 FILTERS = (32, 64, 128)
@@ -53,12 +52,13 @@ def child(variant, batch, steps):
     import tensorflow as tf
 
     import syncbn
+    from syncbn.collectives import PretendReplicas
 
     makers = {
         "none": None,
         "keras": lambda: keras.layers.BatchNormalization(),
         "syncbn": lambda: syncbn.SyncBatchNormalization(communicator="local"),
-        "synced-local": lambda: syncbn.SyncBatchNormalization(communicator=PretendTwoReplicas()),
+        "synced-local": lambda: syncbn.SyncBatchNormalization(communicator=PretendReplicas()),
     }
     make_bn = makers[variant]
     keras.utils.set_random_seed(0)

@@ -9,7 +9,7 @@ The model is a `keras.applications` model (model_step.py's `build_model`,
 same seed on every rank); `--variant local` keeps its Keras
 BatchNormalization layers, `--variant sync` is `syncbn.convert(model)`
 (communicator "auto": the backend's), and `--variant synced` is
-`syncbn.convert(model, communicator=PretendTwoReplicas())` (bench/layer.py):
+`syncbn.convert(model, communicator=syncbn.collectives.PretendReplicas())`:
 the synchronized path's math on each rank's own batch, with no collective in
 the BN layers, while the gradients are still averaged over the ranks. So
 sync - synced is what the BN layers' collectives cost, and synced - local
@@ -52,6 +52,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import model_step  # noqa: E402
 
+from syncbn.world import create_world  # noqa: E402
+
 BACKENDS = ("horovod", "mpi", "tf")
 VARIANTS = ("local", "sync", "synced")
 EPOCHS = 2
@@ -65,7 +67,7 @@ def parse_args(argv=None):
     parser.add_argument("--model", required=True, choices=model_step.MODELS + [model_step.SMALL_MODEL])
     parser.add_argument("--variant", required=True, choices=VARIANTS,
                         help="local: Keras BN; sync: syncbn.convert(model); synced: the same "
-                             "layers with no collective (PretendTwoReplicas)")
+                             "layers with no collective (PretendReplicas)")
     parser.add_argument("--batch", type=int, default=8, help="samples per rank and step (default 8)")
     parser.add_argument("--size", type=int, default=64, help="image height and width (default 64)")
     parser.add_argument("--steps", type=int, default=5, help="steps per epoch (default 5)")
@@ -92,17 +94,13 @@ def shard(x, y, rank, ranks):
     return x[rank::ranks], y[rank::ranks]
 
 
+# This job's variant names -> model_step.make_variant's.
+MODEL_STEP_VARIANT = {"local": "keras", "sync": "syncbn", "synced": "synced"}
+
+
 def make_model(args):
-    import syncbn
-
     model = model_step.build_model(args.model, args.size)  # seeded: the same on every rank
-    if args.variant == "local":
-        return model
-    if args.variant == "sync":
-        return syncbn.convert(model)
-    from layer import PretendTwoReplicas
-
-    return syncbn.convert(model, communicator=PretendTwoReplicas())
+    return model_step.make_variant(MODEL_STEP_VARIANT[args.variant], model)
 
 
 def step_timer_class():
@@ -161,16 +159,14 @@ def custom_loop(timer, step, batches):
 def train_horovod(args, timer):
     import keras
 
-    import syncbn
     from syncbn import horovod_keras as hk
 
-    syncbn.init_horovod()
-    rank, ranks = hk.rank(), hk.size()
+    world = create_world("horovod")
+    rank, ranks = world.process_rank, world.num_processes
     x, y = shard(*synthetic_dataset(ranks, args.batch, args.steps, args.size), rank, ranks)
     model = make_model(args)
     model.compile(optimizer=hk.DistributedOptimizer(keras.optimizers.SGD(0.01)),
-                  loss=keras.losses.SparseCategoricalCrossentropy(),
-                  jit_compile=False)  # Horovod ops do not run under XLA
+                  loss=keras.losses.SparseCategoricalCrossentropy())
     timer.start()
     model.fit(x, y, batch_size=args.batch, epochs=EPOCHS, shuffle=False, verbose=0,
               callbacks=[timer, hk.BroadcastInitialState(), hk.MetricAverage()])
@@ -187,9 +183,8 @@ def train_mpi(args, timer):
     if communicator.name != "mpi":
         raise RuntimeError(f"--backend mpi needs the MPI communicator; 'auto' resolved to "
                            f"{communicator.name!r}: run under `syncbn-launch --backend mpi`")
-    from mpi4py import MPI
-
-    rank, ranks = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
+    world = create_world("mpi")
+    rank, ranks = world.process_rank, world.num_processes
     x, y = shard(*synthetic_dataset(ranks, args.batch, args.steps, args.size), rank, ranks)
     model = make_model(args)
     optimizer = keras.optimizers.SGD(0.01)
@@ -221,9 +216,8 @@ def train_tf(args, timer):
     import keras
     import tensorflow as tf
 
-    options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=600)
-    strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
-    rank, ranks = strategy.cluster_resolver.task_id, strategy.num_replicas_in_sync
+    world = create_world("tf.distribute")
+    strategy, rank, ranks = world.strategy, world.process_rank, world.num_processes
     x, y = shard(*synthetic_dataset(ranks, args.batch, args.steps, args.size), rank, ranks)
     with strategy.scope():
         model = make_model(args)

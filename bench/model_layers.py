@@ -77,7 +77,7 @@ def build_step(variant, shapes):
     import tensorflow as tf
 
     import syncbn
-    from layer import PretendTwoReplicas
+    from syncbn.collectives import PretendReplicas
 
     rng = np.random.default_rng(0)
     xs = [tf.constant(rng.normal(3.0, 2.0, shape).astype(np.float32)) for shape in shapes]
@@ -86,7 +86,7 @@ def build_step(variant, shapes):
         kernels = None
     else:
         path, kernels = variant.split("-")
-        communicator = "local" if path == "syncbn" else PretendTwoReplicas()
+        communicator = "local" if path == "syncbn" else PretendReplicas()
         layers = [syncbn.SyncBatchNormalization(communicator=communicator) for _ in shapes]
     for layer, shape in zip(layers, shapes):
         layer.build(shape)

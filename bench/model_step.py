@@ -9,7 +9,7 @@ in one run:
   SGD) on a fixed batch:
   - `keras`: the model as built, with `keras.layers.BatchNormalization`;
   - `syncbn`: `syncbn.convert(model)` (one replica: no communication);
-  - `synced`: `syncbn.convert(model, communicator=PretendTwoReplicas())`, a
+  - `synced`: `syncbn.convert(model, communicator=PretendReplicas())`, a
     communicator that says 2 replicas and whose `all_sum` returns its input
     (bench/layer.py): the synchronized path's graph, with no communication.
 * `--mirrored N`: N replicas on N logical CPUs under `MirroredStrategy`, a
@@ -17,7 +17,7 @@ in one run:
   - `keras`: Keras BN, local statistics;
   - `keras-sync`: every BN cloned with `synchronized=True`;
   - `syncbn`: `syncbn.convert(model)` (the strategy's all-reduce);
-  - `synced`: as above, with `PretendTwoReplicas`: the same layers and math,
+  - `synced`: as above, with `PretendReplicas`: the same layers and math,
     no all-reduce in the BN layers. syncbn - synced is what the strategy's
     all-reduces cost.
 * `--launch N --backends horovod,mpi,tf`: N ranks, one job per variant through
@@ -30,7 +30,7 @@ in one run:
   Keras 3's `model.fit` fails under it, keras-team/keras#20585):
   - `local`: Keras BN (local statistics), same glue;
   - `sync`: `syncbn.convert(model)` (communicator "auto": the backend's);
-  - `synced`: as above, with `PretendTwoReplicas`: no collective in the BN
+  - `synced`: as above, with `PretendReplicas`: no collective in the BN
     layers (the gradients are still averaged). sync - synced is what the BN
     layers' collectives cost.
   "First epoch" is rank 0's wall time from the start of training to the end of
@@ -195,9 +195,9 @@ def make_variant(variant, model):
     if variant == "syncbn":
         return syncbn.convert(model)
     if variant == "synced":
-        from layer import PretendTwoReplicas
+        from syncbn.collectives import PretendReplicas
 
-        return syncbn.convert(model, communicator=PretendTwoReplicas())
+        return syncbn.convert(model, communicator=PretendReplicas())
     raise ValueError(f"Unknown variant. Received: variant={variant!r}")
 
 

@@ -31,7 +31,7 @@ Variants (same seed, same initial weights):
 * `local`: `keras.layers.BatchNormalization()`, no BN sync, same gradient
   all-reduce;
 * `synced-local`: syncbn's synchronized code path with a communicator that
-  does not communicate (`bench/layer.py`'s `PretendTwoReplicas`: it says 2
+  does not communicate (`syncbn.collectives.PretendReplicas`: it says 2
   replicas and returns its input): its local math in the same step, so `sync` minus `synced-local` is what the collectives cost,
   their latency plus each rank waiting for the slower one;
 * `keras-sync` (tf only): `keras.layers.BatchNormalization(synchronized=True)`;
@@ -67,18 +67,19 @@ it (`--sweep-repeats 3`) on a shared machine.
 """
 
 import argparse
-import contextlib
 import json
 import os
 import shlex
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 
-from layer import PretendTwoReplicas
+from timing import time_round_robin
+
+from syncbn.collectives import PretendReplicas
+from syncbn.world import create_world
 
 PER_RANK_BATCH = 16
 NUM_CLASSES = 10
@@ -111,129 +112,53 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def detect_backend():
-    if "TF_CONFIG" in os.environ:
-        return "tf"
-    if "HOROVOD_RANK" in os.environ or "HOROVOD_CONTROLLER" in os.environ:
-        return "horovod"  # Gloo sets both; the launcher's Horovod over MPI the controller
-    if "OMPI_COMM_WORLD_SIZE" in os.environ or "PMI_SIZE" in os.environ:
-        return "mpi"
-    raise RuntimeError(
-        "bench/sync_step.py runs under the launcher, e.g. `python -m launch -np 2 "
-        "--backend horovod -- python bench/sync_step.py`; no TF_CONFIG, HOROVOD_* "
-        "or MPI environment was found. Pass --backend to override.")
+# --backend names -> syncbn.world's.
+WORLD_NAMES = {"horovod": "horovod", "mpi": "mpi", "tf": "tf.distribute"}
 
 
-class Backend:
-    """Rank, size, barrier, and the gradient all-reduce of one backend."""
+def average_gradients(world, grads):
+    """The gradient all-reduce (average) as a real job does it on `world`'s backend."""
+    import tensorflow as tf
 
-    name = None
-    strategy = None
+    if world.name == "horovod":
+        return world.hvd.grouped_allreduce(grads, op=world.hvd.Average)
+    if world.name == "mpi":
+        def allreduce_mean(flat):
+            summed = np.empty_like(flat)
+            world.comm.Allreduce(flat, summed)
+            return summed / world.num_processes
 
-    def scope(self):
-        return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
+        sizes = [g.shape.num_elements() for g in grads]
+        # [*shape_i] for each gradient -> [sum of sizes]: one Allreduce for all.
+        flat = tf.concat([tf.reshape(g, [-1]) for g in grads], axis=0)
+        averaged = tf.numpy_function(allreduce_mean, [flat], tf.float32, stateful=True,
+                                     name="bench_grad_allreduce")
+        averaged.set_shape(flat.shape)
+        return [tf.reshape(part, g.shape) for part, g in zip(tf.split(averaged, sizes), grads)]
+    # What Keras's optimizer does under a strategy; the loss carries 1 / replicas.
+    return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
 
-    def settings(self):
-        return {}
 
-
-class HorovodBackend(Backend):
-    name = "horovod"
-
-    def __init__(self):
-        import syncbn
-
-        self.hvd = syncbn.init_horovod()  # sets HOROVOD_CYCLE_TIME unless set
-        self.rank, self.size = self.hvd.rank(), self.hvd.size()
-
-    def barrier(self):
-        import tensorflow as tf
-
-        self.hvd.allreduce(tf.zeros([1]), op=self.hvd.Sum, name="bench_barrier").numpy()
-
-    def average_gradients(self, grads):
-        return self.hvd.grouped_allreduce(grads, op=self.hvd.Average)
-
-    def settings(self):
+def settings(world):
+    """What decides the speed of `world`'s sums, for the report."""
+    if world.name == "horovod":
         from syncbn.collectives.horovod import horovod_communicator
 
         cycle = os.environ.get("HOROVOD_CYCLE_TIME")
         fusion = os.environ.get("HOROVOD_FUSION_THRESHOLD")
         return {
-            "Horovod controller": "mpi" if self.hvd.mpi_enabled() else "gloo",
+            "Horovod controller": "mpi" if world.hvd.mpi_enabled() else "gloo",
             "sync's BN sums": horovod_communicator().kernel,
             "HOROVOD_CYCLE_TIME": cycle or f"unset (Horovod default {HOROVOD_DEFAULT_CYCLE_TIME_MS:g} ms)",
             "HOROVOD_FUSION_THRESHOLD": fusion
             or f"unset (Horovod default {HOROVOD_DEFAULT_FUSION_THRESHOLD} bytes)",
             "HOROVOD_CPU_OPERATIONS": os.environ.get("HOROVOD_CPU_OPERATIONS", "unset"),
         }
-
-
-class MPIBackend(Backend):
-    name = "mpi"
-
-    def __init__(self):
-        from mpi4py import MPI
-
-        self.MPI = MPI
-        self.comm = MPI.COMM_WORLD
-        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
-
-    def barrier(self):
-        self.comm.Barrier()
-
-    def settings(self):
+    if world.name == "mpi":
         from syncbn.collectives.mpi import mpi_communicator
 
         return {"sync's MPI kernel": mpi_communicator().kernel}
-
-    def _allreduce_mean(self, flat):
-        summed = np.empty_like(flat)
-        self.comm.Allreduce(flat, summed, op=self.MPI.SUM)
-        summed /= self.size
-        return summed
-
-    def average_gradients(self, grads):
-        import tensorflow as tf
-
-        sizes = [g.shape.num_elements() for g in grads]
-        # [*shape_i] for each gradient -> [sum of sizes]: one Allreduce for all.
-        flat = tf.concat([tf.reshape(g, [-1]) for g in grads], axis=0)
-        averaged = tf.numpy_function(self._allreduce_mean, [flat], tf.float32, stateful=True,
-                                     name="bench_grad_allreduce")
-        averaged.set_shape(flat.shape)
-        return [tf.reshape(part, g.shape) for part, g in zip(tf.split(averaged, sizes), grads)]
-
-
-class TFBackend(Backend):
-    name = "tf"
-
-    def __init__(self):
-        import tensorflow as tf
-
-        self.strategy = tf.distribute.MultiWorkerMirroredStrategy()
-        resolver = self.strategy.cluster_resolver
-        self.rank = resolver.task_id
-        self.size = self.strategy.num_replicas_in_sync
-
-        @tf.function(autograph=False)
-        def barrier():
-            return self.strategy.run(lambda: tf.distribute.get_replica_context().all_reduce(
-                tf.distribute.ReduceOp.SUM, tf.zeros([1])))
-
-        self._barrier = barrier
-
-    def barrier(self):
-        self.strategy.experimental_local_results(self._barrier())[0].numpy()
-
-    def average_gradients(self, grads):
-        # What Keras's optimizer does under a strategy; the loss carries 1 / replicas.
-        import tensorflow as tf
-
-        return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
-
-
-BACKENDS = {"horovod": HorovodBackend, "mpi": MPIBackend, "tf": TFBackend}
+    return {}
 
 
 def build_model(make_bn):
@@ -250,20 +175,20 @@ def build_model(make_bn):
     return keras.Sequential(model_layers)
 
 
-def make_variant(backend, make_bn):
+def make_variant(world, make_bn):
     """(train_step, grad_allreduce_alone), both zero-argument, both fetch a result."""
     import keras
     import tensorflow as tf
 
     keras.utils.set_random_seed(1234)  # same weights on every rank and in every variant
-    with backend.scope():
+    with world.scope():
         model = build_model(make_bn)
         optimizer = keras.optimizers.SGD(0.01)
         optimizer.build(model.trainable_variables)
-    rng = np.random.default_rng(backend.rank)
+    rng = np.random.default_rng(world.process_rank)
     x = tf.constant(rng.normal(size=(PER_RANK_BATCH, 32, 32, 3)).astype(np.float32))
     y = tf.constant(rng.integers(0, NUM_CLASSES, size=(PER_RANK_BATCH,)))
-    loss_scale = 1.0 / backend.size if backend.strategy is not None else 1.0
+    loss_scale = 1.0 / world.num_processes if world.strategy is not None else 1.0
 
     def gradients():
         with tf.GradientTape() as tape:
@@ -275,18 +200,18 @@ def make_variant(backend, make_bn):
 
     def replica_step():
         loss, grads = gradients()
-        if backend.strategy is None:
-            grads = backend.average_gradients(grads)
+        if world.strategy is None:
+            grads = average_gradients(world, grads)
         # Under a strategy, apply_gradients all-reduces (sums) the gradients itself.
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return loss
 
     def replica_allreduce(grads):
-        return tf.add_n([tf.reduce_sum(g) for g in backend.average_gradients(grads)])
+        return tf.add_n([tf.reduce_sum(g) for g in average_gradients(world, grads)])
 
     # No autograph: the step has no Python control flow to convert, and autograph's
     # rewrite of hvd.grouped_allreduce fails ("'NoneType' object has no attribute 'name'").
-    if backend.strategy is None:
+    if world.strategy is None:
         step_fn = tf.function(autograph=False)(replica_step)
         allreduce_fn = tf.function(autograph=False)(replica_allreduce)
         grads = tf.function(autograph=False)(gradients)()[1]
@@ -297,7 +222,7 @@ def make_variant(backend, make_bn):
         def allreduce():
             return allreduce_fn(grads).numpy()
     else:
-        strategy = backend.strategy
+        strategy = world.strategy
         step_fn = tf.function(autograph=False)(lambda: strategy.run(replica_step))
         grads_fn = tf.function(autograph=False)(lambda: strategy.run(lambda: gradients()[1]))
         # This worker's gradients as plain tensors, captured by the all-reduce function.
@@ -334,17 +259,17 @@ class StrategyAllReduce:
         return self._communicator().all_sum(tensor, name)
 
 
-def launch_command(backend):
+def launch_command(world, name):
     """The launcher command line that reproduces this job's backend setup."""
-    options = f"--backend {backend.name}"
-    if backend.name == "horovod":
-        options += f" --horovod-controller {'mpi' if backend.hvd.mpi_enabled() else 'gloo'}"
-    if backend.name == "tf":
+    options = f"--backend {name}"
+    if name == "horovod":
+        options += f" --horovod-controller {'mpi' if world.hvd.mpi_enabled() else 'gloo'}"
+    if name == "tf":
         options += f" --tf-mpi {'yes' if os.environ.get('OMPI_COMM_WORLD_SIZE') else 'no'}"
-    return f"python -m launch -np {backend.size} {options} -- python " + shlex.join(sys.argv)
+    return f"python -m launch -np {world.num_processes} {options} -- python " + shlex.join(sys.argv)
 
 
-def variants_for(backend):
+def variants_for(world):
     import keras
 
     import syncbn
@@ -354,44 +279,26 @@ def variants_for(backend):
         "local": lambda: keras.layers.BatchNormalization(),
     }
     variants["synced-local"] = lambda: syncbn.SyncBatchNormalization(
-        communicator=PretendTwoReplicas())
-    if backend.name == "tf":
+        communicator=PretendReplicas())
+    if world.name == "tf.distribute":
         variants["keras-sync"] = lambda: keras.layers.BatchNormalization(synchronized=True)
-    if backend.name == "horovod" and backend.hvd.mpi_enabled():
+    if world.name == "horovod" and world.hvd.mpi_enabled():
         from syncbn.collectives.horovod import HorovodCommunicator
 
         # On MPI syncbn's BN sums bypass Horovod; this one sends them through it.
         variants["sync-hvd.allreduce"] = lambda: syncbn.SyncBatchNormalization(
-            communicator=HorovodCommunicator(backend.hvd))
-    if backend.name == "tf" and os.environ.get("OMPI_COMM_WORLD_SIZE"):
+            communicator=HorovodCommunicator(world.hvd))
+    if world.name == "tf.distribute" and os.environ.get("OMPI_COMM_WORLD_SIZE"):
         # Under mpirun syncbn's BN sums bypass the strategy; this one uses its all-reduce.
         variants["sync-tf.distribute"] = lambda: syncbn.SyncBatchNormalization(
             communicator=StrategyAllReduce())
-    if backend.name == "mpi":
+    if world.name == "mpi":
         from syncbn.collectives.mpi import MPICommunicator
 
         # The same MPI protocol with mpi4py called from tf.numpy_function.
         variants["sync-numpy_function"] = lambda: syncbn.SyncBatchNormalization(
-            communicator=MPICommunicator(backend.comm))
+            communicator=MPICommunicator(world.comm))
     return variants
-
-
-def time_round_robin(backend, functions, rounds, repeat, warmup=3):
-    """(variant, kind) -> per-round seconds per call; every rank runs the same order."""
-    for function in functions.values():
-        for _ in range(warmup):
-            function()
-    samples = {key: [] for key in functions}
-    keys = list(functions)
-    for round_index in range(rounds):
-        shift = round_index % len(keys)
-        for key in keys[shift:] + keys[:shift]:
-            backend.barrier()
-            start = time.perf_counter()
-            for _ in range(repeat):
-                functions[key]()
-            samples[key].append((time.perf_counter() - start) / repeat)
-    return samples
 
 
 def summarize(samples, variants):
@@ -428,34 +335,41 @@ def markdown(result, variants):
 
 def run_job(args):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    name = detect_backend() if args.backend == "auto" else args.backend
-    backend = BACKENDS[name]()  # MultiWorkerMirroredStrategy must come before other TF work
+    # MultiWorkerMirroredStrategy must come before other TF work.
+    world = create_world(None if args.backend == "auto" else WORLD_NAMES[args.backend])
+    name = {v: k for k, v in WORLD_NAMES.items()}.get(world.name)
+    if name is None:
+        raise RuntimeError(
+            "bench/sync_step.py runs under the launcher, e.g. `python -m launch -np 2 "
+            "--backend horovod -- python bench/sync_step.py`; no TF_CONFIG, Horovod or "
+            "MPI environment was found. Pass --backend to override.")
     import tensorflow as tf
 
-    variants = variants_for(backend)
+    variants = variants_for(world)
     functions = {}
     for variant, make_bn in variants.items():
-        step, allreduce = make_variant(backend, make_bn)
+        step, allreduce = make_variant(world, make_bn)
         functions[(variant, "step")] = step
         functions[(variant, "grad-allreduce")] = allreduce
-    samples = time_round_robin(backend, functions, args.rounds, args.repeat)
+    samples = time_round_robin(functions, args.rounds, args.repeat, warmup=3,
+                               before_each=world.barrier)
     result = summarize(samples, variants)
-    if backend.rank != 0:
+    if not world.is_chief:
         return 0
-    command = launch_command(backend)
+    command = launch_command(world, name)
     print("command: " + command)
-    print(f"backend: {name}, {backend.size} ranks, {PER_RANK_BATCH} samples per rank, "
+    print(f"backend: {name}, {world.num_processes} ranks, {PER_RANK_BATCH} samples per rank, "
           f"6 BN layers, {os.cpu_count()} CPU cores, TensorFlow {tf.__version__}; "
           f"{args.rounds} rounds x {args.repeat} steps, medians (±half IQR) on rank 0, "
           "ratios are medians of per-round ratios")
-    for key, value in backend.settings().items():
+    for key, value in settings(world).items():
         print(f"{key}: {value}")
     print()
     print(markdown(result, variants))
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"command": command, "backend": name, "ranks": backend.size,
-                       "settings": backend.settings(), "rounds": args.rounds,
+            json.dump({"command": command, "backend": name, "ranks": world.num_processes,
+                       "settings": settings(world), "rounds": args.rounds,
                        "repeat": args.repeat, **result}, handle, indent=2)
     return 0
 

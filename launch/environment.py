@@ -12,9 +12,14 @@ below; `build_rank_env` adds what every rank gets:
   "chosen by the runtime", but the pools shrink). A value already in the launcher's
   environment wins.
 - GPU: one GPU per rank through `CUDA_VISIBLE_DEVICES`.
+- `SYNCBN_ERROR_FILE`: where the rank writes its error record if it fails
+  (`syncbn.error_file`), `rank.<N>.json` in the launcher's job directory, and
+  `SYNCBN_ERROR_FILE_OWNER` empty: the record is for the rank's first process
+  that imports syncbn to claim, even when the launcher runs inside a rank.
 """
 
 import json
+import os
 
 THREAD_VARIABLES = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS")
 
@@ -30,7 +35,22 @@ def threads_per_rank(cpus, ranks_sharing_cpus):
     return per_rank, max(1, per_rank // 2)
 
 
-def build_rank_env(slot, *, cpus, gpu_ids=(), shared_machine=False, base_env=None):
+ERROR_FILE_VARIABLE = "SYNCBN_ERROR_FILE"  # read by syncbn.error_file
+ERROR_FILE_OWNER_VARIABLE = "SYNCBN_ERROR_FILE_OWNER"
+
+
+def error_file_path(directory, rank):
+    """The error file of `rank` in the launcher's job directory `directory`.
+
+    Example:
+        >>> error_file_path("/tmp/job", 3)
+        '/tmp/job/rank.3.json'
+    """
+    return os.path.join(directory, f"rank.{rank}.json")
+
+
+def build_rank_env(slot, *, cpus, gpu_ids=(), shared_machine=False, base_env=None,
+                   error_dir=None):
     """Builds the variables the launcher adds to one rank's environment.
 
     Args:
@@ -40,6 +60,7 @@ def build_rank_env(slot, *, cpus, gpu_ids=(), shared_machine=False, base_env=Non
         shared_machine: True when all ranks share one machine although they are on
             different (simulated) hosts: cores and GPUs are then divided among all ranks.
         base_env: the launcher's environment; thread variables already set there are kept.
+        error_dir: the directory of the ranks' error files, or None for none.
 
     Returns:
         A dict of str to str with only the added variables.
@@ -63,6 +84,9 @@ def build_rank_env(slot, *, cpus, gpu_ids=(), shared_machine=False, base_env=Non
         "CROSS_SIZE": str(slot.cross_size),
         "PYTHONUNBUFFERED": "1",
     }
+    if error_dir:
+        env[ERROR_FILE_VARIABLE] = error_file_path(error_dir, slot.rank)
+        env[ERROR_FILE_OWNER_VARIABLE] = ""
     sharers = slot.size if shared_machine else slot.local_size
     device_index = slot.rank if shared_machine else slot.local_rank
     gpu_ids = [str(gpu) for gpu in gpu_ids]

@@ -18,9 +18,32 @@ import signal
 
 SSH_OPTIONS = ("-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no")
 # What a remote rank needs to find the same Python, packages and libraries as the
-# launcher (the `mpi` backend hands mpirun the same names with `-x`).
+# launcher (mpirun gets the same names with `-x`).
 FORWARDED = ("PATH", "PYTHONPATH", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "PYTHONUNBUFFERED",
              "OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM")
+# And every variable of these families, as `horovodrun` forwards its own: syncbn's
+# (`SYNCBN_COLLECTIVE_TIMEOUT`...), NCCL's, TensorFlow's, Horovod's, Open MPI's MCA
+# parameters. `SYNCBN_LAUNCH_*` configure the launcher itself and stay here.
+FORWARDED_PREFIXES = ("SYNCBN_", "NCCL_", "TF_", "HOROVOD_", "OMPI_MCA_")
+LAUNCHER_PREFIX = "SYNCBN_LAUNCH_"
+
+
+def forwarded_names(environ, exported=()):
+    """The names of `environ`'s variables that remote ranks get. Pure.
+
+    `FORWARDED`, then every name with one of `FORWARDED_PREFIXES` (not the
+    launcher's own `SYNCBN_LAUNCH_*`), sorted, then `exported` (`-x`); only the
+    names set in `environ`, each once.
+
+    Example:
+        >>> forwarded_names({"PATH": "/bin", "TF_CPP_MIN_LOG_LEVEL": "2", "HOME": "/root",
+        ...                  "SYNCBN_LAUNCH_TIMEOUT": "9", "MY_FLAG": "1"}, exported=["MY_FLAG"])
+        ['PATH', 'TF_CPP_MIN_LOG_LEVEL', 'MY_FLAG']
+    """
+    families = sorted(name for name in environ if name.startswith(FORWARDED_PREFIXES)
+                      and not name.startswith(LAUNCHER_PREFIX))
+    names = [name for name in (*FORWARDED, *families, *exported) if name in environ]
+    return list(dict.fromkeys(names))
 
 
 class HostRunner:
@@ -28,6 +51,8 @@ class HostRunner:
 
     #: True if the command runs on this machine (signals reach the process itself).
     is_local = True
+    #: What the kernel sends the started process if the launcher dies.
+    death_signal = signal.SIGKILL
 
     def command(self, argv, added_env, cwd):
         """Returns `(popen_argv, popen_env)` that run `argv` with `added_env` in `cwd`."""
@@ -64,20 +89,21 @@ class NetnsRunner(LocalRunner):
 
 
 class SshRunner(HostRunner):
-    """Runs on `host` over ssh; the rank's variables, `FORWARDED` and `exported` cross over.
+    """Runs on `host` over ssh; the rank's variables and `forwarded_names` cross over.
 
     Args:
         host: ssh destination.
         port: ssh port, or None for ssh's default.
         identity_file: ssh `-i` file, or None.
-        exported: names of launcher environment variables to forward as well.
-        base_env: environment to read `exported` from (default: `os.environ`).
+        exported: names of launcher environment variables to forward as well (`-x`).
+        base_env: environment to forward from (default: `os.environ`).
         config_file: ssh `-F` file, or None for the user's own configuration.
 
     Example:
-        >>> runner = SshRunner("node2", base_env={"PATH": "/venv/bin", "HOME": "/root"})
+        >>> runner = SshRunner("node2", base_env={"PATH": "/venv/bin", "HOME": "/root",
+        ...                                       "SYNCBN_COLLECTIVE_TIMEOUT": "60"})
         >>> runner.command(["python", "t.py"], {"RANK": "1"}, "/w")[0][-1]
-        'cd /w && exec env PATH=/venv/bin RANK=1 python t.py'
+        'cd /w && exec env PATH=/venv/bin SYNCBN_COLLECTIVE_TIMEOUT=60 RANK=1 python t.py'
     """
 
     is_local = False
@@ -104,7 +130,7 @@ class SshRunner(HostRunner):
 
     def remote_shell_command(self, argv, added_env, cwd):
         base = os.environ if self._base_env is None else self._base_env
-        env = {name: base[name] for name in (*FORWARDED, *self.exported) if name in base}
+        env = {name: base[name] for name in forwarded_names(base, self.exported)}
         env.update(added_env)
         assignments = " ".join(f"{name}={shlex.quote(value)}" for name, value in env.items())
         command = " ".join(shlex.quote(arg) for arg in argv)
@@ -120,21 +146,38 @@ class SshRunner(HostRunner):
         return f"SshRunner({self.host!r})"
 
 
-class SrunRunner(HostRunner):
-    """Runs on node `node` of this Slurm allocation, as a job step of one task.
+def srun_step(nodes, cwd):
+    """srun's argv, before the command, for a job step of one task on each of `nodes`. Pure.
 
-    `--overlap` lets the ranks' steps share the allocation's CPUs (Slurm 21.08+
-    gives each step its CPUs alone otherwise, and a rank would wait for
-    another's); `--mpi=none`, because each step holds one rank of a job whose
-    world the backend sets up, not an MPI world of its own. srun passes the
-    whole environment on and forwards SIGTERM to the task, and it gets SIGTERM
+    The step runs inside the allocation the launcher runs in. `--overlap` lets
+    steps share the allocation's CPUs (Slurm 21.08+ gives each step its CPUs
+    alone otherwise, and a rank would wait for another's); `--mpi=none`, since
+    the backend sets up the job's world, not Slurm; `--export=ALL` passes on
+    the whole environment srun is given, also in a batch script submitted with
+    `--export=NONE` (whose `SLURM_EXPORT_ENV` srun would follow).
+
+    Example:
+        >>> " ".join(srun_step(["node1", "node2"], "/w"))  # doctest: +NORMALIZE_WHITESPACE
+        'srun --overlap --nodes=2 --ntasks=2 --ntasks-per-node=1 --nodelist=node1,node2
+         --mpi=none --export=ALL --kill-on-bad-exit=1 --chdir=/w'
+    """
+    return ["srun", "--overlap", f"--nodes={len(nodes)}", f"--ntasks={len(nodes)}",
+            "--ntasks-per-node=1", f"--nodelist={','.join(nodes)}", "--mpi=none",
+            "--export=ALL", "--kill-on-bad-exit=1", f"--chdir={cwd}"]
+
+
+class SrunRunner(HostRunner):
+    """Runs on node `node` of this Slurm allocation, as a job step of one task (`srun_step`).
+
+    The task gets the launcher's whole environment and the rank's variables, as
+    a local rank does. srun forwards SIGTERM to the task, and gets SIGTERM
     (`death_signal`) if the launcher dies, so the step ends with it.
 
     Example:
         >>> runner = SrunRunner("node1", base_env={"PATH": "/venv/bin"})
         >>> argv, env = runner.command(["python", "t.py"], {"RANK": "1"}, "/w")
-        >>> " ".join(argv)
-        'srun --overlap --nodes=1 --ntasks=1 --ntasks-per-node=1 --nodelist=node1 --mpi=none --kill-on-bad-exit=1 --chdir=/w python t.py'
+        >>> argv[0], argv[5], argv[-2:]
+        ('srun', '--nodelist=node1', ['python', 't.py'])
         >>> env["RANK"], env["PATH"]
         ('1', '/venv/bin')
     """
@@ -148,11 +191,7 @@ class SrunRunner(HostRunner):
 
     def command(self, argv, added_env, cwd):
         base = os.environ if self._base_env is None else self._base_env
-        env = {**base, **added_env}
-        step = ["srun", "--overlap", "--nodes=1", "--ntasks=1", "--ntasks-per-node=1",
-                f"--nodelist={self.node}", "--mpi=none", "--kill-on-bad-exit=1",
-                f"--chdir={cwd}"]
-        return [*step, *argv], env
+        return [*srun_step([self.node], cwd), *argv], {**base, **added_env}
 
     def __repr__(self):
         return f"SrunRunner({self.node!r})"

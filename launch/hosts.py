@@ -87,6 +87,11 @@ def parse_hosts(spec, argument="-H"):
 def validate_num_proc(num_proc, hosts, argument="-np"):
     """Checks that `num_proc` is a positive int that fits in the hosts' slots.
 
+    Args:
+        num_proc: the number of ranks.
+        hosts: list of `Host`, or None for no limit on the slots.
+        argument: the option name used in error messages.
+
     Raises:
         TypeError: if `num_proc` is not an int.
         ValueError: if it is < 1 or exceeds the total number of slots.
@@ -97,6 +102,8 @@ def validate_num_proc(num_proc, hosts, argument="-np"):
         )
     if num_proc < 1:
         raise ValueError(f"Argument `{argument}` must be >= 1. Received: {argument}={num_proc}")
+    if hosts is None:
+        return
     total = sum(host.slots for host in hosts)
     if num_proc > total:
         listing = ",".join(f"{h.name}:{h.slots}" for h in hosts)
@@ -236,3 +243,18 @@ def allocation_hosts(node_names, tasks_per_node):
             f"`SLURM_TASKS_PER_NODE` ({tasks_per_node!r}) names {len(counts)} nodes, but the "
             f"allocation has {len(node_names)}: {', '.join(node_names)}")
     return [Host(name, count) for name, count in zip(node_names, counts)]
+
+
+def node_addresses(text):
+    """`{NodeName: NodeAddr}` from `scontrol show node -o` output, one node a line. Pure.
+
+    Example:
+        >>> node_addresses("NodeName=n1 Arch=x86_64 NodeAddr=10.0.0.5 NodeHostName=n1\\n")
+        {'n1': '10.0.0.5'}
+    """
+    found = {}
+    for line in text.splitlines():
+        fields = dict(word.split("=", 1) for word in line.split() if "=" in word)
+        if "NodeName" in fields:
+            found[fields["NodeName"]] = fields.get("NodeAddr", fields["NodeName"])
+    return found

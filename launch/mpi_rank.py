@@ -1,7 +1,8 @@
 """`python -m launch.mpi_rank -- CMD...`: what mpirun runs for each rank.
 
 1. Rebuilds the rank's `Slot` from `OMPI_COMM_WORLD_*` and sets the variables of
-   `launch.environment.build_rank_env` (job-wide inputs come as `SYNCBN_LAUNCH_*`),
+   `launch.environment.build_rank_env` (job-wide inputs come as `SYNCBN_LAUNCH_*`,
+   among them the directory of the ranks' error files),
    and for `--backend tf` its `TF_CONFIG` from `SYNCBN_LAUNCH_TF_WORKERS`.
 2. Forks a small prefixer that copies the rank's stdout and stderr to the real
    stdout as `[rank] line`, one whole line per write (so lines of different ranks
@@ -78,6 +79,7 @@ def main(argv=None):
         gpu_ids=gpu_ids,
         shared_machine=os.environ.get("SYNCBN_LAUNCH_SHARED_MACHINE") == "1",
         base_env=os.environ,
+        error_dir=os.environ.get("SYNCBN_LAUNCH_ERROR_DIR"),
     ))
     tf_workers = os.environ.get("SYNCBN_LAUNCH_TF_WORKERS")
     if tf_workers:  # `--backend tf` under mpirun: this rank is worker `rank`

@@ -47,8 +47,9 @@ NETNS_ETC = "/etc/netns"
 _NAMESPACE = re.compile(r"^sbn-(\d+)-h\d+$")
 _LINK = re.compile(r"^sbn[bv](\d+)(h\d+)?$")
 # Per-job directories under the temporary directory (Open MPI session bases,
-# `--ssh` keys): `sbn-<pid>-...` or `syncbn-ssh-<pid>-...`.
-_JOB_DIRECTORY = re.compile(r"^(?:sbn|syncbn-ssh)-(\d+)-")
+# `--ssh` keys, the launcher's own): `sbn-<pid>-...`, `syncbn-ssh-<pid>-...`,
+# `syncbn-launch-<pid>-...`.
+_JOB_DIRECTORY = re.compile(r"^(?:sbn|syncbn-ssh|syncbn-launch)-(\d+)-")
 STOP_GRACE_SECONDS = 2.0
 
 
@@ -156,6 +157,12 @@ def remove_stale(own_pid=None):
         if match and int(match.group(1)) != own_pid and not _pid_alive(int(match.group(1))):
             logger.info("removing stale link %s", name)
             _ip("link", "del", name, check=False)
+    remove_stale_directories(own_pid)
+
+
+def remove_stale_directories(own_pid=None):
+    """Deletes the per-job directories (see `_JOB_DIRECTORY`) of launchers that no longer
+    run; every launcher calls it, since every job has a directory of its own."""
     temporary = tempfile.gettempdir()
     for name in os.listdir(temporary):
         match = _JOB_DIRECTORY.match(name)

@@ -294,8 +294,8 @@ class SimulatedSlurm:
                 f"--socket={munge_socket}", f"--pid-file={self._path('munge', 'munged.pid')}",
                 f"--log-file={self._path('munge', 'munged.log')}",
                 f"--seed-file={self._path('munge', 'munged.seed')}"]
-        self._daemons.append(("munged", _start_in_namespace(None, argv, self._path("munge", "munged.out")),
-                              self._path("munge", "munged.log")))
+        self._daemons.append(("munged", _start_in_namespace(
+            None, argv, self._path("munge", "munged.out")), self._path("munge", "munged.log")))
         deadline = time.monotonic() + READY_TIMEOUT_SECONDS
         while not os.path.exists(munge_socket):
             self._check_daemons()

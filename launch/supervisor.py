@@ -7,8 +7,9 @@ Process model (see STYLE.md, "Launcher"):
   fork and exec: if the launcher is SIGKILLed, the kernel signals the workers too.
   All workers are started from the main thread, because Linux sends the parent-death
   signal when the *thread* that forked the child exits.
-- The first worker that exits non-zero is reported (rank and exit code or signal);
-  every other worker gets its stop signal, a grace period, then SIGKILL.
+- The first worker that exits non-zero ends the job: every other worker gets its
+  stop signal, a grace period, then SIGKILL. The rank that failed first is named
+  from the ranks' error files, else from the output (`launch.failures`).
 - SIGINT/SIGTERM/SIGHUP to the launcher stop every worker the same way.
 - `timeout` ends a job that runs too long (exit code 124, like coreutils' timeout).
 
@@ -28,6 +29,9 @@ import sys
 import threading
 import time
 from typing import Callable, Optional
+
+from launch import failures
+from launch.failures import describe_exit
 
 logger = logging.getLogger("launch")
 
@@ -69,7 +73,8 @@ class WorkerSpec:
         demux_ranks: True if the worker's lines already carry `[N] ` rank prefixes
             (mpirun with our rank wrapper); they are then routed to rank N's log.
         describe_failure: optional function(lines, exit_code) -> message or None, for
-            workers (mpirun) that know better which rank failed. It gets the lines in
+            workers (mpirun) whose output says which rank failed, read when no rank
+            wrote an error file (`launch.failures`). It gets the lines in
             the order they came: those that matched `keep_line` and scrolled out of the
             last `_TAIL_LINES`, then those.
         keep_line: optional compiled bytes regex of the lines describe_failure needs.
@@ -143,16 +148,12 @@ class _Worker:
         self.reader = None
         self.fatal = None  # (time seen, exit code) of a fatal line
         self.traceback_at = None  # when it printed its first Python traceback
+        # When it had ended at the latest: its output closed (the kernel closes a dying
+        # process's pipes and sockets together), or it was seen exited.
+        self.ended_at = None
 
-
-def describe_exit(code):
-    """'exit code 3' or 'signal SIGKILL' for a `Popen.returncode`."""
-    if code < 0:
-        try:
-            return f"signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"signal {-code}"
-    return f"exit code {code}"
+    def end_seen(self):
+        self.ended_at = min(self.ended_at or time.time(), time.time())
 
 
 def shell_exit_code(code):
@@ -168,6 +169,7 @@ class Supervisor:
         output_dir: directory for `rank.N.log` files, or None.
         grace_period: seconds between the stop signal and SIGKILL.
         timeout: seconds before the job is ended with exit code 124, or None.
+        error_dir: the directory of the ranks' error files (`rank.N.json`), or None.
 
     Example:
         >>> import sys
@@ -175,11 +177,12 @@ class Supervisor:
         0
     """
 
-    def __init__(self, specs, output_dir=None, grace_period=3.0, timeout=None):
+    def __init__(self, specs, output_dir=None, grace_period=3.0, timeout=None, error_dir=None):
         self.specs = list(specs)
         self.output = _Output(output_dir)
         self.grace_period = grace_period
         self.timeout = timeout
+        self.error_dir = error_dir
         self._stop_signal = None
 
     def _on_signal(self, signum, frame):
@@ -214,6 +217,7 @@ class Supervisor:
                 if code is not None:
                     worker.fatal = (time.monotonic(), code)
             self.output.write(worker.spec, line)
+        worker.end_seen()
         worker.process.stdout.close()
 
     def _signal_group(self, worker, signum):
@@ -287,6 +291,7 @@ class Supervisor:
                         return self._report_failure(worker, fatal_code, workers)
                 if code is None:
                     continue
+                worker.end_seen()
                 running.remove(worker)
                 if code != 0:
                     return self._report_failure(worker, code, workers)
@@ -294,38 +299,54 @@ class Supervisor:
         logger.info("job finished: every process exited with code 0")
         return 0
 
+    def _report_failure(self, worker, code, workers):
+        for each in workers:
+            if each.process.poll() is not None:
+                each.end_seen()
+        deaths = [failures.Death(_name(w.spec), w.spec.rank, w.ended_at, w.process.returncode)
+                  for w in workers if w.process.poll() not in (None, 0)]
+        failed = failures.Death(_name(worker.spec), worker.spec.rank,
+                                worker.ended_at or time.time(), code)
+        records = failures.read_error_records(self.error_dir) if self.error_dir else []
+        logger.debug("error files: %s; ended: %s",
+                     ", ".join(f"rank {r.rank} at {r.time:.3f}" for r in records) or "none",
+                     ", ".join(f"{d.name} by {d.ended_at:.3f}" for d in deaths) or "none")
+        message = failures.verdict(records, deaths, failed,
+                                   lambda: self._verdict_from_output(worker, code, workers))
+        logger.error("%s; stopping the other ranks", message)
+        return shell_exit_code(code)
+
     def _describe(self, worker, code):
-        if not worker.spec.describe_failure:
-            return None
         # The reader thread moves lines from the tail to `kept` while this reads: copy
         # the tail first, so that a line moving meanwhile is seen twice, never missed.
         tail = list(worker.tail)
         return worker.spec.describe_failure(list(worker.kept) + tail, code)
 
-    def _report_failure(self, worker, code, workers):
+    def _verdict_from_output(self, worker, code, workers):
+        """The failure as the output tells it: the worker's own account (mpirun), else
+        the rank whose Python traceback came first; None if neither names a rank."""
         exited = worker.process.poll() is not None
         if worker.reader and exited:
             worker.reader.join(timeout=2.0)  # its last lines may explain the failure
-        message = self._describe(worker, code)
-        if not message and worker.reader and exited and worker.spec.describe_failure:
+        if worker.spec.describe_failure:
+            message = self._describe(worker, code)
             # The lines that name the rank may still be in the pipe, behind a reader
             # that the machine's load holds back: wait for them, or for the end of output.
             deadline = time.monotonic() + DRAIN_SECONDS
-            while not message and worker.reader.is_alive() and time.monotonic() < deadline:
+            while (not message and exited and worker.reader and worker.reader.is_alive()
+                   and time.monotonic() < deadline):
                 worker.reader.join(timeout=_POLL_SECONDS)
                 message = self._describe(worker, code)
-        if not message:
-            message = f"{_name(worker.spec)} failed first with {describe_exit(code)}"
-            # A rank that raised can take longer to exit (framework teardown) than a
-            # rank that fails because of it; the first traceback is the first failure.
-            raised = [w for w in workers if w.traceback_at is not None]
-            first = min(raised, key=lambda w: w.traceback_at, default=None)
-            if first is not None and first is not worker and (
-                    worker.traceback_at is None or first.traceback_at < worker.traceback_at):
-                message = (f"{_name(first.spec)} failed first (its traceback came first); "
-                           f"{_name(worker.spec)} exited first, with {describe_exit(code)}")
-        logger.error("%s; stopping the other ranks", message)
-        return shell_exit_code(code)
+            return message
+        # A rank that raised can take longer to exit (framework teardown) than a
+        # rank that fails because of it; the first traceback is the first failure.
+        first = min((w for w in workers if w.traceback_at is not None),
+                    key=lambda w: w.traceback_at, default=None)
+        if first is None or first is worker or (
+                worker.traceback_at is not None and worker.traceback_at <= first.traceback_at):
+            return None
+        return (f"{_name(first.spec)} failed first (its traceback came first); "
+                f"{_name(worker.spec)} exited first, with {describe_exit(code)}")
 
 
 def _name(spec):

@@ -9,6 +9,8 @@ the rule that picks one.
 
 import warnings
 
+from syncbn import error_file as _error_file  # noqa: F401  (its hook, under syncbn-launch)
+
 import tensorflow as _tf
 
 from syncbn import _versions

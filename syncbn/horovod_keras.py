@@ -63,25 +63,14 @@ import keras
 import tensorflow as tf
 
 from syncbn import world
+from syncbn.collectives.horovod import initialized_horovod
 
 OPS = ("average", "sum")
 
 
 def _hvd():
     """`horovod.tensorflow`, imported and initialized, or a RuntimeError that says how."""
-    try:
-        import horovod.tensorflow as hvd
-    except ImportError as error:
-        raise RuntimeError(
-            "syncbn.horovod_keras needs Horovod built with TensorFlow support "
-            f"(`import horovod.tensorflow` failed: {error})."
-        ) from error
-    if not hvd.is_initialized():
-        raise RuntimeError(
-            "syncbn.horovod_keras needs Horovod to be initialized: call "
-            "`syncbn.init_horovod()` at the start of the program, on every rank."
-        )
-    return hvd
+    return initialized_horovod("syncbn.horovod_keras")
 
 
 def _check_root_rank(root_rank):

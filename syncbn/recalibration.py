@@ -11,6 +11,8 @@ collective beyond the forward pass's own one per layer and batch.
 See docs/moving-statistics.md.
 """
 
+import contextlib
+import functools
 import logging
 import threading
 
@@ -86,10 +88,8 @@ class _Recorder:
     """Collects, per replica thread, the global statistics the layers report in a trace."""
 
     def __init__(self, layers):
-        self.layers = layers
         self.index = {id(layer): i for i, layer in enumerate(layers)}
         self.local = threading.local()
-
         self.order = []  # layer index of each record, the same in every trace
 
     def start(self):
@@ -103,6 +103,141 @@ class _Recorder:
     def finish(self):
         self.order = self.local.order
         return tuple(self.local.records)
+
+
+@contextlib.contextmanager
+def _recording(layers, recorder):
+    """Points each layer's `_statistics_recorder` hook at `recorder` for the block."""
+    for layer in layers:
+        layer._statistics_recorder = functools.partial(recorder.record, layer)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._statistics_recorder = None
+
+
+@contextlib.contextmanager
+def _preserved(variables):
+    """Restores `variables` after the block: training mode may move other layers' state."""
+    saved = [np.array(v.numpy()) for v in variables]
+    try:
+        yield
+    finally:
+        for variable, value in zip(variables, saved):
+            variable.assign(value)
+
+
+class _StepRunner:
+    """Runs the model forward in training mode on one batch; returns each layer call's record.
+
+    With a strategy, each local replica gets its slice of the batch (uneven
+    splits are exact) and the records are the first local replica's: the
+    global statistics are the same on every replica of a group.
+    """
+
+    def __init__(self, model, recorder, strategy):
+        self._strategy = strategy
+        self._recorder = recorder
+        self._local_replicas = len(strategy.extended.worker_devices) if strategy else 1
+
+        def replica_step(x):
+            recorder.start()
+            model(x, training=True)
+            return recorder.finish()
+
+        self._function = tf.function(
+            replica_step if strategy is None else
+            (lambda x: strategy.run(replica_step, args=(x,))), reduce_retracing=True)
+
+    def _distribute(self, x):
+        if self._strategy is None:
+            return x
+
+        def piece(context):
+            index = context.replica_id_in_sync_group % self._local_replicas
+            return tf.nest.map_structure(
+                lambda a: np.array_split(a, self._local_replicas)[index], x)
+
+        return self._strategy.experimental_distribute_values_from_function(piece)
+
+    def __call__(self, x):
+        """`[(layer index, global count, mean, variance)]` of one batch, in call order."""
+        records = self._function(self._distribute(x))
+        if self._strategy is not None:
+            records = tf.nest.map_structure(
+                lambda value: self._strategy.experimental_local_results(value)[0], records)
+        return [(index, float(count), np.asarray(mean, np.float64),
+                 np.asarray(variance, np.float64))
+                for index, (count, mean, variance) in zip(self._recorder.order, records)]
+
+
+def _batches(iterator, model, one_replica):
+    """The features of each batch of `iterator`; then, with several replicas, empty batches.
+
+    A replica whose data runs out goes on with empty batches shaped like its
+    last one (or the model's inputs) until the global counts say every
+    replica of its group is done; with one replica the data's end is the end.
+    """
+    last_batch = None
+    while True:
+        element = next(iterator, None)
+        if element is None and one_replica:
+            return
+        if element is None:
+            yield _empty_like(last_batch) if last_batch is not None else _empty_batch(model)
+        else:
+            last_batch = _to_numpy(_features(element))
+            yield last_batch
+
+
+class _Totals:
+    """Per layer: `sum n`, `sum n * mean`, `sum n * variance`, in float64 on the host."""
+
+    def __init__(self, layers):
+        self.layers = layers
+        self.sums = [[0.0, 0.0, 0.0] for _ in layers]
+
+    def add(self, records):
+        for index, count, mean, variance in records:
+            if count > 0:
+                total = self.sums[index]
+                total[0] += count
+                total[1] = total[1] + count * mean
+                total[2] = total[2] + count * variance
+
+    def assign(self):
+        """Sets each layer's moving statistics to its weighted averages."""
+        for layer, (count, sum_mean, sum_variance) in zip(self.layers, self.sums):
+            if count == 0:
+                logger.warning("recalibrate: layer '%s' saw no sample; its moving statistics "
+                               "are unchanged.", layer.name)
+                continue
+            layer.moving_mean.assign((sum_mean / count).astype(np.float32))
+            layer.moving_variance.assign((sum_variance / count).astype(np.float32))
+
+
+def _check_arguments(model, data, steps, verbose):
+    """Validates `recalibrate`'s arguments; returns `(iterator over data, layers)`."""
+    _check_model(model)
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"Argument `steps` must be a positive integer or None. Received: steps={steps!r}")
+    if verbose not in ("auto", 0, 1):
+        raise ValueError(f"Argument `verbose` must be 'auto', 0 or 1. Received: verbose={verbose!r}")
+    try:
+        iterator = iter(data)
+    except TypeError:
+        raise TypeError(
+            "Argument `data` must be a tf.data.Dataset or an iterable of batches. "
+            f"Received: data of type {type(data).__name__}"
+        ) from None
+    layers = synchronized_layers(model)
+    if not layers:
+        raise ValueError(
+            f"Model '{model.name}' has no SyncBatchNormalization layer to recalibrate "
+            "(convert it first: `syncbn.convert(model)`)."
+        )
+    return iterator, layers
 
 
 def recalibrate(model, data, steps=None, verbose="auto"):
@@ -164,111 +299,41 @@ def recalibrate(model, data, steps=None, verbose="auto"):
     print(model.layers[0].moving_mean.numpy())   # about 5, not 0
     ```
     """
-    _check_model(model)
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"Argument `steps` must be a positive integer or None. Received: steps={steps!r}")
-    if verbose not in ("auto", 0, 1):
-        raise ValueError(f"Argument `verbose` must be 'auto', 0 or 1. Received: verbose={verbose!r}")
-    try:
-        iterator = iter(data)
-    except TypeError:
-        raise TypeError(
-            "Argument `data` must be a tf.data.Dataset or an iterable of batches. "
-            f"Received: data of type {type(data).__name__}"
-        ) from None
-    layers = synchronized_layers(model)
-    if not layers:
-        raise ValueError(
-            f"Model '{model.name}' has no SyncBatchNormalization layer to recalibrate "
-            "(convert it first: `syncbn.convert(model)`)."
-        )
+    iterator, layers = _check_arguments(model, data, steps, verbose)
     strategy = _strategy(model)
-    num_local_replicas = len(strategy.extended.worker_devices) if strategy is not None else 1
-    if num_local_replicas > 1 and any(layer.group_size for layer in layers):
+    if strategy is not None and len(strategy.extended.worker_devices) > 1 and any(
+            layer.group_size for layer in layers):
         raise ValueError("recalibrate does not support `group_size` with several replicas in one "
                          "process (MirroredStrategy): their groups would need different values.")
-    if verbose == "auto":
-        verbose = 1 if world.is_chief(strategy) else 0
     # With one replica the data's end is the end; with more, the replicas must
     # stop together, which only the global counts tell them all at once.
     one_replica = strategy is None and all(
         collectives.resolve(layer.communicator, layer.group_size).num_replicas == 1
         for layer in layers)
     recorder = _Recorder(layers)
-    totals = [[0.0, 0.0, 0.0] for _ in layers]  # per layer: sum n, sum n * mean, sum n * var
-
-    def replica_step(x):
-        recorder.start()
-        model(x, training=True)
-        return recorder.finish()
-
-    if strategy is None:
-        step_function = tf.function(replica_step, reduce_retracing=True)
-    else:
-        step_function = tf.function(lambda x: strategy.run(replica_step, args=(x,)),
-                                    reduce_retracing=True)
-
-    def distribute(x):
-        if strategy is None:
-            return x
-        # Each local replica gets its slice of the batch (uneven splits are exact).
-        def piece(context):
-            index = context.replica_id_in_sync_group % num_local_replicas
-            return tf.nest.map_structure(
-                lambda a: np.array_split(a, num_local_replicas)[index], x)
-
-        return strategy.experimental_distribute_values_from_function(piece)
-
-    # Restored afterwards: training mode may move other layers' state.
-    syncbn_state = {id(v) for layer in layers for v in layer.non_trainable_weights}
-    others = [v for v in model.non_trainable_variables if id(v) not in syncbn_state]
-    saved = [np.array(v.numpy()) for v in others]
+    run_step = _StepRunner(model, recorder, strategy)
+    totals = _Totals(layers)
+    own_state = {id(v) for layer in layers for v in layer.non_trainable_weights}
+    others = [v for v in model.non_trainable_variables if id(v) not in own_state]
+    if verbose == "auto":
+        verbose = 1 if world.is_chief(strategy) else 0
     progress = keras.utils.Progbar(_expected_steps(data, steps)) if verbose else None
-    last_batch = None
     done = 0
-    for layer in layers:
-        layer._statistics_recorder = lambda mean, variance, count, layer=layer: recorder.record(
-            layer, mean, variance, count)
-    try:
+    batches = _batches(iterator, model, one_replica)
+    with _preserved(others), _recording(layers, recorder):
         while steps is None or done < steps:
-            element = next(iterator, None)
-            if element is None and one_replica:
+            x = next(batches, None)
+            if x is None:
                 break
-            if element is None:
-                x = _empty_like(last_batch) if last_batch is not None else _empty_batch(model)
-            else:
-                x = last_batch = _to_numpy(_features(element))
-            records = step_function(distribute(x))
-            if strategy is not None:
-                records = tf.nest.map_structure(
-                    lambda value: strategy.experimental_local_results(value)[0], records)
-            records = [(index, float(count), np.asarray(mean, np.float64),
-                        np.asarray(variance, np.float64))
-                       for index, (count, mean, variance) in zip(recorder.order, records)]
+            records = run_step(x)
             # The global counts are the same on every replica of a group: all stop together.
             if not one_replica and not any(count > 0 for _, count, _, _ in records):
                 break
-            for index, count, mean, variance in records:
-                if count > 0:
-                    total = totals[index]
-                    total[0] += count
-                    total[1] = total[1] + count * mean
-                    total[2] = total[2] + count * variance
+            totals.add(records)
             done += 1
             if progress is not None:
                 progress.update(done)
-    finally:
-        for layer in layers:
-            layer._statistics_recorder = None
-        for variable, value in zip(others, saved):
-            variable.assign(value)
-    for layer, (count, sum_mean, sum_variance) in zip(layers, totals):
-        if count == 0:
-            logger.warning("recalibrate: layer '%s' saw no sample; its moving statistics "
-                           "are unchanged.", layer.name)
-            continue
-        layer.moving_mean.assign((sum_mean / count).astype(np.float32))
-        layer.moving_variance.assign((sum_variance / count).astype(np.float32))
+    totals.assign()
     return done
 
 

@@ -441,7 +441,7 @@ class LocalWorld(World):
 
 
 class MPIWorld(World):
-    """One replica per MPI process; sums are mpi4py `Allreduce`s on COMM_WORLD."""
+    """One replica per MPI process; sums are mpi4py `Allreduce`s on `comm` (COMM_WORLD)."""
 
     name = "mpi"
 
@@ -449,23 +449,23 @@ class MPIWorld(World):
         from mpi4py import MPI
 
         self._mpi = MPI
-        self._comm = MPI.COMM_WORLD
-        self.process_rank = self._comm.Get_rank()
-        self.num_processes = self._comm.Get_size()
+        self.comm = MPI.COMM_WORLD
+        self.process_rank = self.comm.Get_rank()
+        self.num_processes = self.comm.Get_size()
         if pin:
-            local = self._comm.Split_type(MPI.COMM_TYPE_SHARED)
+            local = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
             pin_gpu(local.Get_rank())
             local.Free()
 
     def process_sum(self, array):
         send = np.ascontiguousarray(array, np.float64)
         received = np.empty_like(send)
-        self._comm.Allreduce(send, received, op=self._mpi.SUM)
+        self.comm.Allreduce(send, received, op=self._mpi.SUM)
         return received
 
 
 class HorovodWorld(World):
-    """One replica per Horovod process, set up by `syncbn.init_horovod()`."""
+    """One replica per Horovod process, set up by `syncbn.init_horovod()` (`hvd`)."""
 
     name = "horovod"
 

@@ -17,7 +17,8 @@ import pytest
 
 import reference as test_reference
 from jobs import faulty_communicator
-from syncbn.check import cli, exactness, reference, world
+from syncbn import world
+from syncbn.check import cli, exactness, reference
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOBS_DIR = os.path.join(REPO, "tests", "jobs")
@@ -72,9 +73,11 @@ def test_batch_sizes_are_uneven_with_one_empty_replica(num_replicas):
     ({"HOROVOD_RANK": "0", "HOROVOD_SIZE": "2"}, "horovod"),
     ({"HOROVOD_CONTROLLER": "mpi", "OMPI_COMM_WORLD_SIZE": "3"}, "horovod"),
     ({"TF_CONFIG": "{}", "OMPI_COMM_WORLD_SIZE": "3"}, "tf.distribute"),
+    ({"PMIX_RANK": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_ID": "0"}, "mpi"),
+    ({"SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_ID": "0"}, "local"),
 ])
 def test_world_follows_the_launchers_environment(env, expected):
-    assert world.world_from_environment(env) == expected
+    assert world.world_name_from_environment(env) == expected
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -5,7 +5,9 @@ Each case runs one cell of `tests/fault_matrix.py` (2 ranks through
 with a non-zero exit code, that the launcher names the rank that failed
 first, that the output names the layer where it is known, and that nothing
 is left behind (processes, network namespaces, Open MPI session directories,
-launcher files). The only time assertion is the issue's bound: the job stops
+launcher files), and, where syncbn knows what failed (an exception, a
+collective timeout over MPI), that the verdict comes from the failing rank's
+error file. The only time assertion is the issue's bound: the job stops
 within the collective timeout + 10 s of the fault.
 
 CI runs faults (a) kill, (b) raise, (e) shape and (f) skip on every backend,
@@ -35,6 +37,12 @@ CI_CELLS = [cell for cell in ALL_CELLS
 # Cells whose output must name the layer: the fault happens inside a collective
 # that knows it (a mismatch, a timeout) rather than in user code.
 LAYER_NAMED = {"shape", "skip", "stall", "netcut"}
+# Cells whose verdict comes from a rank's error file, and the rank it names: the
+# raising rank's exception, and the waiting rank's collective timeout over MPI.
+FROM_ERROR_FILE = (
+    {(backend, "raise"): fault_matrix.FAULT_RANK for backend in fault_matrix.BACKENDS}
+    | {(backend, "stall"): 1 - fault_matrix.FAULT_RANK
+       for backend in ("mpi", "horovod-mpi", "tf-mpi")})
 # Cells whose output may name no layer. (tf-grpc and tf-mpi (e) used to: there
 # the weights' initial broadcast fails first; the layer now checks at build time.)
 LAYER_NOT_NAMED = set()
@@ -59,6 +67,13 @@ def test_fault_ends_the_job(backend, fault, tmp_path):
     assert result.exit_code != 0, output
     assert result.seconds <= TIMEOUT + 10, output  # the issue's bound; nan (no fault) fails too
     assert re.search(r"\brank \d+\b", result.verdict), output
+    if (backend, fault) in FROM_ERROR_FILE:
+        rank = FROM_ERROR_FILE[backend, fault]
+        assert result.verdict.startswith(f"rank {rank} failed first: "), output
+        assert "(its error file)" in result.verdict, output
+    if fault == "kill":  # no record: its peers' errors, recorded a moment later, follow from it
+        assert result.verdict.startswith(f"rank {fault_matrix.FAULT_RANK} failed first with "
+                                         "signal SIGKILL"), output
     if fault in LAYER_NAMED and (backend, fault) not in LAYER_NOT_NAMED:
         assert result.names_layer, output
     assert result.leftovers == [], output

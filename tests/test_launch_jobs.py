@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -68,6 +69,12 @@ def wait_for_no_processes(marker, seconds=10.0):
     while processes_with(marker) and time.monotonic() < deadline:
         time.sleep(0.1)
     return processes_with(marker)
+
+
+def job_directories(launcher_pid):
+    """The private directories that launcher `launcher_pid` made for its job."""
+    return [name for name in os.listdir(tempfile.gettempdir())
+            if name.startswith(f"syncbn-launch-{launcher_pid}-")]
 
 
 def hang_job(marker, *extra):
@@ -178,18 +185,21 @@ def test_stopping_the_launcher_leaves_no_orphans(backend, simulate, signum):
         if signum == signal.SIGTERM:
             assert code == 128 + signal.SIGTERM, run.output
             assert "received SIGTERM; stopping all ranks" in run.output
+            assert job_directories(run.process.pid) == []
         else:
             assert code == -signal.SIGKILL
+            assert job_directories(run.process.pid) != []  # for the next launcher to remove
     finally:
         if run.process.poll() is None:
             run.process.kill()
-        if simulate:
-            # A SIGKILLed launcher cannot remove its namespaces; the next one does.
-            from launch.netns import remove_stale
+        # A SIGKILLed launcher cannot remove its namespaces and its job's directory;
+        # the next one does.
+        from launch.netns import remove_stale, remove_stale_directories
 
-            remove_stale()
-            listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
-            assert f"sbn-{run.process.pid}-" not in listing.stdout
+        (remove_stale if simulate else remove_stale_directories)()
+        listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+        assert f"sbn-{run.process.pid}-" not in listing.stdout
+        assert job_directories(run.process.pid) == []
 
 
 @pytest.mark.parametrize("backend", ["horovod-gloo", "mpi"])
@@ -208,3 +218,61 @@ def test_bad_arguments_fail_before_starting_anything():
                             cwd=REPO, capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "Received: -np=3" in result.stderr
+
+
+def error_file_job(mode, barrier_dir, *extra):
+    return [sys.executable, os.path.join(JOBS_DIR, "error_file_job.py"), mode, str(barrier_dir),
+            *extra]
+
+
+def run_and_collect(argv, timeout=240, **env):
+    """Runs a launcher; returns `(its pid, CompletedProcess)`."""
+    process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **env})
+    stdout, stderr = process.communicate(timeout=timeout)
+    return process.pid, subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
+
+
+@pytest.mark.parametrize("backend", ["mpi", "tf-no-mpi"])
+def test_error_files_name_the_rank_that_raised_first(backend, tmp_path):
+    # Rank 1 raises first but exits last: the first exit (and mpirun's account)
+    # would blame rank 0; rank 1's error file names it.
+    pid, result = run_and_collect(launcher(
+        "-np", "2", *BACKEND_ARGS[backend], "--", *error_file_job("raise", tmp_path)))
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    verdict = ("rank 1 failed first: ValueError: rank 1: bad batch (its error file)"
+               + ("" if backend == "mpi" else "; rank 0 exited first, with exit code 1"))
+    assert f"ERROR {verdict}; stopping the other ranks" in result.stderr, output
+    assert job_directories(pid) == []
+
+
+@pytest.mark.parametrize("backend", ["mpi", "tf-no-mpi"])
+def test_without_error_files_the_output_names_the_rank(backend, tmp_path):
+    # The same job, not importing syncbn: no error file, so the verdict comes from
+    # the output (mpirun's account, or the first exit and traceback) -- here,
+    # since rank 1 exits last, a less exact one.
+    _, result = run_and_collect(launcher(
+        "-np", "2", *BACKEND_ARGS[backend], "--",
+        *error_file_job("raise", tmp_path, "--no-syncbn")))
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "(its error file)" not in output
+    expected = ("rank 0 failed first with exit code 1 (mpirun)" if backend == "mpi" else
+                "rank 1 failed first (its traceback came first); rank 0 exited first, "
+                "with exit code 1")
+    assert expected in result.stderr, output
+
+
+@pytest.mark.parametrize("kernel", ["compiled", "numpy_function"])
+def test_a_collective_timeout_leaves_an_error_file(kernel, tmp_path):
+    # The compiled kernel (mpi_all_sum.cc) and the mpi4py path each write the record
+    # before MPI_Abort(124).
+    _, result = run_and_collect(
+        launcher("-np", "2", "--backend", "mpi", "--", *error_file_job("timeout", tmp_path)),
+        SYNCBN_COLLECTIVE_TIMEOUT="3", SYNCBN_MPI_KERNEL=kernel)
+    output = result.stdout + result.stderr
+    assert result.returncode == 124, output
+    assert ("ERROR rank 0 failed first: CollectiveTimeout: syncbn: MPI all-reduce "
+            "'syncbn/bn_t/forward' waited more than 3 s (SYNCBN_COLLECTIVE_TIMEOUT)") in output
+    assert "(its error file); stopping the other ranks" in output

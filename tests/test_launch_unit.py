@@ -3,24 +3,28 @@
 import ipaddress
 import json
 import os
+import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
 
 import pytest
 
-from launch import cli
-from launch.backends import Placement
-from launch import supervisor
-from launch.backends.mpi import (ABORT_LINE, VERDICT_LINE, describe_mpirun_failure,
-                                 mpirun_command, mpirun_fatal_code)
+from launch import failures, gpus, supervisor
+from launch.backends.mpirun import (ABORT_LINE, VERDICT_LINE, describe_mpirun_failure,
+                                    mpirun_command, mpirun_fatal_code)
+from launch.config import ENV_PREFIX, EnvDefault, LaunchConfig, build_parser
 from launch.environment import build_rank_env, horovod_env, slot_from_mpi_env, tf_config
-from launch.hostexec import LocalRunner, NetnsRunner, SshRunner
-from launch.hosts import (Host, Slot, assign_ranks, is_local_host, parse_hosts,
+from launch.hostexec import (HostRunner, LocalRunner, NetnsRunner, SrunRunner, SshRunner,
+                             forwarded_names)
+from launch.hosts import (Host, Slot, allocation_hosts, assign_ranks, is_local_host,
+                          node_addresses, parse_hosts, parse_tasks_per_node,
                           simulated_hosts_spec, validate_num_proc)
 from launch.netns import POOL, choose_subnet
 from launch.netns_rsh import parse_agent_args, parse_namespace_map
+from launch.placement import Placement, allocation_site, make_placement
 from launch.supervisor import Supervisor, WorkerSpec, describe_exit, shell_exit_code
 
 
@@ -190,6 +194,32 @@ def test_ssh_runner_quotes_cwd_env_and_command():
     words = shlex.split(remote)
     assert words[words.index("env") + 1:] == [
         "FOO=a b", "RANK=1", 'TF_CONFIG={"a": 1}', "python", "train.py", "--name", "it's"]
+
+
+def test_forwarded_names_are_the_python_basics_the_families_and_the_exports():
+    env = {"PATH": "/b", "HOME": "/root", "SYNCBN_COLLECTIVE_TIMEOUT": "60", "NCCL_DEBUG": "INFO",
+           "TF_CPP_MIN_LOG_LEVEL": "2", "HOROVOD_CYCLE_TIME": "1", "OMPI_MCA_btl": "tcp",
+           "OMPI_COMM_WORLD_RANK": "0", "SYNCBN_LAUNCH_NUM_PROC": "4", "MY_FLAG": "x"}
+    assert forwarded_names(env, ["MY_FLAG", "PATH", "ABSENT"]) == [
+        "PATH", "HOROVOD_CYCLE_TIME", "NCCL_DEBUG", "OMPI_MCA_btl", "SYNCBN_COLLECTIVE_TIMEOUT",
+        "TF_CPP_MIN_LOG_LEVEL", "MY_FLAG"]
+    runner = SshRunner("node2", base_env=env, exported=["MY_FLAG"])
+    words = shlex.split(runner.command(["true"], {"RANK": "1"}, "/")[0][-1])
+    assigned = {w.split("=", 1)[0] for w in words[words.index("env") + 1:-1]}
+    assert assigned == {*forwarded_names(env, ["MY_FLAG"]), "RANK"}
+
+
+def test_mpirun_forwards_the_same_names(monkeypatch):
+    from launch.backends.mpirun import mpirun_worker
+
+    monkeypatch.setenv("SYNCBN_COLLECTIVE_TIMEOUT", "60")
+    monkeypatch.setenv("NCCL_DEBUG", "INFO")
+    monkeypatch.setenv("SYNCBN_LAUNCH_TIMEOUT", "9")
+    spec = mpirun_worker(_placement(exported=("MY_FLAG",)), {"HOROVOD_CONTROLLER": "mpi"})
+    forwarded = [spec.argv[i + 1] for i, word in enumerate(spec.argv) if word == "-x"]
+    for name in ("SYNCBN_COLLECTIVE_TIMEOUT", "NCCL_DEBUG", "HOROVOD_CONTROLLER", "PATH"):
+        assert name in forwarded
+    assert "SYNCBN_LAUNCH_TIMEOUT" not in forwarded and "MY_FLAG" not in forwarded  # unset
 
 
 # --- mpirun and its rsh agent --------------------------------------------------------------
@@ -389,6 +419,139 @@ def test_supervisor_stops_mpirun_that_hangs_after_a_rank_timed_out(caplog):
         "stopping the other ranks"]
 
 
+# --- which rank failed first: error files, then output ------------------------------------
+
+def _record(rank, at, kind="ValueError", message="boom"):
+    return failures.ErrorRecord(rank=rank, type=kind, message=message, time=at)
+
+
+def _death(rank, ended_at, code=1):
+    return failures.Death(f"rank {rank}" if rank is not None else "mpirun", rank, ended_at, code)
+
+
+def _no_output():
+    raise AssertionError("with error records, the output is not read")
+
+
+def test_verdict_names_the_earliest_record():
+    records = [_record(0, 12.0, "RuntimeError", "Horovod has been shut down\nmore"),
+               _record(1, 10.0, "tensorflow.python.framework.errors_impl.UnknownError",
+                       "\ninjected fault: rank 1 raises mid-step\n  [[node x]]")]
+    failed = _death(0, 13.0)
+    assert failures.verdict(records, [failed], failed, _no_output) == (
+        "rank 1 failed first: UnknownError: injected fault: rank 1 raises mid-step "
+        "(its error file); rank 0 exited first, with exit code 1")
+    mpirun = _death(None, 13.0, 124)  # one process for every rank: no "exited first"
+    assert failures.verdict(records, [mpirun], mpirun, _no_output) == (
+        "rank 1 failed first: UnknownError: injected fault: rank 1 raises mid-step "
+        "(its error file)")
+
+
+def test_verdict_a_rank_dead_without_a_record_before_the_first_record_failed_first():
+    # Rank 1 was SIGKILLed (its output closed at 9.0); rank 0's error, written at 9.5,
+    # follows from it.
+    killed = _death(1, 9.0, -9)
+    assert failures.verdict([_record(0, 9.5)], [killed], killed, _no_output) == (
+        "rank 1 failed first with signal SIGKILL")
+    # Its peer's error can be written a moment before the launcher sees it end.
+    seen_late = _death(1, 9.5 + failures.SILENT_DEATH_WINDOW - 0.01, -9)
+    assert failures.verdict([_record(0, 9.5)], [seen_late], seen_late, _no_output) == (
+        "rank 1 failed first with signal SIGKILL")
+    # Ended well after the record was written: the record came first.
+    late = _death(1, 9.5 + failures.SILENT_DEATH_WINDOW + 0.01, 3)
+    assert failures.verdict([_record(0, 9.5)], [late], late, _no_output).startswith(
+        "rank 0 failed first: ValueError: boom (its error file); rank 1 exited first")
+    # A rank that died with a record is not a silent death.
+    recorded = _death(0, 9.0)
+    assert failures.verdict([_record(0, 9.5)], [recorded], recorded, _no_output) == (
+        "rank 0 failed first: ValueError: boom (its error file)")
+
+
+def test_verdict_without_records_reads_the_output_then_the_first_exit():
+    failed = _death(2, 5.0, -11)
+    assert failures.verdict([], [failed], failed, lambda: "rank 1 failed first (mpirun)") == (
+        "rank 1 failed first (mpirun)")
+    assert failures.verdict([], [failed], failed, lambda: None) == (
+        "rank 2 failed first with signal SIGSEGV")
+
+
+def test_read_error_records_takes_the_rank_from_the_file_name_and_skips_bad_files(
+        tmp_path, caplog):
+    (tmp_path / "rank.3.json").write_text(json.dumps(
+        {"rank": 3, "type": "KeyError", "message": "'x'", "time": 1.5, "exit_code": 1,
+         "host": "h", "traceback": "Traceback ..."}))
+    (tmp_path / "rank.4.json").write_text("{not json")
+    (tmp_path / "rank.5.json").write_text(json.dumps({"type": "KeyError"}))  # no time
+    (tmp_path / "netns-rsh").write_text("#!/bin/sh\n")  # other files of the job directory
+    [record] = failures.read_error_records(str(tmp_path))
+    assert (record.rank, record.type, record.time, record.host) == (3, "KeyError", 1.5, "h")
+    assert len([r for r in caplog.records if "ignoring the error file" in r.getMessage()]) == 2
+
+
+def test_record_summary_is_one_short_line():
+    assert _record(0, 1.0, "a.b.C", "x" * 1000).summary() == "C: " + "x" * 294 + "..."
+    assert _record(0, 1.0, "ValueError", "").summary() == "ValueError: "
+
+
+# TensorFlow relays a node's error after a header and where the node was defined
+# (as TF 2.21 words it), or after the function's name.
+TF_MESSAGES = {
+    "py_function": (
+        "UnknownError",
+        "Graph execution error:\n\nDetected at node EagerPyFunc defined at (most recent call "
+        "last):\n  File \"t.py\", line 8, in <module>\n\nRuntimeError: injected fault\n"
+        "Traceback (most recent call last):\n  File \"t.py\", line 3, in boom\n    raise "
+        "RuntimeError(\"injected fault\")\n\nRuntimeError: injected fault\n\n\t "
+        "[[{{node EagerPyFunc}}]] [Op:__inference_f_6]",
+        "UnknownError: RuntimeError: injected fault"),
+    "kernel": (
+        "FailedPreconditionError",
+        "Graph execution error:\n\nDetected at node syncbn_mpi_all_sum defined at (most recent "
+        "call last):\n  File \"job.py\", line 9, in step\n\nsyncbn: ranks disagree at a sync BN "
+        "collective: this rank (1) is at 'bn_b/forward'\n\t [[{{node syncbn_mpi_all_sum}}]] "
+        "[Op:__inference_step_99]",
+        "FailedPreconditionError: syncbn: ranks disagree at a sync BN collective: this rank (1) "
+        "is at 'bn_b/forward'"),
+    "eager": (
+        "UnknownError",
+        "{{function_node __inference_<lambda>_773}} RuntimeError: injected fault\nmore",
+        "UnknownError: RuntimeError: injected fault"),
+    "collective": (
+        "UnavailableError",
+        "{{function_node __inference_<lambda>_1257}} Collective ops is aborted by: "
+        "recvmsg:Connection reset by peer\nAdditional GRPC error information",
+        "UnavailableError: Collective ops is aborted by: recvmsg:Connection reset by peer"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TF_MESSAGES))
+def test_record_summary_of_tensorflow_errors_shows_the_error_relayed(case):
+    kind, message, summary = TF_MESSAGES[case]
+    assert _record(0, 1.0, f"tensorflow.python.framework.errors_impl.{kind}",
+                   message).summary() == summary
+
+
+def _ranks_writing_records(tmp_path, scripts):
+    specs = [WorkerSpec(str(rank), [sys.executable, "-c", script], dict(os.environ), rank=rank)
+             for rank, script in enumerate(scripts)]
+    return Supervisor(specs, error_dir=str(tmp_path), grace_period=1.0)
+
+
+def test_supervisor_names_the_rank_of_the_earliest_record(tmp_path, caplog):
+    # Rank 1 writes its record and stays; rank 0 exits first, with no record, well
+    # after it. As the job directory's records say, rank 1 failed first.
+    path = str(tmp_path / "rank.1.json")
+    record = {"type": "ValueError", "message": "bad batch", "exit_code": 1}
+    write = (f"import json, time; json.dump({{**{record!r}, 'time': time.time()}}, "
+             f"open({path!r} + '.tmp', 'w')); import os; os.rename({path!r} + '.tmp', {path!r}); "
+             "time.sleep(60)")
+    exit_later = (f"import os, time\nwhile not os.path.exists({path!r}): time.sleep(0.05)\n"
+                  f"time.sleep({failures.SILENT_DEATH_WINDOW + 1}); raise SystemExit(2)")
+    assert _ranks_writing_records(tmp_path, [exit_later, write]).run() == 2
+    assert _verdict(caplog) == ["rank 1 failed first: ValueError: bad batch (its error file); "
+                                "rank 0 exited first, with exit code 2; stopping the other ranks"]
+
+
 def test_exit_descriptions():
     assert describe_exit(3) == "exit code 3" and describe_exit(-9) == "signal SIGKILL"
     assert shell_exit_code(-15) == 143 and shell_exit_code(3) == 3
@@ -405,26 +568,34 @@ def test_choose_subnet_avoids_used_networks():
         choose_subnet([POOL], seed=0)
 
 
-# --- command line --------------------------------------------------------------------------
+# --- command line ---------------------------------------------------------------------------
 
-def _args(argv):
-    return cli.validate(cli.build_parser().parse_args(argv))
+def _config(argv):
+    return LaunchConfig.from_args(build_parser().parse_args(argv))
 
 
 def test_cli_defaults_and_command(monkeypatch):
     monkeypatch.delenv("HOROVOD_CYCLE_TIME", raising=False)
-    args = _args(["-np", "2", "--", "python", "t.py", "--flag"])
-    assert args.command == ["python", "t.py", "--flag"]
-    assert args.backend is None and args.timeout is None and args.grace_period == 3.0
-    assert args.horovod_cycle_time is None and args.simulate_hosts is None
-    assert args.horovod_controller == "auto"
+    config = _config(["-np", "2", "--", "python", "t.py", "--flag"])
+    assert config.command == ("python", "t.py", "--flag")
+    assert config.backend in ("horovod", "tf", "mpi")  # the default backend, resolved once
+    assert config.timeout is None and config.grace_period == 3.0
+    assert config.horovod_cycle_time is None and config.simulate_hosts is None
+    assert config.horovod_controller == "auto" and config.gpus_per_host == "auto"
+    assert config.hosts is None and config.export == ()
+
+
+def test_config_is_frozen():
+    config = _config(["-np", "2", "--backend", "mpi", "--", "x"])
+    with pytest.raises(AttributeError):
+        config.num_proc = 3
 
 
 def test_cli_keeps_a_users_horovod_cycle_time(monkeypatch):
     monkeypatch.setenv("HOROVOD_CYCLE_TIME", "2")
-    assert _args(["-np", "2", "--", "python", "t.py"]).horovod_cycle_time == 2.0
+    assert _config(["-np", "2", "--", "python", "t.py"]).horovod_cycle_time == 2.0
     monkeypatch.setenv("SYNCBN_LAUNCH_HOROVOD_CYCLE_TIME", "0.5")
-    assert _args(["-np", "2", "--", "python", "t.py"]).horovod_cycle_time == 0.5
+    assert _config(["-np", "2", "--", "python", "t.py"]).horovod_cycle_time == 0.5
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -435,17 +606,24 @@ def test_cli_keeps_a_users_horovod_cycle_time(monkeypatch):
     (["-np", "2", "-H", "a:b", "--", "x"], "Received: 'a:b'"),
     (["-np", "2", "--simulate-hosts", "3", "--", "x"], "Received: --simulate-hosts=3"),
     (["-np", "2", "--timeout", "0", "--", "x"], "Received: --timeout=0"),
+    (["-np", "2", "--grace-period", "-1", "--", "x"], "Received: --grace-period=-1"),
+    (["-np", "2", "--cpus-per-host", "0", "--", "x"], "Received: --cpus-per-host=0"),
     (["-np", "2", "--gpus-per-host", "two", "--", "x"], "Received: 'two'"),
+    (["-np", "2", "--gpus-per-host", "-1", "--", "x"], "Received: -1"),
+    (["-np", "2", "--ssh", "--", "x"], "`--ssh` needs `--simulate-hosts N`.*Received: --ssh"),
 ])
 def test_cli_validation_names_argument_and_value(argv, message):
     with pytest.raises((ValueError, TypeError), match=message):
-        _args(argv)
+        _config(argv)
 
 
-def test_cli_hosts_and_simulate_hosts_are_exclusive(capsys):
-    with pytest.raises(SystemExit):
-        cli.build_parser().parse_args(["-np", "2", "-H", "a:2", "--simulate-hosts", "2", "--", "x"])
-    assert "not allowed with argument" in capsys.readouterr().err
+def test_cli_hosts_and_simulate_hosts_are_exclusive(monkeypatch):
+    with pytest.raises(ValueError, match="`-H` and `--simulate-hosts` exclude each other"):
+        _config(["-np", "2", "-H", "a:2", "--simulate-hosts", "2", "--", "x"])
+    # Also when one of them comes from the environment.
+    monkeypatch.setenv("SYNCBN_LAUNCH_HOSTS", "a:2")
+    with pytest.raises(ValueError, match="exclude each other"):
+        _config(["-np", "2", "--simulate-hosts", "2", "--", "x"])
 
 
 def test_cli_environment_fallbacks(monkeypatch):
@@ -454,29 +632,203 @@ def test_cli_environment_fallbacks(monkeypatch):
     monkeypatch.setenv("SYNCBN_LAUNCH_NUM_PROC", "3")
     monkeypatch.setenv("SYNCBN_LAUNCH_HOROVOD_CYCLE_TIME", "1")
     monkeypatch.setenv("SYNCBN_LAUNCH_EXPORT", "A,B")
-    args = _args(["--", "x"])
-    assert (args.backend, args.timeout, args.num_proc) == ("mpi", 12.5, 3)
-    assert args.horovod_cycle_time == 1.0 and args.export == ["A", "B"]
-    assert _args(["--backend", "tf", "--", "x"]).backend == "tf"  # command line wins
+    monkeypatch.setenv("SYNCBN_LAUNCH_SSH", "1")
+    monkeypatch.setenv("SYNCBN_LAUNCH_SIMULATE_HOSTS", "2")
+    config = _config(["--", "x"])
+    assert (config.backend, config.timeout, config.num_proc) == ("mpi", 12.5, 3)
+    assert config.horovod_cycle_time == 1.0 and config.export == ("A", "B")
+    assert config.ssh is True and config.simulate_hosts == 2
+    assert _config(["--backend", "tf", "--", "x"]).backend == "tf"  # command line wins
+    assert _config(["-x", "C", "--", "x"]).export == ("A", "B", "C")  # -x adds to the list
 
 
-def test_cli_help_documents_default_and_env_for_every_option():
-    parser = cli.build_parser()
-    for action in parser._actions:
-        if action.option_strings and action.dest != "help":
-            assert "default" in action.help and "SYNCBN_LAUNCH_" in action.help, action.dest
+@pytest.mark.parametrize("name,value,message", [
+    ("SYNCBN_LAUNCH_NUM_PROC", "two", "`SYNCBN_LAUNCH_NUM_PROC` must be a valid int"),
+    ("SYNCBN_LAUNCH_BACKEND", "nccl", "`SYNCBN_LAUNCH_BACKEND` must be one of"),
+    ("SYNCBN_LAUNCH_VERBOSE", "maybe", "`SYNCBN_LAUNCH_VERBOSE` must be one of"),
+])
+def test_cli_rejects_a_bad_environment_value_naming_the_variable(monkeypatch, name, value,
+                                                                 message):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=f"{message}.*Received: {name}={value!r}"):
+        build_parser()
 
 
-def test_gpus_per_host(tmp_path):
-    assert cli.parse_gpus_per_host("auto", {"CUDA_VISIBLE_DEVICES": "2,3"}) == ("2", "3")
-    assert cli.parse_gpus_per_host("auto", {"CUDA_VISIBLE_DEVICES": ""}) == ()
-    assert cli.parse_gpus_per_host("2", {}) == ("0", "1")
+def test_every_option_has_one_environment_fallback_and_documents_it(monkeypatch):
+    parser = build_parser()
+    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert len(options) == 20
+    for action in options:
+        assert isinstance(action, EnvDefault), action.dest
+        assert action.env[0] == ENV_PREFIX + action.dest.upper()
+        assert "(default: " in action.help and f"env {action.env[0]}" in action.help, action.help
+    # The fallback really works for each of them: set, every value differs from the default.
+    from_env = {"num_proc": ("3", 3), "hosts": ("a:3", "a:3"), "simulate_hosts": ("3", 3),
+                "ssh": ("1", True), "slurm": ("1", True), "gpus_per_host": ("4", "4"),
+                "cpus_per_host": ("5", 5),
+                "backend": ("tf", "tf"), "horovod_controller": ("gloo", "gloo"),
+                "tf_mpi": ("no", "no"), "horovod_cycle_time": ("0.5", 0.5),
+                "network_interface": ("eth9", "eth9"), "launcher_address": ("10.1.1.1", "10.1.1.1"),
+                "ssh_port": ("2200", 2200), "ssh_identity_file": ("/k", "/k"),
+                "export": ("A, B", ["A", "B"]), "timeout": ("9", 9.0),
+                "grace_period": ("7", 7.0), "output_dir": ("/o", "/o"), "verbose": ("1", True)}
+    assert set(from_env) == {a.dest for a in options}
+    for dest, (text, _) in from_env.items():
+        monkeypatch.setenv(ENV_PREFIX + dest.upper(), text)
+    args = build_parser().parse_args([])
+    for action in options:
+        assert getattr(args, action.dest) == from_env[action.dest][1] != action.default, action.dest
+
+
+LAUNCHER_DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "docs", "launcher.md")
+
+
+def _doc():
+    with open(LAUNCHER_DOC, encoding="utf-8") as handle:
+        return handle.read()
+
+
+def test_the_launcher_doc_lists_every_option_with_its_variable():
+    rows = {}  # flags of a row of the options table -> its environment column
+    for line in _doc().splitlines():
+        if line.startswith("| `-"):
+            cells = re.split(r"(?<!\\)\|", line)  # `a\|b` is a pipe inside a cell
+            rows[frozenset(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", cells[1]))] = cells[3]
+    options = [a for a in build_parser()._actions if a.option_strings and a.dest != "help"]
+    assert set().union(*rows) == {flag for a in options for flag in a.option_strings}
+    for action in options:
+        environment = rows[frozenset(action.option_strings)]
+        assert all(f"`{name}" in environment for name in action.env), (action.env, environment)
+
+
+def test_every_launcher_command_in_the_docs_is_valid(monkeypatch):
+    monkeypatch.delenv("HOROVOD_CYCLE_TIME", raising=False)
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", _doc(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line.split(" #")[0])
+            if "syncbn-launch" in words and "[" not in line:  # the synopsis has [options]
+                commands.append(words[words.index("syncbn-launch") + 1:])
+    assert len(commands) >= 3, commands
+    for words in commands:
+        config = LaunchConfig.from_args(build_parser().parse_args(words))
+        assert config.command[0] == "python", words
+
+
+def test_listed_hosts_run_local_names_here_and_others_over_ssh():
+    from launch.placement import listed_site, make_placement
+
+    config = LaunchConfig(num_proc=3, command=("python", "t.py"), backend="mpi", ssh_port=2200,
+                          hosts=(Host("localhost", 1), Host("node2", 2), Host("node3", 2)),
+                          export=("MY_FLAG",))
+    site = listed_site(config, route_to=lambda host: ("eth1", "10.0.0.5"))
+    assert [h.name for h in site.hosts] == ["localhost", "node2"]  # node3 gets no rank
+    assert isinstance(site.runners["localhost"], LocalRunner)
+    assert (site.runners["node2"].port, site.runners["node2"].exported) == (2200, ("MY_FLAG",))
+    assert site.addresses == {"localhost": "10.0.0.5", "node2": "node2"}
+    assert (site.iface, site.launcher_address) == ("eth1", "10.0.0.5")
+    placement = make_placement(config, site, cwd="/w", job_dir="/j",
+                               gpu_ids=lambda config, site: ("0",))
+    assert [s.hostname for s in placement.slots] == ["localhost", "node2", "node2"]
+    assert (placement.job_dir, placement.gpu_ids, placement.command) == (
+        "/j", ("0",), ["python", "t.py"])
+    # node2's ranks cannot write where the launcher reads: no verdict from error files.
+    assert not placement.error_files_readable
+    local = LaunchConfig(num_proc=2, command=("x",), backend="mpi")
+    assert make_placement(local, listed_site(local), cwd="/w",
+                          gpu_ids=lambda config, site: ()).error_files_readable
+
+
+def test_gpus_per_host_on_this_machine(tmp_path):
+    assert gpus.local_gpu_ids({"CUDA_VISIBLE_DEVICES": "2,3"}) == ("2", "3")
+    assert gpus.local_gpu_ids({"CUDA_VISIBLE_DEVICES": ""}) == ()
     fake = tmp_path / "nvidia-smi"
     fake.write_text("#!/bin/sh\necho 'GPU 0: A100 (UUID: x)'\necho 'GPU 1: A100 (UUID: y)'\n")
     fake.chmod(0o755)
-    assert cli.parse_gpus_per_host("auto", {}, nvidia_smi=str(fake)) == ("0", "1")
-    with pytest.raises(ValueError, match="Received: -1"):
-        cli.parse_gpus_per_host("-1", {})
+    assert gpus.local_gpu_ids({}, nvidia_smi=str(fake)) == ("0", "1")
+    config = _config(["-np", "2", "--gpus-per-host", "2", "--backend", "mpi", "--", "x"])
+    assert gpus.gpu_ids(config, site=None, environ={"CUDA_VISIBLE_DEVICES": "5"}) == ("0", "1")
+
+
+class FakeRunner(HostRunner):
+    """Runs a stand-in for the remote shell: prints `stdout`, exits with `code`."""
+
+    is_local = False
+
+    def __init__(self, stdout="", code=0, stderr=""):
+        self.script = (f"import sys; sys.stdout.write({stdout!r}); sys.stderr.write({stderr!r}); "
+                       f"sys.exit({code})")
+        self.asked = 0
+
+    def command(self, argv, added_env, cwd):
+        self.asked += 1
+        return [sys.executable, "-c", self.script], dict(os.environ)
+
+
+TWO_GPUS = "GPU 0: A100 (UUID: GPU-a)\nGPU 1: A100 (UUID: GPU-b)\n"
+
+
+def _site(runners, shared_machine=False):
+    from launch.placement import Site
+
+    return Site(hosts=[Host(name, 1) for name in runners], runners=runners, addresses={},
+                launcher_address="10.0.0.1", iface="eth0", shared_machine=shared_machine)
+
+
+def _auto(num_proc=2):
+    return LaunchConfig(num_proc=num_proc, command=("x",), backend="mpi")
+
+
+def test_gpus_per_host_auto_asks_every_remote_host():
+    runners = {"node1": FakeRunner(TWO_GPUS), "node2": FakeRunner(TWO_GPUS)}
+    # The launcher's own CUDA_VISIBLE_DEVICES (a login node's) has no say.
+    assert gpus.gpu_ids(_auto(), _site(runners), environ={"CUDA_VISIBLE_DEVICES": "7"}) == (
+        "0", "1")
+    assert [r.asked for r in runners.values()] == [1, 1]
+
+
+def test_gpus_per_host_auto_refuses_hosts_that_disagree():
+    # node2 has no nvidia-smi: the probe prints nothing and exits 0, so it has 0 GPUs.
+    runners = {"node1": FakeRunner(TWO_GPUS), "node2": FakeRunner("")}
+    with pytest.raises(ValueError, match=r"same number of GPUs on every host.*node1: 2, "
+                                         r"node2: 0.*Received: --gpus-per-host auto"):
+        gpus.gpu_ids(_auto(), _site(runners))
+    assert gpus.gpu_ids(_auto(), _site({"n1": FakeRunner(""), "n2": FakeRunner("")})) == ()
+
+
+def test_gpus_per_host_auto_names_a_host_it_cannot_ask():
+    runners = {"node1": FakeRunner(TWO_GPUS),
+               "node9": FakeRunner(code=255,
+                                   stderr="ssh: connect to host node9: Connection refused")}
+    with pytest.raises(RuntimeError, match="cannot ask host 'node9'.*exited with 255: ssh: "
+                                           "connect to host node9: Connection refused"):
+        gpus.gpu_ids(_auto(), _site(runners))
+
+
+def test_gpus_per_host_asks_nobody_when_it_need_not():
+    unreachable = {"node1": FakeRunner(code=255), "node2": FakeRunner(code=255)}
+    counted = LaunchConfig(num_proc=2, command=("x",), backend="mpi", gpus_per_host=3)
+    assert gpus.gpu_ids(counted, _site(unreachable)) == ("0", "1", "2")
+    # Simulated hosts (even over ssh) are this machine: its own answer.
+    assert gpus.gpu_ids(_auto(), _site(unreachable, shared_machine=True),
+                        environ={"CUDA_VISIBLE_DEVICES": "4,5"}) == ("4", "5")
+    assert gpus.gpu_ids(_auto(), _site({"localhost": LocalRunner()}),
+                        environ={"CUDA_VISIBLE_DEVICES": "1"}) == ("1",)
+    assert [r.asked for r in unreachable.values()] == [0, 0]
+
+
+def test_gpu_probe_runs_nvidia_smi_through_the_runner(tmp_path):
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text(f"#!/bin/sh\nprintf '{TWO_GPUS}'\n")
+    fake.chmod(0o755)
+    path = os.environ["PATH"]
+    with_smi = LocalRunner(base_env={"PATH": f"{tmp_path}{os.pathsep}{path}"})
+    assert gpus.count_host_gpus("here", with_smi) == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "sh").symlink_to("/bin/sh")
+    assert gpus.count_host_gpus("here", LocalRunner(base_env={"PATH": str(empty)})) == 0
 
 
 def test_launcher_imports_neither_tensorflow_nor_horovod():
@@ -522,20 +874,16 @@ def test_horovod_mpi_built_asks_once_per_build(tmp_path, monkeypatch):
 
 
 def test_horovod_over_mpi_runs_mpirun_with_horovod_variables(monkeypatch):
-    import argparse
-
     from launch.backends import horovod as horovod_backend
 
     monkeypatch.setattr(horovod_backend, "horovod_mpi_built", lambda: True)
     monkeypatch.delenv("HOROVOD_CYCLE_TIME", raising=False)
     placement = _placement()
     for cycle, expected in ((None, None), (0.5, "0.5")):
-        options = argparse.Namespace(horovod_controller="auto", horovod_cycle_time=cycle)
-        backend = horovod_backend.HorovodBackend(options)
-        try:
+        config = LaunchConfig(num_proc=2, command=("x",), backend="horovod",
+                              horovod_cycle_time=cycle)
+        with horovod_backend.HorovodBackend(config) as backend:
             [spec] = backend.workers(placement)
-        finally:
-            backend.close()
         assert spec.label == "mpirun" and "-x" in spec.argv
         forwarded = {spec.argv[i + 1] for i, word in enumerate(spec.argv) if word == "-x"}
         assert {"HOROVOD_CONTROLLER", "HOROVOD_CPU_OPERATIONS"} <= forwarded
@@ -560,18 +908,137 @@ def test_tf_mpi_resolution():
 
 
 def test_tf_over_mpi_hands_the_worker_list_to_the_ranks():
-    import argparse
-
     from launch.backends.tf import TfBackend
 
     placement = _placement(addresses={"localhost": "127.0.0.1"})
-    backend = TfBackend(argparse.Namespace(tf_mpi="yes"))
-    try:
+    with TfBackend(LaunchConfig(num_proc=2, command=("x",), backend="tf", tf_mpi="yes")) as backend:
         [spec] = backend.workers(placement)
-    finally:
-        backend.close()
     assert spec.label == "mpirun"
     workers = spec.env["SYNCBN_LAUNCH_TF_WORKERS"].split(",")
     assert len(workers) == 2 and all(w.startswith("127.0.0.1:") for w in workers)
     forwarded = {spec.argv[i + 1] for i, word in enumerate(spec.argv) if word == "-x"}
     assert "SYNCBN_LAUNCH_TF_WORKERS" in forwarded
+
+
+# --- Slurm: the allocation as a host source, and --slurm -----------------------------------
+
+def test_tasks_per_node_expands_slurms_compressed_forms():
+    assert parse_tasks_per_node("2(x3),1") == [2, 2, 2, 1]
+    assert parse_tasks_per_node("4") == [4]
+    assert parse_tasks_per_node("1,2(x2),3") == [1, 2, 2, 3]
+    for bad in ("", "2(x)", "x3", "2(3)", "2(x3"):
+        received = re.escape(f"Received: SLURM_TASKS_PER_NODE={bad!r}")
+        with pytest.raises(ValueError, match=received):
+            parse_tasks_per_node(bad)
+    with pytest.raises(ValueError, match="names 2 nodes, but the allocation has 3"):
+        allocation_hosts(["a", "b", "c"], "2(x2)")
+
+
+def test_node_addresses_read_scontrols_one_line_records():
+    text = ("NodeName=node0 Arch=x86_64 CoresPerSocket=1 NodeAddr=198.18.3.2 NodeHostName=node0\n"
+            "NodeName=node1 Arch=x86_64 NodeHostName=node1 Version=22.05\n")
+    assert node_addresses(text) == {"node0": "198.18.3.2", "node1": "node1"}
+
+
+ALLOCATION = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "node[0-1]",
+              "SLURM_TASKS_PER_NODE": "2(x2)"}
+
+
+def _allocation_site(num_proc, seen=None, own=("198.18.3.2",), environ=ALLOCATION, **options):
+    """allocation_site with Slurm, routes and the nodes answered here; (site, calls)."""
+    calls = []
+
+    def scontrol(*args):
+        calls.append(("scontrol", *args))
+        if args[:2] == ("show", "hostnames"):
+            return "node0\nnode1\n"
+        return "".join(f"NodeName={name} NodeAddr=198.18.3.{2 + i} State=IDLE\n"
+                       for i, name in enumerate(("node0", "node1")) if name in args[-1])
+
+    def route_to(address):
+        calls.append(("route", address))
+        return "sbn0", "198.18.3.2"
+
+    def probe(path, nodes):
+        calls.append(("probe", path, tuple(nodes)))
+        return set(nodes) if seen is None else set(seen)
+
+    config = LaunchConfig(num_proc=num_proc, command=("python", "t.py"), backend="tf", **options)
+    return allocation_site(config, job_dir="/j", environ=environ, scontrol=scontrol,
+                           route_to=route_to, is_own_address=lambda a: a in own,
+                           probe=probe), calls
+
+
+def test_allocation_site_runs_ranks_as_job_steps_on_the_allocations_nodes():
+    site, calls = _allocation_site(3)
+    assert site.hosts == [Host("node0", 2), Host("node1", 2)]
+    assert all(isinstance(site.runners[n], SrunRunner) and site.runners[n].node == n
+               for n in ("node0", "node1"))
+    assert site.addresses == {"node0": "198.18.3.2", "node1": "198.18.3.3"}
+    # The launcher runs on node0: the route to node1 names the interface and its address.
+    assert (site.iface, site.launcher_address) == ("sbn0", "198.18.3.2")
+    assert ("scontrol", "show", "hostnames", "node[0-1]") in calls
+    assert ("route", "198.18.3.3") in calls and ("probe", "/j", ("node0", "node1")) in calls
+    placement = make_placement(LaunchConfig(num_proc=3, command=("x",), backend="tf"), site,
+                               cwd="/w", job_dir="/j", gpu_ids=lambda config, site: ())
+    assert [s.hostname for s in placement.slots] == ["node0", "node0", "node1"]
+    assert placement.shared_job_dir and placement.error_files_readable
+
+
+def test_allocation_site_reads_error_files_only_when_every_node_sees_the_job_directory():
+    site, _ = _allocation_site(4, seen=["node0"])
+    assert not site.shared_job_dir
+    placement = make_placement(LaunchConfig(num_proc=4, command=("x",), backend="tf"), site,
+                               cwd="/w", job_dir="/j", gpu_ids=lambda config, site: ())
+    assert not placement.error_files_readable
+
+
+def test_allocation_site_with_every_rank_on_the_launchers_node_and_given_addresses():
+    site, calls = _allocation_site(2)  # both ranks fit on node0, this machine
+    assert site.hosts == [Host("node0", 2)] and (site.iface, site.launcher_address) == (
+        "lo", "127.0.0.1")
+    assert not [call for call in calls if call[0] == "route"]
+    site, calls = _allocation_site(4, network_interface="ib0", launcher_address="10.9.0.1")
+    assert (site.iface, site.launcher_address) == ("ib0", "10.9.0.1")
+    assert not [call for call in calls if call[0] == "route"]
+
+
+def test_allocation_site_names_what_does_not_fit():
+    with pytest.raises(ValueError, match="Received: -np=5"):
+        _allocation_site(5)
+    with pytest.raises(ValueError, match="`SLURM_JOB_NODELIST`.*Received: SLURM_JOB_ID='7'"):
+        _allocation_site(2, environ={"SLURM_JOB_ID": "7"})
+    with pytest.raises(ValueError, match="SLURM_TASKS_PER_NODE"):
+        _allocation_site(2, environ={**ALLOCATION, "SLURM_TASKS_PER_NODE": "2"})
+
+
+def test_srun_runner_starts_one_task_steps_with_the_whole_environment():
+    runner = SrunRunner("node1", base_env={"PATH": "/venv/bin", "HOME": "/root"})
+    argv, env = runner.command(["python", "t.py"], {"RANK": "1"}, "/w")
+    assert argv[0] == "srun" and argv[-2:] == ["python", "t.py"]
+    for option in ("--overlap", "--nodes=1", "--ntasks=1", "--nodelist=node1", "--mpi=none",
+                   "--export=ALL", "--chdir=/w"):
+        assert option in argv, argv
+    assert env == {"PATH": "/venv/bin", "HOME": "/root", "RANK": "1"}
+    assert not runner.is_local and runner.death_signal == signal.SIGTERM
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--slurm", "--", "x"], "`--slurm` needs `--simulate-hosts N`.*Received: --slurm without"),
+    (["--slurm", "--simulate-hosts", "0", "--", "x"], "Received: --simulate-hosts=0"),
+    (["--slurm", "--simulate-hosts", "2", "-np", "2", "--", "x"],
+     "`-np` does not apply with `--slurm`.*Received: --slurm with -np"),
+    (["--slurm", "--simulate-hosts", "2", "--ssh", "--", "x"], "Received: --slurm with --ssh"),
+    (["--slurm", "--simulate-hosts", "2"], "No command given"),
+])
+def test_cli_slurm_validation_names_argument_and_value(argv, message):
+    with pytest.raises(ValueError, match=message):
+        _config(argv)
+
+
+def test_cli_slurm_runs_one_command_without_ranks(monkeypatch):
+    config = _config(["--simulate-hosts", "2", "--slurm", "--", "sbatch", "--wait", "job.sh"])
+    assert config.slurm and config.num_proc is None and config.simulate_hosts == 2
+    assert config.command == ("sbatch", "--wait", "job.sh")
+    monkeypatch.setenv("SYNCBN_LAUNCH_SLURM", "1")
+    assert _config(["--simulate-hosts", "2", "--", "srun", "hostname"]).slurm

@@ -23,13 +23,12 @@ import uuid
 
 import pytest
 
-from launch import cli
-from launch.backends import Placement
-from launch.backends.mpi import mpirun_command
+from launch.backends.mpirun import mpirun_command
 from launch.hostexec import SshRunner
 from launch.hosts import Host, assign_ranks
 from launch.netns import SimulatedNetwork, mpi_session_base, namespace_pids, remove_stale
 from launch.netns_ssh import SSH_PORT, SimulatedSsh, known_hosts_line, sshd_config
+from launch.placement import Placement
 from test_launch_jobs import (BACKEND_ARGS, BACKENDS, JOB_SCRIPTS, REPO, RunningLauncher,
                               hang_job, launcher, processes_with, wait_for_no_processes)
 
@@ -101,12 +100,6 @@ def test_mpirun_over_ssh_in_simulated_hosts_uses_ssh_not_the_netns_agent():
         argv[argv.index("-x") + 1] != "SYNCBN_LAUNCH_PID=")  # ranks share our pid namespace
 
 
-def test_ssh_needs_simulated_hosts():
-    args = cli.build_parser().parse_args(["-np", "2", "--ssh", "--", "true"])
-    with pytest.raises(ValueError, match="`--ssh` needs `--simulate-hosts N`.*Received: --ssh"):
-        cli.validate(args)
-
-
 # --- the launcher over ssh -----------------------------------------------------------------
 
 def leftovers(launcher_pid, marker=None):
@@ -164,6 +157,34 @@ def test_crash_across_two_hosts_over_ssh_stops_the_job_and_leaves_nothing(backen
     assert re.search(r"rank 3 failed first with exit code 3", result.stderr), output
     assert len(re.findall(r"^\[\d\] rank \d pid \d+ started", result.stdout, re.M)) == 4, output
     assert leftovers(pid, marker) == []
+
+
+PRINT_VARIABLES = [sys.executable, "-c", "import os; print(' '.join(f'{name}=' + os.environ.get("
+                   "name, 'unset') for name in ('SYNCBN_COLLECTIVE_TIMEOUT', 'MY_FLAG', "
+                   "'NOT_FORWARDED')))"]
+
+
+@pytest.mark.parametrize("backend", ["mpi", "tf-no-mpi"])
+def test_launcher_variables_reach_ranks_on_remote_hosts(backend, monkeypatch):
+    # Set in the launcher's environment only: ranks started over ssh (one ssh per rank,
+    # or mpirun's daemons) get a fresh environment from sshd.
+    monkeypatch.setenv("SYNCBN_COLLECTIVE_TIMEOUT", "37")
+    monkeypatch.setenv("MY_FLAG", "on")
+    monkeypatch.setenv("NOT_FORWARDED", "here")  # negative control: neither family nor -x
+    pid, result = run_launcher(
+        "-np", "2", "--simulate-hosts", "2", "--ssh", "--verbose", *BACKEND_ARGS[backend],
+        "-x", "MY_FLAG", "--", *SAY_SESSION, *PRINT_VARIABLES, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    for rank in range(2):
+        session = rf"^\[{rank}\] sshd session: \S+ \d+ \S+ 2222$"
+        assert re.search(session, result.stdout, re.M), output
+        assert (f"[{rank}] SYNCBN_COLLECTIVE_TIMEOUT=37 MY_FLAG=on NOT_FORWARDED=unset"
+                in result.stdout.splitlines()), output
+    forwarded = re.search(r"forwarded to remote ranks: (.*)", result.stderr).group(1).split()
+    assert {"SYNCBN_COLLECTIVE_TIMEOUT", "MY_FLAG", "PATH"} <= set(forwarded), output
+    assert "NOT_FORWARDED" not in forwarded
+    assert leftovers(pid) == []
 
 
 def test_sigkilled_launcher_over_ssh_is_cleaned_up_by_the_next_one():

@@ -1,7 +1,7 @@
 """Horovod, the way `horovodrun` does it: over MPI when Horovod was built with MPI and
 `mpirun` is on PATH, else over Gloo (`--horovod-controller` chooses).
 
-- MPI: the `mpi` backend's single `mpirun` (horovod/runner/mpi_run.py), with
+- MPI: one `mpirun` (`launch.backends.mpirun`; horovod/runner/mpi_run.py), with
   `HOROVOD_CONTROLLER=mpi` and `HOROVOD_CPU_OPERATIONS=mpi`. syncbn's Horovod
   communicator then sums BN statistics over MPI directly instead of through
   Horovod's cycle, so Horovod's own 1 ms cycle is kept.
@@ -24,7 +24,8 @@ import shutil
 import subprocess
 import sys
 
-from launch.backends.common import rank_workers
+from launch.backends.common import Backend, rank_workers
+from launch.backends.mpirun import mpirun_worker
 from launch.environment import horovod_env
 
 logger = logging.getLogger("launch")
@@ -115,16 +116,16 @@ def horovod_plan(hosts, num_proc):
                        s.local_size, s.cross_size) for s in plan]
 
 
-class HorovodBackend:
+class HorovodBackend(Backend):
     name = "horovod"
 
-    def __init__(self, options):
-        self.cycle_time_ms = options.horovod_cycle_time
+    def __init__(self, config):
+        super().__init__(config)
+        self.cycle_time_ms = config.horovod_cycle_time
         self.controller = resolve_controller(
-            getattr(options, "horovod_controller", "auto"), mpirun=shutil.which("mpirun"),
+            config.horovod_controller, mpirun=shutil.which("mpirun"),
             mpi_built=horovod_mpi_built)
         self._server = None
-        self._mpi = None
 
     def workers(self, placement):
         if self.controller == "mpi":
@@ -132,15 +133,12 @@ class HorovodBackend:
         return self._gloo_workers(placement)
 
     def _mpi_workers(self, placement):
-        from launch.backends.mpi import MpiBackend
-
         env = {"HOROVOD_CONTROLLER": "mpi", "HOROVOD_CPU_OPERATIONS": "mpi"}
         if self.cycle_time_ms is not None:
             env["HOROVOD_CYCLE_TIME"] = format(float(self.cycle_time_ms), "g")
         logger.info("Horovod over MPI (mpirun)%s", "".join(f", {k}={v}" for k, v in env.items()
                                                           if k == "HOROVOD_CYCLE_TIME"))
-        self._mpi = MpiBackend(None, extra_env=env)
-        return self._mpi.workers(placement)
+        return [mpirun_worker(placement, env)]
 
     def _gloo_workers(self, placement):
         from horovod.runner.http.http_server import RendezvousServer
@@ -169,9 +167,6 @@ class HorovodBackend:
         return rank_workers(placement, backend_env, os.environ)
 
     def close(self):
-        if self._mpi is not None:
-            self._mpi.close()
-            self._mpi = None
         if self._server is not None:
             self._server.stop()
             self._server = None

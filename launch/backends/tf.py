@@ -1,7 +1,7 @@
 """tf.distribute: one `TF_CONFIG` per worker for `MultiWorkerMirroredStrategy`.
 
 With `--tf-mpi` (auto: when `mpirun` is on PATH and mpi4py is installed) the
-workers start under the `mpi` backend's `mpirun`, and `launch.mpi_rank` gives
+workers start under one `mpirun` (`launch.backends.mpirun`), and `launch.mpi_rank` gives
 rank r the `TF_CONFIG` of worker r (`SYNCBN_LAUNCH_TF_WORKERS`). The strategy
 works as before; syncbn can then sum BN statistics over MPI beside it, in
 microseconds instead of a gRPC collective each.
@@ -17,7 +17,8 @@ import os
 import shutil
 import socket
 
-from launch.backends.common import rank_workers
+from launch.backends.common import Backend, rank_workers
+from launch.backends.mpirun import mpirun_worker
 from launch.environment import tf_config
 
 SIMULATED_BASE_PORT = 20000
@@ -67,27 +68,19 @@ def worker_addresses(placement):
             for slot, port in zip(placement.slots, ports)]
 
 
-class TfBackend:
+class TfBackend(Backend):
     name = "tf"
 
-    def __init__(self, options):
+    def __init__(self, config):
+        super().__init__(config)
         self.use_mpi = resolve_tf_mpi(
-            getattr(options, "tf_mpi", "auto"), mpirun=shutil.which("mpirun"),
+            config.tf_mpi, mpirun=shutil.which("mpirun"),
             mpi4py=importlib.util.find_spec("mpi4py") is not None)
-        self._mpi = None
 
     def workers(self, placement):
         addresses = worker_addresses(placement)
         if self.use_mpi:
-            from launch.backends.mpi import MpiBackend
-
-            self._mpi = MpiBackend(None, extra_env={"SYNCBN_LAUNCH_TF_WORKERS": ",".join(addresses)})
-            return self._mpi.workers(placement)
+            return [mpirun_worker(placement, {"SYNCBN_LAUNCH_TF_WORKERS": ",".join(addresses)})]
         return rank_workers(
             placement, lambda slot: {"TF_CONFIG": tf_config(slot.rank, addresses)}, os.environ
         )
-
-    def close(self):
-        if self._mpi is not None:
-            self._mpi.close()
-            self._mpi = None

@@ -65,20 +65,28 @@ def detect():
     return world.detect()
 
 
-def supports_xla(communicator):
+def supports_xla(communicator, replicas_in_process=1):
     """True if the sums of `communicator` (the layer's argument) compile under XLA.
 
-    Horovod's ops and the MPI kernels do not, nor do tf.distribute's
-    collectives between processes; one replica needs no sum. For `"auto"`
-    the answer comes from the environment before the first step (Keras asks
-    when a model is compiled): no when the process sums with others. A
-    custom communicator says so with a `supports_xla` attribute (default
-    True).
+    One replica needs no sum, and compiles. Horovod's ops and the MPI kernels
+    do not, nor do tf.distribute's all-reduces: between processes never, and
+    between the replicas of one process XLA cannot place the replicas'
+    variables (Keras's own BatchNormalization fails there too, and Keras's
+    `jit_compile="auto"` already leaves XLA off under a strategy). For
+    `"auto"` the answer comes from the job before the first step (Keras asks
+    when a model is compiled): no when the process sums with other processes
+    or the layer was built under a strategy of several replicas. A custom
+    communicator says so with a `supports_xla` attribute (default True).
+
+    Args:
+        communicator: the layer's `communicator` argument.
+        replicas_in_process: replicas of the tf.distribute strategy the layer
+            was built under (1 without one).
     """
     if not isinstance(communicator, str):
         return bool(getattr(communicator, "supports_xla", True))
     if communicator == "auto":
-        return not world.several_processes()
+        return replicas_in_process == 1 and not world.several_processes()
     return communicator == "local"
 
 

@@ -33,18 +33,23 @@ from syncbn.collectives.base import Communicator, collective_timeout_seconds, co
 DEFAULT_GLOO_CYCLE_TIME_MS = 0.1
 
 
-def _hvd():
+def initialized_horovod(needed_by="communicator='horovod'"):
+    """`horovod.tensorflow`, imported and initialized, or a RuntimeError that says what to do.
+
+    Args:
+        needed_by: what needs Horovod, for the error message.
+    """
     try:
         import horovod.tensorflow as hvd
     except ImportError as error:
         raise RuntimeError(
-            "communicator='horovod' needs Horovod built with TensorFlow support "
+            f"{needed_by} needs Horovod built with TensorFlow support "
             f"(`import horovod.tensorflow` failed: {error})."
         ) from error
     if not hvd.is_initialized():
         raise RuntimeError(
-            "communicator='horovod' needs Horovod to be initialized: call "
-            "`syncbn.init_horovod()` (or `hvd.init()`) at the start of the program."
+            f"{needed_by} needs Horovod to be initialized: call `syncbn.init_horovod()` "
+            "(or `hvd.init()`) at the start of the program, on every rank."
         )
     return hvd
 
@@ -197,7 +202,7 @@ class HorovodCommunicator(Communicator):
 @functools.lru_cache(maxsize=None)
 def _direct_mpi(group_size):
     """The MPICommunicator that replaces hvd.allreduce for BN sums, or None."""
-    hvd = _hvd()
+    hvd = initialized_horovod()
     from syncbn.collectives import mpi
 
     if not mpi.direct_mpi_wanted() or not hvd.mpi_enabled():
@@ -217,7 +222,7 @@ def _find_process_set(hvd, ranks):
 
 
 def horovod_communicator(group_size=None):
-    hvd = _hvd()
+    hvd = initialized_horovod()
     world_size = hvd.size()
     groups = process_sets_for(world_size, group_size)
     direct = _direct_mpi(group_size)

@@ -37,12 +37,14 @@ import functools
 import os
 import sys
 import time
+import traceback
 import warnings
 import zlib
 
 import numpy as np
 import tensorflow as tf
 
+from syncbn import error_file
 from syncbn.collectives import mpi_op
 from syncbn.collectives.base import Communicator, collective_timeout_seconds, consecutive_groups
 
@@ -172,12 +174,14 @@ class MPICommunicator(Communicator):
     def _abort(self, name):
         # The pending request cannot be cancelled, and MPI_Finalize at exit would
         # wait for it forever, so a timed-out collective ends the whole job.
-        sys.stderr.write(
-            f"syncbn: MPI all-reduce '{name}' waited more than "
-            f"{collective_timeout_seconds():.0f} s (SYNCBN_COLLECTIVE_TIMEOUT) for the "
-            "other ranks; one of them has died or is stuck. Aborting the MPI job.\n"
-        )
+        message = (f"syncbn: MPI all-reduce '{name}' waited more than "
+                   f"{collective_timeout_seconds():.0f} s (SYNCBN_COLLECTIVE_TIMEOUT) for the "
+                   "other ranks; one of them has died or is stuck. Aborting the MPI job.")
+        sys.stderr.write(message + "\n")
         sys.stderr.flush()
+        error_file.record_failure(error_file.COLLECTIVE_TIMEOUT, message,
+                                  traceback_text="".join(traceback.format_stack()),
+                                  exit_code=TIMEOUT_EXIT_CODE)
         self._comm.Abort(TIMEOUT_EXIT_CODE)
 
     def _wait(self, request, deadline, name):

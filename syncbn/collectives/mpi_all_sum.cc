@@ -14,7 +14,9 @@
 //   2. the data, MPI_Iallreduce(SUM).
 //
 // A deadline abandons the job with MPI_Abort, because a pending request
-// cannot be cancelled.
+// cannot be cancelled; first the rank writes its error record (the file named
+// by SYNCBN_ERROR_FILE, in the format of syncbn/error_file.py), so that the
+// launcher names this rank and the collective.
 //
 // Call-site names: each kernel registers its `call_name` under its fingerprint
 // in a process-wide table, and Python registers every name it has seen
@@ -25,12 +27,15 @@
 // the installed TensorFlow and of `mpicxx`.
 
 #include <mpi.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cinttypes>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
+#include <iomanip>
 #include <map>
 #include <mutex>
 #include <sstream>
@@ -99,6 +104,53 @@ std::string DtypeName(int64_t code) {
 std::string Describe(const int64_t* header) {
   return CallSite(header[0]) + " with " + DtypeName(header[2]) + "[" +
          std::to_string(header[1]) + "]";
+}
+
+std::string JsonString(const std::string& text) {
+  std::string quoted = "\"";
+  for (const unsigned char c : text) {
+    if (c == '"' || c == '\\') {
+      quoted += '\\';
+      quoted += static_cast<char>(c);
+    } else if (c < 0x20) {
+      char escaped[8];
+      std::snprintf(escaped, sizeof(escaped), "\\u%04x", c);
+      quoted += escaped;
+    } else {
+      quoted += static_cast<char>(c);
+    }
+  }
+  return quoted + "\"";
+}
+
+// The record syncbn/error_file.py's `record_failure` writes for a collective
+// timeout, written aside and linked into place the same way (a reader never sees
+// half of it, and a record already there stays). Without the launcher's
+// directory (another machine, or the job is over) nothing is written.
+void RecordTimeout(const std::string& message) {
+  const char* path = std::getenv("SYNCBN_ERROR_FILE");
+  if (path == nullptr || *path == '\0') return;
+  const char* owner = std::getenv("SYNCBN_ERROR_FILE_OWNER");  // another process's record
+  if (owner != nullptr && *owner != '\0' && std::to_string(getpid()) != owner) return;
+  int rank = -1;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  char host[256] = "";
+  gethostname(host, sizeof(host) - 1);
+  const double now = std::chrono::duration<double>(
+      std::chrono::system_clock::now().time_since_epoch()).count();
+  std::ostringstream record;
+  record << std::fixed << std::setprecision(6) << "{\"rank\": " << rank
+         << ", \"host\": " << JsonString(host) << ", \"pid\": " << getpid()
+         << ", \"type\": \"syncbn.CollectiveTimeout\", \"message\": " << JsonString(message)
+         << ", \"traceback\": \"\", \"time\": " << now
+         << ", \"exit_code\": " << kTimeoutExitCode << "}";
+  const std::string partial = std::string(path) + ".partial-" + std::to_string(getpid());
+  FILE* file = std::fopen(partial.c_str(), "w");
+  if (file == nullptr) return;
+  std::fputs(record.str().c_str(), file);
+  std::fclose(file);
+  link(partial.c_str(), path);
+  unlink(partial.c_str());
 }
 
 REGISTER_OP("SyncbnMpiAllSum")
@@ -200,12 +252,15 @@ class MpiAllSumOp : public OpKernel {
     while (!done) {
       const auto now = Clock::now();
       if (now > deadline) {
-        std::fprintf(stderr,
-                     "syncbn: MPI all-reduce '%s' waited more than %.0f s "
-                     "(SYNCBN_COLLECTIVE_TIMEOUT) for the other ranks; one of them has "
-                     "died or is stuck. Aborting the MPI job.\n",
-                     call_name_.c_str(), timeout_seconds_);
+        char seconds[32];
+        std::snprintf(seconds, sizeof(seconds), "%.0f", timeout_seconds_);
+        const std::string message =
+            "syncbn: MPI all-reduce '" + call_name_ + "' waited more than " + seconds +
+            " s (SYNCBN_COLLECTIVE_TIMEOUT) for the other ranks; one of them has died or "
+            "is stuck. Aborting the MPI job.";
+        std::fprintf(stderr, "%s\n", message.c_str());
         std::fflush(stderr);
+        RecordTimeout(message);
         MPI_Abort(comm_, kTimeoutExitCode);
       }
       if (now > spin_until) {

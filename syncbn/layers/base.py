@@ -204,6 +204,7 @@ class SyncBatchNormalizationBase:
         # receives the global statistics of a training call instead of the
         # moving averages.
         self._statistics_recorder = None
+        self._strategy_replicas = 1
         self.moving_updates = None
         self._skipped_steps = None
         self.gamma = None
@@ -236,6 +237,8 @@ class SyncBatchNormalizationBase:
                 f"Received: input_shape={tuple(input_shape)}, axis={self.axis}"
             )
         shape = (num_channels,)
+        # Whether XLA can compile the layer depends on it (`supports_jit`).
+        self._strategy_replicas = tf.distribute.get_strategy().num_replicas_in_sync
         if self.communicator in ("auto", "tf.distribute"):
             # Before any weight: MultiWorkerMirroredStrategy broadcasts each weight's
             # initial value as it is created, and a shape mismatch there names no layer.
@@ -274,12 +277,12 @@ class SyncBatchNormalizationBase:
         Keras's `compile(jit_compile="auto")` turns XLA on where a GPU is
         present, unless some layer says False here, and falls back from an
         explicit `jit_compile=True` with a warning. Horovod's ops and the MPI
-        kernels do not compile; one process, or replicas in one process, do
-        (see `syncbn.collectives.supports_xla`).
+        kernels do not compile, nor do tf.distribute's all-reduces; one
+        replica does (see `syncbn.collectives.supports_xla`).
         """
         if getattr(self, "_supports_jit", True) is False:
             return False
-        return collectives.supports_xla(self.communicator)
+        return collectives.supports_xla(self.communicator, self._strategy_replicas)
 
     @supports_jit.setter
     def supports_jit(self, value):
