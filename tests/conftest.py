@@ -6,7 +6,10 @@ before any test module runs a TensorFlow op.
 """
 
 import os
+import re
+import subprocess
 import sys
+import time
 from unittest import mock
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -60,6 +63,43 @@ def mirrored_strategy():
     so no test module may create its own.
     """
     return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(NUM_VIRTUAL_CPUS)])
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """The login node of a Slurm cluster of 2 simulated nodes, one per test session.
+
+    `syncbn-launch --simulate-hosts 2 --slurm` runs in the background (munged,
+    slurmctld, a slurmd per node, launch/slurm.py) with a login command that
+    only waits; commands run with the returned environment (`SLURM_CONF` set,
+    this checkout and the test jobs on `PYTHONPATH`) from this process's
+    network namespace, the login node. Stopping the launcher at the end of the
+    session tears the cluster down. Needs root and Debian's Slurm and munge.
+    """
+    repo = os.path.dirname(TESTS_DIR)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, TESTS_DIR]),
+           "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+    log_path = tmp_path_factory.mktemp("slurm-cluster") / "launcher.log"
+    with open(log_path, "w") as log:
+        # The launcher's --timeout ends a cluster that outlives a killed test session.
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "launch", "--simulate-hosts", "2", "--slurm",
+             "--timeout", "7200", "--", "sh", "-c", 'echo "slurm_conf=$SLURM_CONF"; sleep 7200'],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=repo)
+    try:
+        deadline = time.monotonic() + 180
+        while not re.search(r"slurm_conf=(\S+)", log_path.read_text()):
+            assert launcher.poll() is None and time.monotonic() < deadline, (
+                f"no Slurm cluster: {log_path.read_text()[-4000:]}")
+            time.sleep(0.1)
+        yield {**env, "SLURM_CONF": re.search(r"slurm_conf=(\S+)", log_path.read_text())[1]}
+    finally:
+        launcher.terminate()
+        try:
+            launcher.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            launcher.kill()
+            launcher.wait()
 
 
 # Job scripts run inside launched processes; they are not for import by pytest

@@ -14,8 +14,9 @@ the docs tell users to. There is no way to exempt a block: code that
 cannot run belongs in a ```bash block or in prose.
 
 A ```bash block runs only under a directive that gives it a place to run:
-`<!-- syncbn-launch --simulate-hosts 2 --slurm -->` runs it with bash on the
-login node of a simulated Slurm cluster (launch/slurm.py).
+`<!-- syncbn-launch --simulate-hosts 2 --slurm -->` runs it with `bash -e` on
+the login node of a simulated Slurm cluster of 2 nodes, as that command would;
+the blocks share the session's cluster (`slurm_cluster`, tests/conftest.py).
 """
 
 import glob
@@ -38,6 +39,7 @@ BASH_BLOCK = re.compile(
     r"<!--\s*(?P<directive>syncbn-launch [^\n]*?--slurm[^\n]*?)\s*-->\s*\n```bash\n(?P<code>.*?)\n```",
     re.DOTALL)
 BLOCK_TIMEOUT = 600
+SLURM_DIRECTIVE = "syncbn-launch --simulate-hosts 2 --slurm"  # what slurm_cluster runs
 
 
 def code_blocks(path):
@@ -84,13 +86,14 @@ def test_bash_blocks_with_a_directive_are_found():
 
 
 @pytest.mark.parametrize("directive, code, language", CASES)
-def test_doc_block_runs(directive, code, language, tmp_path):
+def test_doc_block_runs(directive, code, language, tmp_path, request):
     script = tmp_path / ("block.py" if language == "python" else "block.sh")
     script.write_text(code + "\n")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO_DIR}
     if language == "bash":
-        command = [sys.executable, "-m", "launch", *directive.split()[1:],
-                   "--timeout", str(BLOCK_TIMEOUT - 30), "--", "bash", "-e", str(script)]
+        assert directive == SLURM_DIRECTIVE, f"bash blocks run on {SLURM_DIRECTIVE!r} only"
+        env = request.getfixturevalue("slurm_cluster")
+        command = ["bash", "-e", str(script)]
     elif directive is None:
         command = [sys.executable, str(script)]
     elif directive.startswith("syncbn-launch "):
