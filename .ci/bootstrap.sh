@@ -21,6 +21,10 @@
 #   and MPI, against Debian's Open MPI, with the patches of launch/patches/
 #   (each says what and why: Gloo's stall check; XLA for TF >= 2.19).
 # * mpi4py is built from source against the same Open MPI.
+# * tf_keras, the Keras 2 that `tf.keras` is under TF_USE_LEGACY_KERAS=1, in
+#   the release line of the TensorFlow (2.21.* for TF 2.21.0, 2.18.* for TF
+#   2.18.1), without its dependencies: it requires the `tensorflow` package,
+#   which would install the GPU build next to tensorflow-cpu.
 set -euo pipefail
 
 SYNCBN_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -71,6 +75,7 @@ bootstrap() {
   "$VENV/bin/pip" install --quiet --upgrade pip setuptools wheel
   "$VENV/bin/pip" install --quiet "${PY_PACKAGES[@]}"
   "$VENV/bin/pip" install --quiet --no-binary=mpi4py mpi4py
+  "$VENV/bin/pip" install --quiet --no-deps "tf-keras==${TF_VERSION%.*}.*"
   "$VENV/bin/pip" install --quiet --no-deps -e "$SYNCBN_ROOT"
   # The same command users run for their own TensorFlow; it reuses the cached wheel.
   "$VENV/bin/syncbn-build-horovod" --gpu no --wheel-dir "$CACHE_DIR/wheels/tf-$TF_VERSION" >/dev/null

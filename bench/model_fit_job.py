@@ -103,8 +103,10 @@ def make_model(args):
     return model_step.make_variant(MODEL_STEP_VARIANT[args.variant], model)
 
 
-def step_timer_class():
-    import keras
+def step_timer_class(keras=None):
+    """The `StepTimer` callback class of `keras` (default Keras 3; tf_keras for legacy fits)."""
+    if keras is None:
+        import keras
 
     class StepTimer(keras.callbacks.Callback):
         """Wall times of training: first epoch, and every step of the later epochs."""

@@ -148,9 +148,14 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------- in one process
 
 
-def build_model(name, size):
-    """A `keras.applications` model (or `small_cnn`) with random weights (seeded), 10 classes."""
-    import keras
+def build_model(name, size, keras=None):
+    """A `keras.applications` model (or `small_cnn`) with random weights (seeded), 10 classes.
+
+    `keras`: the Keras module to build with (default Keras 3; `tf.keras` under
+    `TF_USE_LEGACY_KERAS=1`, as bench/legacy_fit.py does, is tf_keras).
+    """
+    if keras is None:
+        import keras
 
     keras.utils.set_random_seed(0)
     shape = (size, size, 3)
@@ -434,11 +439,16 @@ def main(argv=None):
         setup = f"MirroredStrategy, {args.mirrored} logical CPUs" if args.mirrored else "one replica"
         print(f"\n{setup}; {args.steps} steady steps per process, medians\n")
         print(markdown_side_by_side(results, variants))
-    print(f"\nload average at end: {os.getloadavg()[0]:.1f}")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"command": sys.argv, "results": results}, handle, indent=2)
+    finish(args.json, results)
     return 0
+
+
+def finish(json_path, results):
+    """Prints the load average at the end; with `--json PATH`, writes the command and results there."""
+    print(f"\nload average at end: {os.getloadavg()[0]:.1f}")
+    if json_path:
+        with open(json_path, "w") as handle:
+            json.dump({"command": sys.argv, "results": results}, handle, indent=2)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ against TensorFlow 2.19 or newer. This command:
 2. downloads Horovod's sdist with pip and unpacks it;
 3. applies the patches in `launch/patches/` (each says what it changes and
    why): `horovod-0.28.1-gloo-stall-check.patch` always, so that Horovod's
-   stall check works over Gloo, and `horovod-0.28.1-tf2.19-xla.patch` when
-   TensorFlow is 2.19 or newer;
+   stall check works over Gloo, `horovod-0.28.1-legacy-keras-backend.patch`
+   always, so that its Keras 2 callbacks work under TF_USE_LEGACY_KERAS=1,
+   and `horovod-0.28.1-tf2.19-xla.patch` when TensorFlow is 2.19 or newer;
 4. builds a wheel with TensorFlow, Gloo and MPI, and with NCCL
    (`HOROVOD_GPU_OPERATIONS=NCCL`) when CUDA and NCCL are found (`--gpu`);
 5. installs it and prints `horovodrun --check-build`.
@@ -50,6 +51,7 @@ PATCH = os.path.join(PATCH_DIR, "horovod-0.28.1-tf2.19-xla.patch")
 PATCH_FROM_TF = (2, 19)
 # Applied to every build (see its header).
 GLOO_STALL_PATCH = os.path.join(PATCH_DIR, "horovod-0.28.1-gloo-stall-check.patch")
+LEGACY_KERAS_PATCH = os.path.join(PATCH_DIR, "horovod-0.28.1-legacy-keras-backend.patch")
 FINGERPRINT_FILE = "horovod.fingerprint"
 GPU_CHOICES = ("auto", "yes", "no")
 # Build tools, with the Debian packages that provide them.
@@ -93,7 +95,7 @@ def needs_patch(tf_version):
 
 def patches_for(tf_version):
     """The patch files a build against `tf_version` applies, in order."""
-    return [GLOO_STALL_PATCH] + ([PATCH] if needs_patch(tf_version) else [])
+    return [GLOO_STALL_PATCH, LEGACY_KERAS_PATCH] + ([PATCH] if needs_patch(tf_version) else [])
 
 
 def build_fingerprint(tf_version, flavour):

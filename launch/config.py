@@ -152,8 +152,9 @@ def build_parser():
              "that syncbn sums BN statistics over MPI beside the strategy")
     add("--horovod-cycle-time", action=EnvDefault, type=float, metavar="MS",
         env=(ENV_PREFIX + "HOROVOD_CYCLE_TIME", "HOROVOD_CYCLE_TIME"),
-        default_text="0.1 on Gloo, where sync BN's small collectives each wait for a cycle; "
-                     "Horovod's own 1 on MPI, where they do not",
+        default_text="unset: `syncbn.init_horovod()` sets 0.1 on Gloo, where sync BN's small "
+                     "collectives each wait for a cycle, and keeps Horovod's own 1 on MPI, "
+                     "where they do not",
         help="HOROVOD_CYCLE_TIME of the ranks, in ms")
     add("--network-interface", action=EnvDefault, metavar="IFACE",
         default_text="lo on one machine, sbn0 on simulated hosts, else the interface of the "

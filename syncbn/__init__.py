@@ -3,6 +3,11 @@
     import syncbn
     layer = syncbn.SyncBatchNormalization()      # drop-in for BatchNormalization
 
+Like `tf.keras`, it follows `TF_USE_LEGACY_KERAS`: set to 1 when syncbn is
+imported, `SyncBatchNormalization` and `PreciseBN` are tf_keras (Keras 2)
+classes, for scripts that use Horovod's Keras helpers (docs/legacy-tf-keras.md).
+`convert` takes a model of either Keras.
+
 See README.md for the communicators (Horovod, tf.distribute, MPI, local) and
 the rule that picks one.
 """

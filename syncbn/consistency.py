@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from syncbn import collectives
-from syncbn.recalibration import _strategy, synchronized_layers
+from syncbn.recalibration import _check_model, _strategy, synchronized_layers
 
 # A difference is reported when it exceeds this fraction of the value's size.
 # Replicas are bit-identical when consistent; this only absorbs float64
@@ -113,10 +113,7 @@ def check_consistency(model, strict=False, tolerance=DEFAULT_TOLERANCE):
     assert syncbn.check_consistency(model) == []   # one process: nothing differs
     ```
     """
-    import keras
-
-    if not isinstance(model, keras.Model):
-        raise TypeError(f"Argument `model` must be a Keras model. Received: model={model!r}")
+    _check_model(model)
     if not isinstance(strict, bool):
         raise TypeError(f"Argument `strict` must be a bool. Received: strict={strict!r}")
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:

@@ -9,31 +9,50 @@ layer's variables are then copied with the same hooks `model.save()` and
 `keras.models.load_model()` use (`save_own_variables` / `load_own_variables`),
 so layers that derive state from their variables (e.g. `Normalization`) stay
 consistent.
+
+A tf_keras model (`tf.keras` under `TF_USE_LEGACY_KERAS=1`) is converted the
+same way by `syncbn.convert_legacy`, whose conversion subclasses this one and
+says how tf_keras clones a model and copies weights.
 """
 
 import logging
+import sys
 
 import keras
 from keras.src.models.functional import Functional  # what clone_model rebuilds
 
 from syncbn import collectives
-from syncbn.layers import SyncBatchNormalization
+from syncbn.layers.keras3 import SyncBatchNormalization
 
 logger = logging.getLogger(__name__)
 
 TARGETS = ("sync", "local")
 
+# How `why_not_convertible` ends a reason that is an argument's value.
+_UNSUPPORTED = "is not supported by SyncBatchNormalization"
+
 # Config keys that only SyncBatchNormalization has.
 _SYNC_ONLY_KEYS = ("communicator", "group_size", "moving_average", "nonfinite")
 
 
-def _check_arguments(model, group_size, communicator, to, layer_kwargs):
-    if not isinstance(model, keras.Model):
-        raise TypeError(
-            "Argument `model` must be a Keras model (`keras.Model`, e.g. Functional, "
-            f"Sequential or a keras.applications model). Received: model={model!r} "
-            f"of type {type(model).__name__}"
-        )
+def _conversion_class(model):
+    """`_Conversion` for a Keras 3 model, the tf_keras one for a tf_keras model."""
+    if isinstance(model, keras.Model):
+        return _Conversion
+    # A tf_keras model's class comes from an imported tf_keras.
+    tf_keras = sys.modules.get("tf_keras")
+    if tf_keras is not None and isinstance(model, tf_keras.Model):
+        from syncbn.convert_legacy import LegacyConversion
+
+        return LegacyConversion
+    raise TypeError(
+        "Argument `model` must be a Keras model (`keras.Model`, or `tf.keras.Model` under "
+        "TF_USE_LEGACY_KERAS=1; e.g. Functional, Sequential or a keras.applications model). "
+        f"Received: model={model!r} of type {type(model).__name__}"
+    )
+
+
+def _check_arguments(conversion_class, group_size, communicator, to, layer_kwargs):
     if not isinstance(to, str) or to not in TARGETS:
         raise ValueError(f"Argument `to` must be one of {TARGETS}. Received: to={to!r}")
     collectives.validate_group_size(group_size)
@@ -51,16 +70,20 @@ def _check_arguments(model, group_size, communicator, to, layer_kwargs):
             )
         # Validated once here (SyncBatchNormalization checks every argument),
         # rather than at the first converted layer.
-        SyncBatchNormalization(**layer_kwargs)
-
-
-def _is_rebuildable(model):
-    """True for the models `clone_model` rebuilds layer by layer."""
-    return isinstance(model, (keras.Sequential, Functional))
+        conversion_class.sync_batch_normalization(**layer_kwargs)
 
 
 class _Conversion:
-    """One call of `convert`: what to swap, and the old-to-new layer pairs."""
+    """One call of `convert` on a Keras 3 model: what to swap, and the old-to-new layer pairs.
+
+    The class attributes name the Keras; `clone_model` and `copy_variables`
+    say how it copies a model and a layer's variables.
+    """
+
+    batch_normalization = keras.layers.BatchNormalization
+    sync_batch_normalization = SyncBatchNormalization
+    #: The models `clone_model` rebuilds layer by layer.
+    rebuildable = (keras.Sequential, Functional)
 
     def __init__(self, to, group_size, communicator, layer_kwargs=None):
         self.to = to
@@ -68,11 +91,14 @@ class _Conversion:
         self.communicator = communicator
         self.layer_kwargs = dict(layer_kwargs or {})
         if to == "sync":
-            self.source_class, self.target_class = keras.layers.BatchNormalization, SyncBatchNormalization
+            self.source_class, self.target_class = self.batch_normalization, self.sync_batch_normalization
         else:
-            self.source_class, self.target_class = SyncBatchNormalization, keras.layers.BatchNormalization
+            self.source_class, self.target_class = self.sync_batch_normalization, self.batch_normalization
         self.copied_pairs = []  # (original layer, its copy), each layer once
         self.converted_names = []
+
+    def is_rebuildable(self, model):
+        return isinstance(model, self.rebuildable)
 
     def is_source(self, layer):
         # Exact class only: a subclass may change what the layer computes, and
@@ -83,7 +109,7 @@ class _Conversion:
         """A reason string if `layer` is or holds a layer this call cannot convert."""
         if self.is_source(layer):
             if self.to == "sync" and layer.renorm:
-                return "renorm=True is not supported by SyncBatchNormalization"
+                return f"renorm=True {_UNSUPPORTED}"
             return None
         if isinstance(layer, self.source_class):
             return (
@@ -103,7 +129,7 @@ class _Conversion:
         found = []
         for layer in model.layers:
             path = f"{prefix}{model.name}/{layer.name}"
-            if _is_rebuildable(layer):
+            if self.is_rebuildable(layer):
                 found += self.find_unconvertible(layer, f"{prefix}{model.name}/")
                 continue
             reason = self.why_not_convertible(layer)
@@ -118,9 +144,13 @@ class _Conversion:
                     )
         return found
 
+    def source_config(self, layer):
+        """The config of a layer to convert, from which its replacement is built."""
+        return layer.get_config()
+
     def clone_layer(self, layer):
         """The `clone_function` for `keras.models.clone_model`."""
-        config = layer.get_config()
+        config = self.source_config(layer) if self.is_source(layer) else layer.get_config()
         if self.is_source(layer):
             if self.to == "sync":
                 config.update(communicator=self.communicator, group_size=self.group_size,
@@ -138,36 +168,44 @@ class _Conversion:
         self.copied_pairs.append((layer, copy))
         return copy
 
+    def clone_model(self, model):
+        """The converted copy of `model`, its variables not yet copied."""
+        return keras.models.clone_model(model, clone_function=self.clone_layer, recursive=True)
+
     def copy_state(self):
         for original, copy in self.copied_pairs:
-            originals = original._flatten_layers()
-            copies = copy._flatten_layers()
-            if len(originals) != len(copies):
-                raise RuntimeError(
-                    f"The copy of layer '{original.name}' has {len(copies)} (sub)layers "
-                    f"where the original has {len(originals)}; its weights cannot be copied."
-                )
-            for source, target in zip(originals, copies):
-                store = {}
-                source.save_own_variables(store)
-                if isinstance(source, SyncBatchNormalization) and self.to == "local" \
-                        and type(target) is self.target_class:
-                    # Keras BN's weights are the first ones (gamma and beta only if used).
-                    store = {str(i): store[str(i)] for i in range(len(target.weights))}
-                target.load_own_variables(
-                    {key: keras.ops.convert_to_numpy(value) for key, value in store.items()}
-                )
+            self.copy_variables(original, copy)
+
+    def copy_variables(self, original, copy):
+        """Copies the variables of `original` (and of its sublayers) into `copy`."""
+        originals = original._flatten_layers()
+        copies = copy._flatten_layers()
+        if len(originals) != len(copies):
+            raise RuntimeError(
+                f"The copy of layer '{original.name}' has {len(copies)} (sub)layers "
+                f"where the original has {len(originals)}; its weights cannot be copied."
+            )
+        for source, target in zip(originals, copies):
+            store = {}
+            source.save_own_variables(store)
+            if isinstance(source, self.sync_batch_normalization) and self.to == "local" \
+                    and type(target) is self.target_class:
+                # Keras BN's weights are the first ones (gamma and beta only if used).
+                store = {str(i): store[str(i)] for i in range(len(target.weights))}
+            target.load_own_variables(
+                {key: keras.ops.convert_to_numpy(value) for key, value in store.items()}
+            )
 
 
-def _copy_trainable_flags(original, copy):
+def _copy_trainable_flags(conversion, original, copy):
     # clone_model rebuilds a Functional model without its own `trainable`
     # flag (its layers keep theirs). Setting False is safe: it only
     # propagates down to layers that are already frozen.
     if not original.trainable and copy.trainable:
         copy.trainable = False
     for original_layer, copy_layer in zip(original.layers, copy.layers):
-        if _is_rebuildable(original_layer) and _is_rebuildable(copy_layer):
-            _copy_trainable_flags(original_layer, copy_layer)
+        if conversion.is_rebuildable(original_layer) and conversion.is_rebuildable(copy_layer):
+            _copy_trainable_flags(conversion, original_layer, copy_layer)
 
 
 def convert(model, group_size=None, communicator="auto", to="sync", **layer_kwargs):
@@ -194,12 +232,18 @@ def convert(model, group_size=None, communicator="auto", to="sync", **layer_kwar
     every such layer; build those models with `syncbn.SyncBatchNormalization`
     (it takes the same arguments) instead.
 
+    A tf_keras model (`tf.keras` under `TF_USE_LEGACY_KERAS=1`, e.g. from
+    `tf.keras.applications`) converts the same way, between
+    `tf.keras.layers.BatchNormalization` and the tf_keras
+    `SyncBatchNormalization` (`syncbn.layers.legacy`), which keeps each
+    layer's `fused` and so its moving-variance convention.
+
     The number of converted layers is logged (logger `syncbn.convert`, level
     INFO; also when it is zero) and stored on the result as
     `syncbn_converted_layers`, the list of their names.
 
     Args:
-        model: a Functional or Sequential `keras.Model`.
+        model: a Functional or Sequential `keras.Model` (or tf_keras model).
         group_size: for `to="sync"`, the new layers' `group_size` (None: all
             replicas).
         communicator: for `to="sync"`, the new layers' `communicator`
@@ -223,7 +267,8 @@ def convert(model, group_size=None, communicator="auto", to="sync", **layer_kwar
             layer, or it is a subclass of the class to convert).
         ValueError: if `to`, `group_size`, `communicator` or a layer keyword
             argument is invalid, or a
-            `BatchNormalization` uses `renorm=True`.
+            `BatchNormalization` uses `renorm=True` (or, in tf_keras,
+            `virtual_batch_size` or `adjustment`).
 
     Example:
 
@@ -243,10 +288,11 @@ def convert(model, group_size=None, communicator="auto", to="sync", **layer_kwar
     >>> type(exported.layers[1]).__name__
     'BatchNormalization'
     """
-    _check_arguments(model, group_size, communicator, to, layer_kwargs)
-    conversion = _Conversion(to, group_size, communicator, layer_kwargs)
+    conversion_class = _conversion_class(model)
+    _check_arguments(conversion_class, group_size, communicator, to, layer_kwargs)
+    conversion = conversion_class(to, group_size, communicator, layer_kwargs)
     target = conversion.target_class.__name__
-    if not _is_rebuildable(model):
+    if not conversion.is_rebuildable(model):
         blocked = [
             f"{model.name}/.../{layer.name}"
             for layer in model._flatten_layers(include_self=False)
@@ -266,19 +312,18 @@ def convert(model, group_size=None, communicator="auto", to="sync", **layer_kwar
         )
     blocked = conversion.find_unconvertible(model)
     if blocked:
-        error = ValueError if any("renorm" in item for item in blocked) else TypeError
+        # An argument the layer cannot take (renorm) is a bad value; a layer out of reach, a type.
+        error = ValueError if any(_UNSUPPORTED in item for item in blocked) else TypeError
         raise error(
             f"Cannot convert model '{model.name}' to {target}: nothing was converted. "
             f"Layers that could not be converted: {'; '.join(blocked)}."
         )
 
-    converted = keras.models.clone_model(
-        model, clone_function=conversion.clone_layer, recursive=True
-    )
+    converted = conversion.clone_model(model)
     if not converted.built and model.built:
         converted.build(model.input_shape)
     conversion.copy_state()
-    _copy_trainable_flags(model, converted)
+    _copy_trainable_flags(conversion, model, converted)
     converted.syncbn_converted_layers = list(conversion.converted_names)
     if conversion.converted_names:
         logger.info(

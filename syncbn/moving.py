@@ -64,6 +64,18 @@ def debiased_rate(momentum, updates):
     return tf.cast((1.0 - momentum) / weight_sum, tf.float32)
 
 
+def unbiased_variance(variance, count):
+    """The biased `variance` of `count` samples with Bessel's correction, `n / (n - 1)`.
+
+    As TensorFlow's fused batch-norm kernels correct it: by `n / max(n - 1, 1)`,
+    so one sample (variance 0) stays 0. `count` is a float32 scalar or a
+    Python float (a static count costs no op).
+    """
+    if stats.is_static_count(count):
+        return variance * (count / max(count - 1.0, 1.0))
+    return variance * (count / tf.maximum(count - 1.0, 1.0))
+
+
 def next_moving_statistics(moving_mean, moving_variance, mean, variance, count, *,
                            momentum, moving_average="ema", updates=None, nonfinite="skip"):
     """The moving statistics after one step with global batch statistics `mean`, `variance`.

@@ -14,6 +14,7 @@ See docs/moving-statistics.md.
 import contextlib
 import functools
 import logging
+import sys
 import threading
 
 import keras
@@ -21,18 +22,21 @@ import numpy as np
 import tensorflow as tf
 
 from syncbn import collectives, world
-from syncbn.layers import SyncBatchNormalization
+from syncbn.layers import KERAS, SyncBatchNormalizationBase
 
 logger = logging.getLogger(__name__)
 
 def synchronized_layers(model):
     """Every SyncBatchNormalization inside `model` (nested models included), once each."""
     return [layer for layer in model._flatten_layers(include_self=False)
-            if isinstance(layer, SyncBatchNormalization)]
+            if isinstance(layer, SyncBatchNormalizationBase)]
 
 
 def _check_model(model):
-    if not isinstance(model, keras.Model):
+    # A tf_keras model's class comes from an imported tf_keras.
+    tf_keras = sys.modules.get("tf_keras")
+    if not (isinstance(model, keras.Model)
+            or (tf_keras is not None and isinstance(model, tf_keras.Model))):
         raise TypeError(f"Argument `model` must be a Keras model. Received: model={model!r}")
 
 
@@ -337,8 +341,11 @@ def recalibrate(model, data, steps=None, verbose="auto"):
     return done
 
 
-class PreciseBN(keras.callbacks.Callback):
+class PreciseBN(KERAS.callbacks.Callback):
     """Recalibrates the moving statistics during `fit`, before each epoch's validation.
+
+    A callback of the Keras that `tf.keras` is (tf_keras under
+    `TF_USE_LEGACY_KERAS=1`), like `syncbn.SyncBatchNormalization`.
 
     Every `every_n_epochs` epochs, after the epoch's training steps,
     `recalibrate(model, data, steps)` runs on every replica, so that the

@@ -1,4 +1,4 @@
-"""The fault matrix of issue #11: every backend x every fault, measured.
+"""The fault matrix: every backend x every fault, measured.
 
 Each cell runs `tests/jobs/fault_job.py` on 2 ranks through `syncbn-launch`
 (on 2 simulated hosts for the network cut) with `SYNCBN_COLLECTIVE_TIMEOUT`
@@ -26,8 +26,9 @@ import threading
 import time
 import uuid
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-JOB = os.path.join(REPO, "tests", "jobs", "fault_job.py")
+from helpers import JOBS_DIR, REPO, processes_with
+
+JOB = os.path.join(JOBS_DIR, "fault_job.py")
 BACKEND_ARGS = {
     "horovod-mpi": ["--backend", "horovod", "--horovod-controller", "mpi"],
     "horovod-gloo": ["--backend", "horovod", "--horovod-controller", "gloo"],
@@ -75,20 +76,6 @@ class CellResult:
     @property
     def names_layer(self):
         return bool(re.search(r"bn_[ab]", self.explanation))
-
-
-def processes_with(marker):
-    """Pids of processes whose command line contains `marker` (a /proc scan)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
-                    if marker.encode() in cmdline.read():
-                        pids.append(int(entry))
-            except OSError:
-                continue
-    return pids
 
 
 def _leftovers(marker, tmpdir, launcher_pid):

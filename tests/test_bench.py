@@ -1,60 +1,26 @@
-"""bench/model_step.py: its launcher mode end to end, and its arguments and table;
-bench/model_layers.py: a smallest run and its arguments.
+"""The benchmarks' parts in one process: bench/model_step.py's arguments, launch
+command and table, bench/model_fit_job.py's variants, bench/model_layers.py's
+arguments, and bench/long_run.py's checks on made-up results.
 
-The end-to-end test runs `--launch 2 --quick` (every backend, the 6-BN
-`small_cnn` at 32x32, 2 samples per rank, one step per epoch) and checks that the printed
-table has a row per backend with finite, positive ratios. It asserts no time.
+tests/test_bench_multiprocess.py runs the benchmarks themselves, in their
+smallest settings.
 """
 
-import math
 import os
 import re
-import subprocess
 import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO
+
 sys.path.insert(0, os.path.join(REPO, "bench"))
+import long_run  # noqa: E402
 import model_fit_job  # noqa: E402
 import model_layers  # noqa: E402
 import model_step  # noqa: E402
 
-
-def table_rows(output):
-    """Markdown rows (lists of cells) of the printed table, header and separator dropped."""
-    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")]
-            for line in output.splitlines() if line.startswith("| ")]
-    assert len(rows) >= 2 and set(rows[1]) <= {"---", "---:"}, output  # header, separator
-    return rows[2:]
-
-
-def ratios(cell):
-    return [float(value) for value in cell.split(",")]
-
-
-def test_launch_mode_prints_every_backend_with_finite_positive_ratios():
-    command = [sys.executable, os.path.join(REPO, "bench", "model_step.py"),
-               "--launch", "2", "--quick", "--timeout", "600"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=4000)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-6000:]
-    rows = {row[0]: row for row in table_rows(result.stdout)}
-    expected = [f"{backend} {model_step.QUICK['models']}" for backend in model_step.LAUNCH_BACKENDS]
-    labels = [re.sub(r" \(\d+\)$", "", label) for label in rows]
-    assert labels == expected, result.stdout
-    for label, row in rows.items():
-        assert int(re.search(r"\((\d+)\)$", label).group(1)) > 0, row  # BN layers counted
-        # backend model (BN) | first epoch s | ratio | steady step ms | ratio
-        assert len(row) == 5, row
-        for cell in (row[2], row[4]):  # sync/local, synced/local
-            values = ratios(cell)
-            assert len(values) == 2, row
-            assert all(math.isfinite(ratio) and ratio > 0 for ratio in values), row
-        for cell in (row[1], row[3]):  # local / sync / synced
-            times = [float(value) for value in cell.split(" / ")]
-            assert len(times) == 3, row
-            assert all(math.isfinite(time) and time > 0 for time in times), row
+pytestmark = pytest.mark.unit
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -136,23 +102,6 @@ def test_table_has_medians_and_per_round_ratios():
     assert row == "| mpi mobilenetv2 (52) | 20.0 / 21.0 | 1.10 | 30.0 / 35.0 | 1.15 |"
 
 
-def test_model_layers_runs_every_variant_on_the_model_shapes():
-    # bench/model_layers.py, smallest settings: one row per variant, keras's ratio 1,
-    # every time finite and positive; the header names the model's 52 BN layers.
-    command = [sys.executable, os.path.join(REPO, "bench", "model_layers.py"), "--size", "32",
-               "--batch", "2", "--rounds", "2", "--repeat", "1"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
-    assert "mobilenetv2: 52 BN layers at batch 2, 32x32" in result.stdout, result.stdout
-    rows = {row[0]: row for row in table_rows(result.stdout)}
-    assert list(rows) == list(model_layers.VARIANTS), result.stdout
-    assert rows["keras"][2] == "1.00", rows
-    for row in rows.values():
-        milliseconds, ratio = float(row[1]), float(row[2])
-        assert math.isfinite(milliseconds) and milliseconds > 0, row
-        assert math.isfinite(ratio) and ratio > 0, row
-
-
 @pytest.mark.parametrize("argv, message", [
     (["--model", "vgg16"], "Received: --model='vgg16'"),
     (["--rounds", "0"], "Argument `--rounds` must be >= 1. Received: --rounds=0"),
@@ -160,3 +109,15 @@ def test_model_layers_runs_every_variant_on_the_model_shapes():
 def test_model_layers_bad_arguments(argv, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         model_layers.parse_args(argv)
+
+
+def test_long_run_failures_report_retracing_and_memory_growth():
+    """bench/long_run.py's checks on made-up results (tests/test_long_run.py runs the job)."""
+    good = {"rank": 0, "traces": 2, "tracing_count": 2, "signatures": 2, "rss_growth": 0.01,
+            "rss_warm_mb": 500.0, "rss_end_mb": 505.0, "moving_sha256": "a",
+            "weights_sha256": "b"}
+    assert long_run.failures([good, {**good, "rank": 1}]) == []
+    retraced = {**good, "rank": 1, "traces": 3, "tracing_count": 3}
+    assert "3 traces" in long_run.failures([good, retraced])[0]
+    grown = {**good, "rank": 1, "rss_growth": 0.08, "rss_end_mb": 540.0}
+    assert "grew 8.0%" in long_run.failures([good, grown])[0]

@@ -16,6 +16,8 @@ import pytest
 from launch import build_horovod
 from syncbn import _versions
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize("version, expected", [
     ("2.18.1", False), ("2.18.0rc2", False), ("2.19.0", True), ("2.21.0", True), ("3.0.0", True),
@@ -81,10 +83,12 @@ def test_wheel_dir_is_keyed_by_tensorflow_version_and_flavour(monkeypatch, tmp_p
 
 
 @pytest.mark.parametrize("version,expected", [
-    ("2.18.1", ["horovod-0.28.1-gloo-stall-check.patch"]),
-    ("2.21.0", ["horovod-0.28.1-gloo-stall-check.patch", "horovod-0.28.1-tf2.19-xla.patch"]),
+    ("2.18.1", ["horovod-0.28.1-gloo-stall-check.patch",
+                "horovod-0.28.1-legacy-keras-backend.patch"]),
+    ("2.21.0", ["horovod-0.28.1-gloo-stall-check.patch",
+                "horovod-0.28.1-legacy-keras-backend.patch", "horovod-0.28.1-tf2.19-xla.patch"]),
 ])
-def test_every_build_gets_the_gloo_fix_and_tf_2_19_on_the_xla_patch(version, expected):
+def test_every_build_gets_the_gloo_and_keras_fixes_and_tf_2_19_on_the_xla_patch(version, expected):
     patches = build_horovod.patches_for(version)
     assert [os.path.basename(p) for p in patches] == expected
     assert all(os.path.exists(p) for p in patches)
@@ -108,6 +112,16 @@ def test_cached_wheel_is_reused_only_when_built_with_the_same_patches(monkeypatc
     assert build_horovod.cached_wheel(str(tmp_path), build_horovod.build_fingerprint("2.21.0", "cpu")) is None
 
 
+def _patched(root, patch, stand_ins):
+    """Writes `{path: lines}` under `root`, applies `patch` there; returns `{path: patched text}`."""
+    for path, lines in stand_ins.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text("\n".join(lines) + "\n")
+    subprocess.run(["patch", "-p1", "--forward", "--batch", "-i", patch],
+                   cwd=root, check=True, capture_output=True)
+    return {path: (root / path).read_text() for path in stand_ins}
+
+
 @pytest.mark.skipif(shutil.which("patch") is None, reason="needs the `patch` tool")
 def test_gloo_patch_sizes_the_global_rank_list(tmp_path):
     # A stand-in with the patched line where Horovod 0.28.1 has it (line 92).
@@ -122,15 +136,29 @@ def test_gloo_patch_sizes_the_global_rank_list(tmp_path):
                "    gloo::AllgatherOptions opts(gloo_context_.ctx);",
                "    opts.setInput(&this_global_rank, 1);"]
     lines = ["// line"] * 86 + context + ["// more"] * 20
-    target = tmp_path / "horovod" / "common" / "gloo" / "gloo_controller.cc"
-    target.parent.mkdir(parents=True)
-    target.write_text("\n".join(lines) + "\n")
-    subprocess.run(["patch", "-p1", "--forward", "--batch", "-i", build_horovod.GLOO_STALL_PATCH],
-                   cwd=tmp_path, check=True, capture_output=True)
-    patched = target.read_text().splitlines()
+    path = "horovod/common/gloo/gloo_controller.cc"
+    patched = _patched(tmp_path, build_horovod.GLOO_STALL_PATCH, {path: lines})[path].splitlines()
     assert patched[91] == "  global_ranks_.resize(size_);"
-    assert "reserve" not in target.read_text()
+    assert not any("reserve" in line for line in patched)
     assert len(patched) == len(lines)
+
+
+@pytest.mark.skipif(shutil.which("patch") is None, reason="needs the `patch` tool")
+def test_legacy_keras_patch_gives_horovods_keras_helpers_tf_keras_backend(tmp_path):
+    # Stand-ins with the patched lines where Horovod 0.28.1 has them.
+    choice = ['if is_version_greater_equal_than(tf.__version__, "2.6.0"):',
+              "    from keras import backend as K",
+              "else:",
+              "    from tensorflow.python.keras import backend as K",
+              ""]
+    folder = "horovod/tensorflow/keras/"
+    stand_ins = {folder + "__init__.py": ["# line"] * 25 + ["", ""] + choice + ["# more"] * 5,
+                 folder + "callbacks.py": ["# line"] * 19
+                 + ["from horovod.common.util  import is_version_greater_equal_than", ""]
+                 + choice + ["# more"] * 5}
+    for path, text in _patched(tmp_path, build_horovod.LEGACY_KERAS_PATCH, stand_ins).items():
+        assert "from keras import backend" not in text, path
+        assert "    K = keras.backend  # tf.keras's" in text, path
 
 
 PATCHED_FILE_HEAD = """\

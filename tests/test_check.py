@@ -1,31 +1,26 @@
-"""`python -m syncbn.check`: its parts alone, in one process, and under the launcher.
+"""`python -m syncbn.check`: its parts alone, and the whole check, in one process.
 
 The check is only worth something if it can fail, so each way of running it
 has a negative control: a communicator that drops the last replica's
 contribution (tests/jobs/faulty_communicator.py) must turn its checks to FAIL
-and its exit code to non-zero.
+and its exit code to non-zero. tests/test_check_multiprocess.py runs it under
+the launcher.
 """
 
 import json
-import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import reference as test_reference
+from helpers import CHECKS_PER_SCENARIO, check_rows, relative_error
 from jobs import faulty_communicator
 from syncbn import world
 from syncbn.check import cli, exactness, reference
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-JOBS_DIR = os.path.join(REPO, "tests", "jobs")
-JOB_TIMEOUT = 600
-# One row per (layout, reference) and batch-size scenario; 3 replicas: one scenario.
-CHECKS_PER_SCENARIO = len(exactness.LAYOUTS) * len(exactness.REFERENCES)
-EXACT_ROW = re.compile(r"^(?:\[\d+\] )?\| (exact: .*?) +\| (.*?) +\| (\S+) +\| (OK|FAIL) +\|$", re.M)
+pytestmark = pytest.mark.unit
+
 
 
 # --- the parts, no processes --------------------------------------------------------
@@ -40,7 +35,7 @@ def test_shipped_float64_reference_agrees_with_the_tests_reference(shape, axis):
     got = reference.batch_norm(x, gamma, beta, dy, axis, 1e-3)
     want = test_reference.batch_norm(x, gamma, beta, dy, axis, 1e-3)
     for key in ("y", "dx", "dgamma", "dbeta", "mean", "variance"):
-        assert test_reference.relative_error(got[key], want[key]) < 1e-12, key
+        assert relative_error(got[key], want[key]) < 1e-12, key
 
 
 def test_relative_error_fails_nan_and_rejects_shape_mismatch():
@@ -122,15 +117,11 @@ class OffInOneChannel:
         return tensor + tf.one_hot(tf.size(tensor) - 1, tf.size(tensor), dtype=tensor.dtype)
 
 
-def _rows(output):
-    return EXACT_ROW.findall(output)
-
-
 def test_one_process_passes_and_writes_json(tmp_path, capsys):
     path = tmp_path / "check.json"
     code = cli.main(["--communicator", "local", "--rounds", "2", "--json", str(path)])
     output = capsys.readouterr().out
-    rows = _rows(output)
+    rows = check_rows(output)
     assert code == 0, output
     assert len(rows) == CHECKS_PER_SCENARIO and all(r[3] == "OK" for r in rows), output
     assert "communicator checked | local -> kernel local, 1 replicas" in re.sub(r" +", " ", output)
@@ -145,7 +136,7 @@ def test_one_process_fails_with_a_wrong_sum(capsys, monkeypatch):
     monkeypatch.setattr(cli, "load_communicator", lambda spec: OffInOneChannel())
     code = cli.main(["--communicator", "custom:off", "--rounds", "0"])
     output = capsys.readouterr().out
-    rows = _rows(output)
+    rows = check_rows(output)
     assert code == 1, output
     assert len(rows) == CHECKS_PER_SCENARIO and all(r[3] == "FAIL" for r in rows), output
     assert re.search(r"\| all checks +\| 0 of 6 OK on every rank +\| +\| FAIL +\|", output), output
@@ -163,53 +154,3 @@ def test_four_replicas_in_one_process(mirrored_strategy, communicator, passes):
     assert [r["ok"] for r in records] == [passes] * CHECKS_PER_SCENARIO, records
     if not passes:
         assert min(r["largest"] for r in records) > 1e-2
-
-
-# --- real processes through the launcher ---------------------------------------------
-
-
-def _launch(backend, *check_args):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
-               PYTHONPATH=os.pathsep.join([REPO, JOBS_DIR]))
-    command = [sys.executable, "-m", "launch", "-np", "3", "--backend", backend,
-               "--timeout", str(JOB_TIMEOUT - 60), "--",
-               sys.executable, "-m", "syncbn.check", *check_args]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
-                            timeout=JOB_TIMEOUT, env=env)
-    return result, result.stdout + result.stderr
-
-
-# Under syncbn-launch, Horovod and tf.distribute workers run under mpirun, so their
-# BN sums take the direct MPI path.
-BACKENDS = {"horovod": ("horovod", "mpi-direct"), "mpi": ("mpi", "compiled"),
-            "tf": ("tf.distribute", "mpi-direct")}
-
-
-@pytest.mark.parametrize("backend", sorted(BACKENDS))
-def test_three_ranks_pass_on_every_backend(backend, tmp_path):
-    auto_picks, kernel = BACKENDS[backend]
-    path = tmp_path / "check.json"
-    result, output = _launch(backend, "--json", str(path), "--rounds", "3")
-    assert result.returncode == 0, output[-6000:]
-    rows = _rows(output)
-    assert len(rows) == CHECKS_PER_SCENARIO and all(r[3] == "OK" for r in rows), output[-6000:]
-    assert all("batches 3,0,5 " in r[0] for r in rows)
-    table = re.sub(r" +", " ", output)
-    assert f"| communicator checked | auto -> kernel {kernel}, 3 replicas |" in table, output
-    assert f"| auto picks here | {auto_picks} |" in table, output
-    assert "| job | 3 processes, 3 replicas" in table
-    summary = json.loads(path.read_text())
-    assert summary["passed"] is True and summary["processes"] == 3
-    assert summary["communicator"]["kernel"] == kernel
-    assert summary["performance"]["sum_latency_us"] > 0
-
-
-@pytest.mark.parametrize("backend", ["mpi", "tf"])
-def test_three_ranks_fail_when_a_rank_is_dropped(backend):
-    result, output = _launch(backend, "--communicator", "faulty_communicator:drop_last_rank",
-                             "--rounds", "0")
-    assert result.returncode == 1, output[-6000:]
-    rows = _rows(output)
-    assert len(rows) == CHECKS_PER_SCENARIO and all(r[3] == "FAIL" for r in rows), output[-6000:]
-    assert "kernel drop-last-rank(" in output
-    assert re.search(r"\| all checks +\| 0 of 6 OK on every rank +\| +\| FAIL +\|", output)

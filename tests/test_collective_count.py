@@ -17,12 +17,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import NUM_VIRTUAL_CPUS
+from helpers import NUM_VIRTUAL_CPUS
 from syncbn import SyncBatchNormalization, ops
 from syncbn.collectives.counting import CountingCommunicator
 
 NUM_BN = 3
 BATCH = 8
+
+pytestmark = pytest.mark.unit
 IMAGE_SHAPE = (6, 6, 3)
 
 
@@ -154,18 +156,14 @@ def test_counter_sees_an_extra_collective(monkeypatch):
     assert counter.total == 3 * NUM_BN
 
 
-@pytest.fixture
-def strategy(mirrored_strategy):
-    return mirrored_strategy
-
-
 def _tf_distribute_counter():
     from syncbn.collectives.tf_distribute import TFDistributeCommunicator
 
     return CountingCommunicator(NUM_VIRTUAL_CPUS, TFDistributeCommunicator)
 
 
-def test_mirrored_custom_loop_two_collectives_per_layer_per_replica(strategy):
+def test_mirrored_custom_loop_two_collectives_per_layer_per_replica(mirrored_strategy):
+    strategy = mirrored_strategy
     with strategy.scope():
         counter = _tf_distribute_counter()
         model = make_model(counter)
@@ -187,7 +185,8 @@ def test_mirrored_custom_loop_two_collectives_per_layer_per_replica(strategy):
     assert_one_forward_one_backward_per_layer(counter, steps, replicas=NUM_VIRTUAL_CPUS)
 
 
-def test_mirrored_fit_and_predict(strategy):
+def test_mirrored_fit_and_predict(mirrored_strategy):
+    strategy = mirrored_strategy
     with strategy.scope():
         counter = _tf_distribute_counter()
         model = make_model(counter)

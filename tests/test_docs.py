@@ -16,30 +16,31 @@ cannot run belongs in a ```bash block or in prose.
 A ```bash block runs only under a directive that gives it a place to run:
 `<!-- syncbn-launch --simulate-hosts 2 --slurm -->` runs it with `bash -e` on
 the login node of a simulated Slurm cluster of 2 nodes, as that command would;
-the blocks share the session's cluster (`slurm_cluster`, tests/conftest.py).
+the blocks share the session's cluster (`slurm_conf`, tests/conftest.py).
 """
 
 import glob
 import os
 import re
-import subprocess
 import sys
 
 import pytest
 
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO_DIR = os.path.dirname(TESTS_DIR)
+from helpers import REPO as REPO_DIR
+from helpers import job_env, launcher, run
+
+pytestmark = pytest.mark.multiprocess
+
 DOC_FILES = [os.path.join(REPO_DIR, "README.md")] + sorted(
     glob.glob(os.path.join(REPO_DIR, "docs", "*.md"))
 )
 BLOCK = re.compile(
     r"(?:<!--\s*(?P<directive>[^\n]*?)\s*-->\s*\n)?```python\n(?P<code>.*?)\n```", re.DOTALL
 )
-BASH_BLOCK = re.compile(
-    r"<!--\s*(?P<directive>syncbn-launch [^\n]*?--slurm[^\n]*?)\s*-->\s*\n```bash\n(?P<code>.*?)\n```",
-    re.DOTALL)
+BASH_BLOCK = re.compile(r"<!--\s*(?P<directive>syncbn-launch [^\n]*?--slurm[^\n]*?)\s*-->\s*\n"
+                        r"```bash\n(?P<code>.*?)\n```", re.DOTALL)
 BLOCK_TIMEOUT = 600
-SLURM_DIRECTIVE = "syncbn-launch --simulate-hosts 2 --slurm"  # what slurm_cluster runs
+SLURM_DIRECTIVE = "syncbn-launch --simulate-hosts 2 --slurm"  # what slurm_conf runs
 
 
 def code_blocks(path):
@@ -89,20 +90,20 @@ def test_bash_blocks_with_a_directive_are_found():
 def test_doc_block_runs(directive, code, language, tmp_path, request):
     script = tmp_path / ("block.py" if language == "python" else "block.sh")
     script.write_text(code + "\n")
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO_DIR}
+    # This checkout's syncbn only, as a user has it: no test module on the path.
+    env = job_env(path=(REPO_DIR,))
     if language == "bash":
         assert directive == SLURM_DIRECTIVE, f"bash blocks run on {SLURM_DIRECTIVE!r} only"
-        env = request.getfixturevalue("slurm_cluster")
+        env["SLURM_CONF"] = request.getfixturevalue("slurm_conf")
         command = ["bash", "-e", str(script)]
     elif directive is None:
         command = [sys.executable, str(script)]
     elif directive.startswith("syncbn-launch "):
-        command = [sys.executable, "-m", "launch", *directive.split()[1:],
-                   "--timeout", str(BLOCK_TIMEOUT - 30), "--", sys.executable, str(script)]
+        command = launcher(*directive.split()[1:], "--timeout", str(BLOCK_TIMEOUT - 30), "--",
+                           sys.executable, str(script))
     else:
         raise AssertionError(f"unknown directive above a python block: {directive!r}")
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=BLOCK_TIMEOUT)
+    result = run(command, timeout=BLOCK_TIMEOUT, env=env, cwd=tmp_path)
     assert result.returncode == 0, (
         f"exit {result.returncode}\n--- stdout\n{result.stdout[-4000:]}\n--- stderr\n"
         f"{result.stderr[-4000:]}"

@@ -15,6 +15,8 @@ from launch.environment import ERROR_FILE_OWNER_VARIABLE, ERROR_FILE_VARIABLE, e
 from launch.failures import read_error_records
 from syncbn import error_file
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture
 def hook(monkeypatch, tmp_path):

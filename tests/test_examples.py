@@ -8,25 +8,26 @@ tests/test_horovod_keras.py, with one process and with two.
 import json
 import os
 import re
-import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import pytest
+
+from helpers import REPO, output, run, syncbn_launch
+
+pytestmark = pytest.mark.multiprocess
+
 TIMEOUT = 600
 
 
-def _run(command):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT, env=env)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
-    return output
+def _succeeded(result):
+    text = output(result)
+    assert result.returncode == 0, text[-4000:]
+    return text
 
 
 def _launch(backend, num_proc, script, *args):
-    return _run([sys.executable, "-m", "launch", "-np", str(num_proc), "--backend", backend,
-                 "--timeout", str(TIMEOUT - 60), "--",
-                 sys.executable, os.path.join(REPO, "examples", script), *args])
+    return _succeeded(syncbn_launch(num_proc, [sys.executable, os.path.join(REPO, "examples", script),
+                                               *args], "--backend", backend, timeout=TIMEOUT))
 
 
 def test_multiworker_mirrored_example_keeps_workers_identical():
@@ -69,8 +70,8 @@ def test_convert_resnet50_example():
 
 
 def test_demo_quick_mode(tmp_path):
-    output = _run([sys.executable, os.path.join(REPO, "examples", "demo.py"), "--epochs", "1",
-                   "--out", str(tmp_path)])
+    output = _succeeded(run([sys.executable, os.path.join(REPO, "examples", "demo.py"),
+                             "--epochs", "1", "--out", str(tmp_path)], timeout=TIMEOUT))
     rows = re.findall(r"^\| (local|syncbn|single) \| (\d) x (\d) \|", output, re.M)
     assert rows == [("local", "2", "4"), ("syncbn", "2", "4"), ("single", "1", "8")], output[-3000:]
     recalibrated = re.search(r"^\| syncbn \+ recalibrate \| 2 x 4 \| ([\d.]+) \| ([\d.]+) \|", output, re.M)

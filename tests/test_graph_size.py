@@ -16,23 +16,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import KERNELS, kernels_env
+from helpers import KERNELS, kernels_env
 from syncbn import SyncBatchNormalization, ops
+from syncbn.collectives import PretendReplicas
+
+pytestmark = pytest.mark.unit
 
 CONTROL_FLOW = {"If", "StatelessIf", "Switch", "Merge", "While", "StatelessWhile", "Case",
                 "StatelessCase"}
 HOST_CALLBACKS = {"EagerPyFunc", "PyFunc", "PyFuncStateless"}
 SHAPE = (8, 6, 6, 16)
-
-
-class PretendTwoReplicas:
-    """Says 2 replicas, sums nothing: the synchronized path's graph."""
-
-    num_replicas = 2
-
-    def all_sum(self, tensor, name):
-        del name
-        return tensor * 1.0
 
 
 def _op_types(concrete_function):
@@ -75,11 +68,11 @@ PATHS = {
     # name: (layer factory, shape, axis, masked, fused kernels possible)
     "one replica, channels last": (lambda: SyncBatchNormalization(communicator="local"),
                                    SHAPE, -1, False, True),
-    "synchronized, channels last": (lambda: SyncBatchNormalization(communicator=PretendTwoReplicas()),
+    "synchronized, channels last": (lambda: SyncBatchNormalization(communicator=PretendReplicas(2)),
                                     SHAPE, -1, False, True),
     "one replica, channels first": (lambda: SyncBatchNormalization(axis=1, communicator="local"),
                                     (8, 16, 6, 6), 1, False, False),
-    "synchronized, masked": (lambda: SyncBatchNormalization(communicator=PretendTwoReplicas()),
+    "synchronized, masked": (lambda: SyncBatchNormalization(communicator=PretendReplicas(2)),
                              (8, 5, 16), -1, True, False),
 }
 
@@ -141,7 +134,7 @@ def test_ops_per_layer_stay_near_keras_batch_normalization(kernels, static_batch
 
     keras_ops = ops(keras.layers.BatchNormalization())
     single = ops(SyncBatchNormalization(communicator="local"))
-    synced = ops(SyncBatchNormalization(communicator=PretendTwoReplicas()))
+    synced = ops(SyncBatchNormalization(communicator=PretendReplicas(2)))
     assert single <= 1.05 * keras_ops, (single, keras_ops)
     assert synced <= 1.45 * keras_ops, (synced, keras_ops)
 
@@ -155,7 +148,7 @@ def test_kernels_follow_the_device_the_size_and_syncbn_kernels(monkeypatch):
     assert ops.kernels_for(large, single_replica=True) == "fused"
     assert ops.kernels_for(large, single_replica=False) == "elementwise"
     one = _traced_step_op_types(SyncBatchNormalization(communicator="local"), (2, 1024, 512, 4))
-    synced = _traced_step_op_types(SyncBatchNormalization(communicator=PretendTwoReplicas()),
+    synced = _traced_step_op_types(SyncBatchNormalization(communicator=PretendReplicas(2)),
                                    (2, 1024, 512, 4))
     assert one["FusedBatchNormV3"] == 1 and "FusedBatchNormV3" not in synced, (one, synced)
     monkeypatch.setenv("SYNCBN_KERNELS", "fused")
@@ -171,7 +164,7 @@ def test_kernels_follow_the_device_the_size_and_syncbn_kernels(monkeypatch):
 def test_shifted_kernels_stay_exact_with_one_and_no_sample(kernels):
     # The selects that replace the old `count < 2` branch: a batch of one
     # normalizes to beta with zero variance, an empty one updates nothing.
-    for communicator in ("local", PretendTwoReplicas()):
+    for communicator in ("local", PretendReplicas(2)):
         layer = SyncBatchNormalization(momentum=0.5, communicator=communicator,
                                        beta_initializer="ones")
         layer.build((None, 3))
@@ -203,7 +196,7 @@ def print_node_counts(shape=(8, 16, 16, 32)):
              lambda n=nonfinite: SyncBatchNormalization(communicator="local", nonfinite=n),
              shape, -1),
             (f"syncbn, synchronized, nonfinite={nonfinite!r}",
-             lambda n=nonfinite: SyncBatchNormalization(communicator=PretendTwoReplicas(),
+             lambda n=nonfinite: SyncBatchNormalization(communicator=PretendReplicas(2),
                                                         nonfinite=n), shape, -1),
             (f"syncbn, element-wise (axis=1), nonfinite={nonfinite!r}",
              lambda n=nonfinite: SyncBatchNormalization(axis=1, communicator="local",

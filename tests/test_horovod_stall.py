@@ -1,8 +1,10 @@
-"""Horovod's stall check derived from the collective timeout (issue #11), no processes."""
+"""Horovod's stall check derived from the collective timeout, no processes."""
 
 import pytest
 
 from syncbn.collectives.horovod import stall_settings
+
+pytestmark = pytest.mark.unit
 
 
 def _seconds(settings):

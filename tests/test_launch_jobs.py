@@ -1,8 +1,8 @@
 """Real jobs through `python -m launch`: every backend, one host and simulated hosts, failures.
 
 These start real processes (and, for `--simulate-hosts`, network namespaces: CI runs
-as root). Nothing is skipped. The only time bounds asserted are the issue's "within
-10 s" for stopping a job after a crash.
+as root). Nothing is skipped. The only time bounds asserted are the launcher's promise
+to stop a job within 10 s of a crash.
 """
 
 import os
@@ -11,64 +11,24 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 
 import pytest
 
-from fault_matrix import processes_with
+from helpers import (BACKEND_ARGS, BACKENDS, LAUNCH_JOBS_DIR, REPO, WORLD_CHECKS_JOB,
+                     RunningLauncher, hang_job, job_backend, launcher, processes_with,
+                     wait_for_no_processes)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-JOBS_DIR = os.path.join(REPO, "tests", "launch_jobs")
-# Launcher arguments per backend under test; "horovod" and "tf" are the defaults
-# (under mpirun here, since Horovod is built with MPI and mpi4py is installed),
-# "horovod-gloo" and "tf-no-mpi" the launcher's other ways to start them.
-BACKEND_ARGS = {
-    "horovod": ["--backend", "horovod"],
-    "horovod-gloo": ["--backend", "horovod", "--horovod-controller", "gloo"],
-    "mpi": ["--backend", "mpi"],
-    "tf": ["--backend", "tf"],
-    "tf-no-mpi": ["--backend", "tf", "--tf-mpi", "no"],
-}
-BACKENDS = tuple(BACKEND_ARGS)
-
-
-def job_backend(backend):
-    """The backend name the job scripts take."""
-    return backend.split("-")[0]
-
-# Job scripts of the happy-path tests: name -> function(backend, num_proc) -> argv.
-# Each must exit 0 on success; adding a script is one line here.
-JOB_SCRIPTS = {
-    "collective_check": lambda backend, num_proc: [
-        sys.executable, os.path.join(JOBS_DIR, "collective_check.py"), job_backend(backend)],
-    # SyncBatchNormalization against Keras BN on the global batch, uneven counts
-    # with an empty rank, checked on every rank.
-    "exactness": lambda backend, num_proc: [
-        sys.executable, os.path.join(REPO, "tests", "jobs", "exactness.py"),
-        "--backend", job_backend(backend),
-        "--counts", ",".join(str((4, 0, 7, 2)[r % 4]) for r in range(num_proc)),
-        "--layouts", "2d,nhwc", "--steps", "2"],
-}
+pytestmark = pytest.mark.multiprocess
 
 TOPOLOGIES = {
     "one-host": ["-np", "2"],
     "2-simulated-hosts": ["-np", "4", "--simulate-hosts", "2"],
 }
-
-
-def launcher(*args):
-    return [sys.executable, "-m", "launch", *args]
-
-
-
-
-def wait_for_no_processes(marker, seconds=10.0):
-    deadline = time.monotonic() + seconds
-    while processes_with(marker) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return processes_with(marker)
+# Under mpirun, BN sums bypass Horovod's queue and the strategy's all-reduce.
+KERNELS = {"horovod": "mpi-direct", "horovod-gloo": "hvd.allreduce", "mpi": "compiled",
+           "tf": "mpi-direct", "tf-no-mpi": "tf.distribute"}
 
 
 def job_directories(launcher_pid):
@@ -77,75 +37,37 @@ def job_directories(launcher_pid):
             if name.startswith(f"syncbn-launch-{launcher_pid}-")]
 
 
-def hang_job(marker, *extra):
-    return [sys.executable, os.path.join(JOBS_DIR, "crash_or_hang.py"), marker, *extra]
-
-
-class RunningLauncher:
-    """A launcher in the background whose output is collected as it comes."""
-
-    def __init__(self, argv):
-        self.process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True)
-        self.lines = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self):
-        for line in self.process.stdout:
-            self.lines.append(line)
-
-    def wait_for(self, pattern, count, seconds=60.0):
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            if sum(bool(re.search(pattern, line)) for line in list(self.lines)) >= count:
-                return
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"{count} lines matching {pattern!r} not seen:\n{self.output}")
-
-    @property
-    def output(self):
-        return "".join(self.lines)
-
-    def finish(self, seconds=30.0):
-        code = self.process.wait(timeout=seconds)
-        self._reader.join(timeout=5)
-        return code
-
-
 @pytest.mark.parametrize("topology", sorted(TOPOLOGIES))
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("job", sorted(JOB_SCRIPTS))
-def test_job_succeeds(job, backend, topology, tmp_path):
+def test_job_succeeds(backend, topology, tmp_path):
+    # One job per launch runs both checks (tests/jobs/world_checks.py): a real all-reduce
+    # through the backend (tests/launch_jobs/collective_check.py), then SyncBatchNormalization
+    # against Keras BN on the global batch, uneven counts with an empty rank, on every rank.
     args = TOPOLOGIES[topology]
     num_proc = int(args[args.index("-np") + 1])
+    logs = tmp_path / "logs"
+    job = [sys.executable, WORLD_CHECKS_JOB, "--world", job_backend(backend),
+           "--checks", "collective,exactness", "--out", str(tmp_path / "checks")]
     result = subprocess.run(
-        launcher(*args, *BACKEND_ARGS[backend], "--timeout", "150", "--output-dir", str(tmp_path),
-                 "--", *JOB_SCRIPTS[job](backend, num_proc)),
+        launcher(*args, *BACKEND_ARGS[backend], "--timeout", "150", "--output-dir", str(logs),
+                 "--", *job),
         cwd=REPO, capture_output=True, text=True, timeout=200)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "every process exited with code 0" in result.stderr
     for rank in range(num_proc):
-        log = (tmp_path / f"rank.{rank}.log").read_text()
-        if job == "collective_check":
-            assert f"[{rank}] collective_check OK" in result.stdout, output
-            assert "collective_check OK" in log
-            assert f"rank={rank} size={num_proc}" in log
-            # Simulated hosts: each rank sees only its namespace's interfaces.
-            assert ("ifaces=lo,sbn0" in log) == (topology == "2-simulated-hosts"), log
-            if backend.startswith("horovod"):
-                controller = "gloo" if backend == "horovod-gloo" else "mpi"
-                assert f"horovod_controller={controller}" in log, log
-        if job == "exactness":
-            assert f"exactness rank={rank}/{num_proc} " in log, log
-            assert log.count(" ok ") == 2 and "FAIL" not in log, log
-            # Under mpirun, BN sums bypass Horovod's queue and the strategy's all-reduce.
-            kernel = {"horovod": "mpi-direct", "horovod-gloo": "hvd.allreduce", "mpi": "compiled",
-                      "tf": "mpi-direct", "tf-no-mpi": "tf.distribute"}[backend]
-            assert log.count(f"kernel={kernel} ") == 2, log
+        log = (logs / f"rank.{rank}.log").read_text()
+        assert f"[{rank}] collective_check OK" in result.stdout, output
+        assert "collective_check OK" in log
+        assert f"rank={rank} size={num_proc}" in log
+        # Simulated hosts: each rank sees only its namespace's interfaces.
+        assert ("ifaces=lo,sbn0" in log) == (topology == "2-simulated-hosts"), log
+        if backend.startswith("horovod"):
+            controller = "gloo" if backend == "horovod-gloo" else "mpi"
+            assert f"horovod_controller={controller}" in log, log
+        exactness = re.findall(rf"^exactness rank={rank}/{num_proc} .*$", log, re.M)
+        assert len(exactness) == 3 and all(" ok " in line for line in exactness), log
+        assert all(f"kernel={KERNELS[backend]} " in line for line in exactness), log
     assert not any(line and not line.startswith("[") for line in result.stdout.splitlines()), (
         "every output line must carry a [rank] prefix")
 
@@ -221,7 +143,7 @@ def test_bad_arguments_fail_before_starting_anything():
 
 
 def error_file_job(mode, barrier_dir, *extra):
-    return [sys.executable, os.path.join(JOBS_DIR, "error_file_job.py"), mode, str(barrier_dir),
+    return [sys.executable, os.path.join(LAUNCH_JOBS_DIR, "error_file_job.py"), mode, str(barrier_dir),
             *extra]
 
 

@@ -27,6 +27,8 @@ from launch.netns_rsh import parse_agent_args, parse_namespace_map
 from launch.placement import Placement, allocation_site, make_placement
 from launch.supervisor import Supervisor, WorkerSpec, describe_exit, shell_exit_code
 
+pytestmark = pytest.mark.unit
+
 
 # --- hosts -------------------------------------------------------------------------------
 

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from reference import relative_error
+from helpers import relative_error
 from syncbn import SyncBatchNormalization
+
+pytestmark = pytest.mark.unit
 
 
 def _small_model(**bn_kwargs):

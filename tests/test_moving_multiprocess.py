@@ -1,77 +1,62 @@
-"""Moving statistics on real processes (issue #12), for every backend, through
-our launcher: each run executes tests/jobs/moving_stats.py (debiased vs
-float64 at every step with a save/load mid-run, a NaN on one rank skipped,
-recalibrate on uneven and empty batches vs one process, check_consistency
-flagging a hand-altered moving mean), and the tests here also check that
-every rank ends with bit-identical statistics.
+"""Moving statistics on real processes, for every backend.
+
+The world launches of helpers.WORLD_LAUNCHES that run the `moving` check
+(tests/jobs/moving_stats.py: debiased vs float64 at every step with a
+save/load mid-run, a NaN on one rank skipped, recalibrate on uneven and
+empty batches vs one process, check_consistency flagging a hand-altered
+moving mean) on every rank; the tests here also check that every rank ends
+with bit-identical statistics. tests/test_moving_statistics.py runs the same
+checks in one process.
 """
 
 import os
 import re
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(TESTS_DIR)
-JOB = os.path.join(TESTS_DIR, "jobs", "moving_stats.py")
-TIMEOUT = 900
-CHECKS = ("debiased", "skip", "recalibrate", "consistency")
+from helpers import JOBS_DIR, output, syncbn_launch, worlds_with
+from jobs import moving_stats
+
+pytestmark = pytest.mark.multiprocess
 
 
-def _launch(backend, num_proc, out):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=os.pathsep.join([TESTS_DIR, REPO]))
-    command = [sys.executable, "-m", "launch", "-np", str(num_proc), "--backend", backend,
-               "--timeout", str(TIMEOUT - 60), "--",
-               sys.executable, JOB, "--backend", backend, "--out", str(out)]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT, env=env)
-
-
-def _check(result, num_proc):
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-5000:]
-    lines = re.findall(r"moving rank=(\d+)/\d+ check=(\w+) (ok|FAIL) ", output)
-    assert sorted(lines) == sorted((str(r), c, "ok") for r in range(num_proc) for c in CHECKS), (
-        lines, output[-5000:])
-    return output
-
-
-@pytest.mark.parametrize("backend,num_proc", [
-    ("mpi", 1), ("mpi", 3), ("horovod", 2), ("horovod", 3), ("tf", 2),
-])
-def test_moving_statistics_on_real_processes(backend, num_proc, tmp_path):
-    output = _check(_launch(backend, num_proc, tmp_path), num_proc)
-    ranks = [dict(np.load(tmp_path / f"rank{r}.npz")) for r in range(num_proc)]
+@pytest.mark.world_checks("moving")
+@pytest.mark.parametrize("name", worlds_with("moving"))
+def test_moving_statistics_on_real_processes(world_launch, name):
+    launch = world_launch(name)
+    num_proc = launch.spec.num_proc
+    per_rank = launch.per_rank("moving")
+    for records in per_rank:
+        assert [r["check"] for r in records] == list(moving_stats.CHECKS), records
+        assert all(r["ok"] for r in records), [r["line"] for r in records if not r["ok"]]
+    ranks = [dict(np.load(os.path.join(launch.out_dir, "moving", f"rank{r}.npz")))
+             for r in range(num_proc)]
     assert set(ranks[0]) >= {"debiased_mean", "skip_mean", "recalibrated_bn2_mean"}
     for other in ranks[1:]:
         for key, value in ranks[0].items():
             np.testing.assert_array_equal(other[key], value, err_msg=key)
     assert all(np.all(np.isfinite(r["skip_mean"])) for r in ranks)
-    if num_proc > 1:
-        # The NaN was on the last rank only, and every rank skipped the step.
-        assert output.count("skipped_steps=1") == num_proc
+    # The NaN was on the last rank only, and every rank skipped the step.
+    skips = [r["line"] for records in per_rank for r in records if r["check"] == "skip"]
+    assert all("skipped_steps=1" in line for line in skips) and len(skips) == num_proc, skips
 
 
-CHECKPOINT_JOB = os.path.join(TESTS_DIR, "jobs", "consistent_checkpoint.py")
+CHECKPOINT_JOB = os.path.join(JOBS_DIR, "consistent_checkpoint.py")
 
 
-@pytest.mark.parametrize("diverge", [False, True])
-def test_consistent_checkpoint_refuses_to_save_from_diverged_replicas(diverge, tmp_path):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=os.pathsep.join([TESTS_DIR, REPO]))
-    command = [sys.executable, "-m", "launch", "-np", "2", "--backend", "horovod",
-               "--timeout", str(TIMEOUT - 60), "--", sys.executable, CHECKPOINT_JOB,
-               "--dir", str(tmp_path)] + (["--diverge"] if diverge else [])
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT, env=env)
-    output = result.stdout + result.stderr
-    assert (tmp_path / "epoch1.keras").exists(), output[-4000:]
-    if not diverge:
-        assert result.returncode == 0, output[-4000:]
-        assert output.count("checks=2") == 2, output[-4000:]
-        assert (tmp_path / "epoch2.keras").exists()
-    else:
-        assert result.returncode != 0
-        raised = re.findall(r"rank=(\d) raised: .*'bn' \(moving_mean differs by 0\.5\)", output)
-        assert sorted(raised) == ["0", "1"], output[-4000:]
-        assert not (tmp_path / "epoch2.keras").exists()
+def test_consistent_checkpoint_refuses_to_save_from_diverged_replicas(tmp_path):
+    # One launch, two fits: replicas that agree save both epochs; then the last
+    # rank alters a moving mean, and every rank refuses the second epoch's save.
+    result = syncbn_launch(2, [sys.executable, CHECKPOINT_JOB, "--dir", str(tmp_path)],
+                           "--backend", "horovod")
+    text = output(result)
+    assert result.returncode == 0, text[-4000:]
+    agreeing, diverged = tmp_path / "agree", tmp_path / "diverge"
+    assert text.count("checks=2") == 2, text[-4000:]
+    assert (agreeing / "epoch1.keras").exists() and (agreeing / "epoch2.keras").exists()
+    raised = re.findall(r"rank=(\d) raised: .*'bn' \(moving_mean differs by 0\.5\)", text)
+    assert sorted(raised) == ["0", "1"], text[-4000:]
+    assert (diverged / "epoch1.keras").exists()
+    assert not (diverged / "epoch2.keras").exists()

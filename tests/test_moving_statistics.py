@@ -1,4 +1,4 @@
-"""Moving statistics (issue #12), in one process: the update math against
+"""Moving statistics in one process: the update math against
 float64 NumPy, the layer contract of the new arguments, non-finite steps,
 recalibrate, PreciseBN and check_consistency. The multi-process runs are in
 tests/test_moving_multiprocess.py.
@@ -19,7 +19,11 @@ import pytest
 import tensorflow as tf
 
 import syncbn
+from jobs import moving_stats
 from syncbn import moving, skip_monitor
+from syncbn.world import create_world
+
+pytestmark = pytest.mark.unit
 
 
 def debiased_reference(batch_stats, momentum):
@@ -458,7 +462,7 @@ def test_recalibrate_with_mirrored_strategy_matches_one_process(mirrored_strateg
 
 
 def test_cold_start_figure_keras_ema_vs_debiased_vs_recalibrate(capsys):
-    """The issue's figure: 10 steps at momentum 0.999 on data with mean 5 and variance 4."""
+    """The README's figure: 10 steps at momentum 0.999 on data with mean 5 and variance 4."""
     data = batches(10, rows=256, channels=4, mean=5.0, std=2.0, seed=10)
     errors = {}
     for name in ["keras", "debiased", "recalibrate"]:
@@ -548,3 +552,13 @@ def test_debiased_conversion_without_gamma_or_beta(center, scale):
     np.testing.assert_allclose(layer.moving_mean.numpy(), x.mean(0), rtol=1e-5)  # t = 1
     exported = syncbn.convert(synced, to="local")
     np.testing.assert_array_equal(exported.get_layer("bn").moving_mean.numpy(), layer.moving_mean.numpy())
+
+
+def test_the_multiprocess_checks_pass_with_one_replica(tmp_path):
+    # tests/jobs/moving_stats.py's checks, which tests/test_moving_multiprocess.py runs
+    # on real ranks, here in this process: one replica, layers of communicator="local".
+    records = moving_stats.run_checks(create_world("local"), out=str(tmp_path))
+    assert [r["check"] for r in records] == list(moving_stats.CHECKS)
+    assert all(r["ok"] for r in records), [r["line"] for r in records if not r["ok"]]
+    saved = np.load(tmp_path / "rank0.npz")
+    assert np.all(np.isfinite(saved["skip_mean"]))

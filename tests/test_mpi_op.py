@@ -11,6 +11,8 @@ import pytest
 
 from syncbn.collectives import mpi_op
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):

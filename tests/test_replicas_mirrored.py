@@ -11,12 +11,12 @@ import pytest
 import tensorflow as tf
 
 import reference
+from helpers import relative_error
 from jobs import exactness
-from reference import relative_error
 from syncbn import SyncBatchNormalization
 
 # Every test runs on both channels-last kernel sets (conftest.kernels).
-pytestmark = pytest.mark.usefixtures("kernels")
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("kernels")]
 
 COUNTS = [5, 0, 11, 3]
 LAYOUTS = {"2d": ((7,), -1), "nhwc": ((3, 3, 4), -1), "ncw": ((4, 6), 1)}
@@ -33,11 +33,6 @@ OFFSETS = {"near zero": 4.0, "far from zero": 1e4}
 @pytest.fixture(params=sorted(OFFSETS))
 def offset(request):
     return OFFSETS[request.param]
-
-
-@pytest.fixture
-def strategy(mirrored_strategy):
-    return mirrored_strategy
 
 
 def _global_batches(feature_shape, seed, offset=4.0):
@@ -110,7 +105,8 @@ def _make_layer(strategy, feature_shape, axis, **kwargs):
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_uneven_replicas_match_one_layer_on_global_batch(strategy, layout, offset):
+def test_uneven_replicas_match_one_layer_on_global_batch(mirrored_strategy, layout, offset):
+    strategy = mirrored_strategy
     feature_shape, axis = LAYOUTS[layout]
     layer = _make_layer(strategy, feature_shape, axis)
     batches = _global_batches(feature_shape, seed=len(layout), offset=offset)
@@ -133,7 +129,8 @@ def test_uneven_replicas_match_one_layer_on_global_batch(strategy, layout, offse
             assert relative_error(copy.numpy(), expected) < TOLERANCE, name
 
 
-def test_group_size_two_syncs_within_consecutive_pairs(strategy):
+def test_group_size_two_syncs_within_consecutive_pairs(mirrored_strategy):
+    strategy = mirrored_strategy
     feature_shape, axis = LAYOUTS["2d"]
     layer = _make_layer(strategy, feature_shape, axis, group_size=2)
     batches = _global_batches(feature_shape, seed=11)
@@ -153,7 +150,8 @@ def test_group_size_two_syncs_within_consecutive_pairs(strategy):
             assert relative_error(copies[r].numpy(), want_moving["moving_variance"]) < TOLERANCE
 
 
-def test_auto_detects_tf_distribute_inside_replica_context(strategy):
+def test_auto_detects_tf_distribute_inside_replica_context(mirrored_strategy):
+    strategy = mirrored_strategy
     from syncbn import collectives
 
     @tf.function

@@ -1,7 +1,7 @@
 """Real Slurm: srun, sbatch and salloc on a simulated cluster of 2 nodes (launch/slurm.py).
 
 Every command runs on the login node of the session's cluster
-(`slurm_cluster`, tests/conftest.py), as a user would. Every task pays
+(`slurm_conf`, tests/conftest.py), as a user would. Every task pays
 TensorFlow's start-up, so one batch job (the `steps` fixture, submitted once)
 runs most tests' commands as steps, one after the other, each with a task on
 each node, and the tests read each step's exit code and output:
@@ -29,18 +29,20 @@ and munge (.ci/bootstrap.sh installs them); nothing is skipped.
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
 
 import pytest
 
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(TESTS_DIR)
-EXACTNESS = os.path.join(TESTS_DIR, "jobs", "exactness.py")
-FAULT_JOB = os.path.join(TESTS_DIR, "jobs", "fault_job.py")
-NO_WORLD = os.path.join(TESTS_DIR, "jobs", "no_world.py")
-ERROR_FILE_JOB = os.path.join(TESTS_DIR, "launch_jobs", "error_file_job.py")
+from helpers import JOBS_DIR, LAUNCH_JOBS_DIR, REPO, exactness_job, launcher, output, run
+
+pytestmark = pytest.mark.multiprocess
+
+FAULT_JOB = os.path.join(JOBS_DIR, "fault_job.py")
+NO_WORLD = os.path.join(JOBS_DIR, "no_world.py")
+ERROR_FILE_JOB = os.path.join(LAUNCH_JOBS_DIR, "error_file_job.py")
 SBATCH_EXAMPLE = os.path.join(REPO, "examples", "slurm_train.sbatch")
 JOB_TIMEOUT = 1200
 STEP_TIMEOUT = 300
@@ -49,25 +51,29 @@ PY = sys.executable
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                 "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 TASKS = 2  # one per node: every step crosses nodes, and no task waits for a core
-COUNTS = "5,0"  # uneven, and rank 1 empty: it must still join every sum
-EXACTNESS_ARGS = f"--counts {COUNTS} --layouts 2d,nhwc --steps 2"
+
+
+def exactness(backend):
+    """tests/jobs/exactness.py's command line: uneven batches, rank 1's empty, 2 layouts."""
+    return shlex.join(exactness_job(backend, TASKS))
+
+
 # --overlap: a step need not wait until Slurm has released the CPUs of the step
 # before it, which a step that was cancelled (MPI_Abort) holds for a while.
 SRUN = f"srun --overlap -N2 -n{TASKS}"
-LAUNCH = f"{PY} -m launch -np {TASKS}"
+LAUNCH = shlex.join(launcher("-np", str(TASKS)))
 
 # The batch job's steps: name -> command, run in this order, but for the
 # BACKGROUND ones, which start first and run beside the others.
 STEPS = {
     "plain_python": f"{PY} {NO_WORLD}",
-    "pmix_auto": f"{SRUN} --mpi=pmix {PY} {EXACTNESS} --backend auto {EXACTNESS_ARGS}",
-    "pmix_horovod": f"{SRUN} --mpi=pmix {PY} {EXACTNESS} --backend horovod {EXACTNESS_ARGS}",
+    "pmix_auto": f"{SRUN} --mpi=pmix {exactness('auto')}",
+    "pmix_horovod": f"{SRUN} --mpi=pmix {exactness('horovod')}",
     "pmix_check": f"{SRUN} --mpi=pmix {PY} -m syncbn.check --rounds 1",
     "pmi2": f"{SRUN} --mpi=pmi2 {PY} {NO_WORLD}",
     "no_pmi": f"{SRUN} --mpi=none --label {PY} {NO_WORLD} --check",
-    "launch_tf": f"{LAUNCH} --backend tf --tf-mpi no -v -- "
-                 f"{PY} {EXACTNESS} --backend tf {EXACTNESS_ARGS}",
-    "launch_mpi": f"{LAUNCH} --backend mpi -- {PY} {EXACTNESS} --backend mpi {EXACTNESS_ARGS}",
+    "launch_tf": f"{LAUNCH} --backend tf --tf-mpi no -v -- {exactness('tf')}",
+    "launch_mpi": f"{LAUNCH} --backend mpi -- {exactness('mpi')}",
     "launch_error_files": f"{LAUNCH} --backend tf --tf-mpi no -- "
                           f"{PY} {ERROR_FILE_JOB} raise error-file-barrier",
     # A killed task ends the step at once with --kill-on-bad-exit=1 (as docs/clusters.md
@@ -94,34 +100,33 @@ mkdir error-file-barrier
 """
 
 
-def login(env, argv, cwd, timeout=JOB_TIMEOUT):
+def login(slurm_conf, argv, cwd, timeout=JOB_TIMEOUT):
     """Runs `argv` on the login node; returns (exit code, stdout + stderr)."""
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=cwd,
-                            env=env)
-    return result.returncode, result.stdout + result.stderr
+    result = run(argv, timeout=timeout, cwd=cwd, SLURM_CONF=slurm_conf)
+    return result.returncode, output(result)
 
 
-def sbatch(env, script, directory, *options):
+def sbatch(slurm_conf, script, directory, *options):
     """Submits `script` and waits for its end; returns (state, exit code, output file's text).
 
     Polls `scontrol show job`: `sbatch --wait` polls at growing intervals, and
     can return half a minute after the job's end.
     """
-    output = directory / "job.out"
-    code, text = login(env, ["sbatch", "--parsable", f"--output={output}", *options,
+    job_out = directory / "job.out"
+    code, text = login(slurm_conf, ["sbatch", "--parsable", f"--output={job_out}", *options,
                              str(script)], directory)
     assert code == 0, text
     job_id = text.strip().split(";")[0]
     deadline = time.monotonic() + JOB_TIMEOUT
     while True:
-        _, info = login(env, ["scontrol", "show", "job", "-o", job_id], directory)
+        _, info = login(slurm_conf, ["scontrol", "show", "job", "-o", job_id], directory)
         fields = dict(word.split("=", 1) for word in info.split() if "=" in word)
         if fields.get("JobState") in FINAL_STATES:
             break
         assert time.monotonic() < deadline, f"job {job_id} still {fields.get('JobState')}"
         time.sleep(0.5)
     return (fields["JobState"], fields.get("ExitCode"),
-            output.read_text(errors="replace") if output.exists() else "")
+            job_out.read_text(errors="replace") if job_out.exists() else "")
 
 
 class Steps:
@@ -142,20 +147,20 @@ class Steps:
 
     def __call__(self, name):
         """(exit code, output) of step `name`."""
-        output = "".join(f"{text}\n" for _, text in self.timed_lines(name)[:-1])
-        return int((self.directory / f"{name}.rc").read_text()), output
+        text = "".join(f"{line}\n" for _, line in self.timed_lines(name)[:-1])
+        return int((self.directory / f"{name}.rc").read_text()), text
 
 
 @pytest.fixture(scope="module")
-def steps(slurm_cluster, tmp_path_factory):
+def steps(slurm_conf, tmp_path_factory):
     directory = tmp_path_factory.mktemp("slurm-steps")
     script = directory / "steps.sbatch"
     order = [*BACKGROUND, *(name for name in STEPS if name not in BACKGROUND)]
     script.write_text(STEPS_SCRIPT.format(timeout=STEP_TIMEOUT) + "".join(
         f"step {name} {STEPS[name]}{' &' if name in BACKGROUND else ''}\n" for name in order)
         + "wait\n")
-    state, exit_code, output = sbatch(slurm_cluster, script, directory, f"--chdir={directory}")
-    assert (state, exit_code) == ("COMPLETED", "0:0"), output[-4000:]
+    state, exit_code, text = sbatch(slurm_conf, script, directory, f"--chdir={directory}")
+    assert (state, exit_code) == ("COMPLETED", "0:0"), text[-4000:]
     return Steps(directory)
 
 
@@ -175,11 +180,11 @@ def check_exactness(output, layouts=2, kernel=None):
 
 # --- the cluster ------------------------------------------------------------------------------
 
-def test_cluster_is_up_and_expands_node_lists_with_slurms_own_parser(slurm_cluster, tmp_path):
-    code, text = login(slurm_cluster, ["sinfo", "-h", "-N", "-o", "%N %T"], tmp_path)
+def test_cluster_is_up_and_expands_node_lists_with_slurms_own_parser(slurm_conf, tmp_path):
+    code, text = login(slurm_conf, ["sinfo", "-h", "-N", "-o", "%N %T"], tmp_path)
     assert (code, text.split()) == (0, ["node0", "idle", "node1", "idle"]), text
     # syncbn-launch expands SLURM_JOB_NODELIST with `scontrol show hostnames`.
-    code, text = login(slurm_cluster, ["scontrol", "show", "hostnames", "gpu[01-03,7],cpu-a[9-10]"],
+    code, text = login(slurm_conf, ["scontrol", "show", "hostnames", "gpu[01-03,7],cpu-a[9-10]"],
                        tmp_path)
     assert code == 0, text
     assert text.split() == ["gpu01", "gpu02", "gpu03", "gpu7", "cpu-a9", "cpu-a10"]
@@ -293,9 +298,9 @@ def test_fault_ends_the_srun_step_within_the_timeout_and_names_the_task(steps, f
 
 # --- sbatch, and the launcher's own cluster -------------------------------------------------
 
-def test_sbatch_example_trains_synchronized_and_exact(slurm_cluster, tmp_path):
+def test_sbatch_example_trains_synchronized_and_exact(slurm_conf, tmp_path):
     # The example as users submit it, on one task per node instead of its two.
-    state, exit_code, output = sbatch(slurm_cluster, SBATCH_EXAMPLE, tmp_path,
+    state, exit_code, output = sbatch(slurm_conf, SBATCH_EXAMPLE, tmp_path,
                                       "--ntasks-per-node=1")
     assert (state, exit_code) == ("COMPLETED", "0:0"), output[-4000:]
     assert sorted(re.findall(rf"^task (\d)/{TASKS}: moving mean", output, re.M)) == ["0", "1"]
@@ -308,15 +313,14 @@ def test_sbatch_example_trains_synchronized_and_exact(slurm_cluster, tmp_path):
 def test_launcher_with_a_cluster_leaves_nothing_behind(tmp_path):
     # `syncbn-launch --simulate-hosts 2 --slurm`: the command runs on the login node
     # beside the cluster, and when it ends, daemons, directories and namespaces go.
-    env = {**os.environ, "PYTHONPATH": REPO}
-    env.pop("SLURM_CONF", None)
     mpi_size = f"{PY} -c 'from mpi4py import MPI; print(\"size\", MPI.COMM_WORLD.Get_size())'"
-    code, output = login(env, [PY, "-m", "launch", "--simulate-hosts", "2", "--slurm", "--",
-                               "sh", "-c", 'echo "launcher=$PPID conf=$SLURM_CONF"; '
-                               f"srun -N2 -n2 --mpi=pmix {mpi_size}; exit 3"], tmp_path)
-    assert code == 3, output  # the command's own exit code
-    assert output.count("size 2") == 2, output
-    launcher_pid, conf = re.search(r"launcher=(\d+) conf=(\S+)", output).groups()
+    result = run(launcher("--simulate-hosts", "2", "--slurm", "--", "sh", "-c",
+                          'echo "launcher=$PPID conf=$SLURM_CONF"; '
+                          f"srun -N2 -n2 --mpi=pmix {mpi_size}; exit 3"), cwd=tmp_path)
+    text = output(result)
+    assert result.returncode == 3, text  # the command's own exit code
+    assert text.count("size 2") == 2, text
+    launcher_pid, conf = re.search(r"launcher=(\d+) conf=(\S+)", text).groups()
     assert not os.path.exists(os.path.dirname(conf)), conf
     namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert f"sbn-{launcher_pid}-" not in namespaces, namespaces
@@ -324,4 +328,3 @@ def test_launcher_with_a_cluster_leaves_nothing_behind(tmp_path):
     daemons = subprocess.run(["pgrep", "-af", os.path.dirname(conf)], capture_output=True,
                              text=True).stdout
     assert daemons == "", daemons
-

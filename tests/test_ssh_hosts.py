@@ -29,8 +29,10 @@ from launch.hosts import Host, assign_ranks
 from launch.netns import SimulatedNetwork, mpi_session_base, namespace_pids, remove_stale
 from launch.netns_ssh import SSH_PORT, SimulatedSsh, known_hosts_line, sshd_config
 from launch.placement import Placement
-from test_launch_jobs import (BACKEND_ARGS, BACKENDS, JOB_SCRIPTS, REPO, RunningLauncher,
-                              hang_job, launcher, processes_with, wait_for_no_processes)
+from helpers import (BACKEND_ARGS, BACKENDS, REPO, RunningLauncher, exactness_job, hang_job,
+                     launcher, processes_with, wait_for_no_processes)
+
+pytestmark = pytest.mark.multiprocess
 
 JOB_TIMEOUT = 300
 # Each rank says which sshd session it runs in (sshd sets SSH_CONNECTION), then
@@ -137,7 +139,7 @@ def test_exactness_across_two_hosts_over_ssh(backend, tmp_path):
     pid, result = run_launcher(
         "-np", "4", "--simulate-hosts", "2", "--ssh", *BACKEND_ARGS[backend],
         "-x", "TF_CPP_MIN_LOG_LEVEL", "--timeout", "250", "--output-dir", str(tmp_path), "--",
-        *SAY_SESSION, *JOB_SCRIPTS["exactness"](backend, 4))
+        *SAY_SESSION, *exactness_job(backend, 4))
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "sshd on port 2222 in every simulated host" in result.stderr
@@ -261,7 +263,7 @@ def test_launcher_with_hosts_reaches_remote_machines_over_ssh(cluster, backend, 
         sys.executable, "-m", "launch", "-np", "4", "-H", compute_hosts(cluster),
         "--ssh-port", str(SSH_PORT), "--ssh-identity-file", servers.identity_file,
         *BACKEND_ARGS[backend], "-x", "TF_CPP_MIN_LOG_LEVEL", "--timeout", "250",
-        "--output-dir", str(tmp_path), "--", *SAY_SESSION, *JOB_SCRIPTS["exactness"](backend, 4)])
+        "--output-dir", str(tmp_path), "--", *SAY_SESSION, *exactness_job(backend, 4)])
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     check_exactness_logs(tmp_path, 4, output)
@@ -271,7 +273,7 @@ def test_launcher_with_hosts_reaches_remote_machines_over_ssh(cluster, backend, 
 @pytest.mark.parametrize("controller", ["--mpi", "--gloo"])
 def test_horovodrun_with_hosts_over_ssh(cluster, controller):
     _, servers = cluster
-    job = JOB_SCRIPTS["exactness"]("horovod", 4)
+    job = exactness_job("horovod", 4)
     result = on_head_node(cluster, [
         "horovodrun", "-np", "4", "-H", compute_hosts(cluster), controller,
         "--ssh-port", str(SSH_PORT), "--ssh-identity-file", servers.identity_file,

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from reference import relative_error
+from helpers import relative_error
 from syncbn import stats
+
+pytestmark = pytest.mark.unit
 
 
 def _simulated_global_moments(chunks, axes):

@@ -10,6 +10,8 @@ import tensorflow as tf
 import syncbn
 from syncbn import world
 
+pytestmark = pytest.mark.unit
+
 
 def _tf_config(workers, index, chief=False):
     cluster = {"worker": [f"h{i}:1" for i in range(workers)]}

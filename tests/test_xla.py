@@ -21,6 +21,8 @@ from syncbn.world import several_processes
 
 from jobs.xla_compile import fake_gpu_devices
 
+pytestmark = pytest.mark.unit
+
 
 def _compiled(layer, jit_compile, strategy=None):
     scope = strategy.scope() if strategy is not None else contextlib.nullcontext()

@@ -8,10 +8,10 @@
 - Gloo (horovod/runner/gloo_run.py): the launcher runs Horovod's own
   `RendezvousServer`, initialised with the slot plan from Horovod's
   `get_host_assignments`; each rank gets the `HOROVOD_*` variables of its slot.
-  BN statistics then travel through Horovod's queue, so the cycle defaults to
-  0.1 ms.
+  BN statistics then travel through Horovod's queue, so `syncbn.init_horovod()`
+  shortens the cycle to 0.1 ms (`HOROVOD_CONTROLLER=gloo` tells it).
 
-`--horovod-cycle-time` overrides the cycle for either. Horovod is imported here
+`--horovod-cycle-time` sets the cycle for either. Horovod is imported here
 only, when this backend is chosen.
 """
 
@@ -31,7 +31,6 @@ from launch.environment import horovod_env
 logger = logging.getLogger("launch")
 CONTROLLERS = ("auto", "mpi", "gloo")
 # Measured with bench/sync_step.py; see the README's performance section.
-DEFAULT_GLOO_CYCLE_TIME_MS = 0.1
 _PROBE = "import horovod.tensorflow as hvd; print(int(hvd.mpi_built()))"
 
 
@@ -160,8 +159,7 @@ class HorovodBackend(Backend):
                 rendezvous_addr=placement.launcher_address,
                 rendezvous_port=port,
                 iface=placement.iface,
-                cycle_time_ms=(DEFAULT_GLOO_CYCLE_TIME_MS if self.cycle_time_ms is None
-                               else self.cycle_time_ms),
+                cycle_time_ms=self.cycle_time_ms,
             )
 
         return rank_workers(placement, backend_env, os.environ)

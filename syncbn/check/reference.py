@@ -73,11 +73,14 @@ def moving_average(moving, batch_value, momentum):
 def relative_error(actual, expected):
     """`max |actual - expected| / max |expected|`: one number per pair of arrays.
 
+    A NaN or an infinity on either side gives `inf`, so that it fails every
+    tolerance: a NaN compares as neither above nor below one.
+
     Example:
         >>> round(relative_error([1.0, 2.001], [1.0, 2.0]), 6)
         0.0005
-        >>> relative_error([float("nan")], [1.0])
-        inf
+        >>> relative_error([float("nan")], [1.0]), relative_error([1.0], [float("nan")])
+        (inf, inf)
     """
     actual = np.asarray(actual, np.float64)
     expected = np.asarray(expected, np.float64)
@@ -88,7 +91,7 @@ def relative_error(actual, expected):
         )
     if expected.size == 0:
         return 0.0
-    if not np.all(np.isfinite(actual)):
-        return float("inf")  # NaN would compare as "within tolerance"
+    if not (np.all(np.isfinite(actual)) and np.all(np.isfinite(expected))):
+        return float("inf")
     scale = max(float(np.max(np.abs(expected))), np.finfo(np.float64).tiny)
     return float(np.max(np.abs(actual - expected)) / scale)

@@ -139,6 +139,14 @@ class SyncBatchNormalizationBase:
         """The mode of a call with `training=None`: inference, as in Keras 3."""
         return False
 
+    def _moving_variance_is_unbiased(self):
+        """True if the moving variance averages the Bessel-corrected batch variance.
+
+        Keras 3 averages the biased variance; tf_keras's layer averages the
+        corrected one wherever it runs fused kernels. Known once built.
+        """
+        return False
+
     def __init__(
         self,
         axis=-1,
@@ -374,6 +382,8 @@ class SyncBatchNormalizationBase:
 
     def _update_moving_statistics(self, outputs, mean, variance, count):
         """Assigns the moving statistics after a step (syncbn/moving.py); returns `outputs`."""
+        if self._moving_variance_is_unbiased():
+            variance = moving.unbiased_variance(variance, count)
         if self._statistics_recorder is not None:  # syncbn.recalibrate: record, update nothing
             self._statistics_recorder(mean, variance, tf.convert_to_tensor(count, tf.float32))
             return outputs

@@ -19,9 +19,13 @@ prints one result line per rank and exits 1 on a mismatch.
 """
 
 import argparse
+import os
 import sys
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from jobs.common import open_world, say  # noqa: E402
 
 IMAGE_SHAPE = (8, 8, 3)
 NUM_OUTPUTS = 4
@@ -98,19 +102,21 @@ def relative_difference(value, reference):
     return float(np.max(np.abs(value - reference))) / scale
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def run_check(world, counts=None, steps=3, learning_rate=0.1, tolerance=1e-4):
+    """Trains the converted model on this rank of `world` (Horovod's); returns one record.
+
+    The record holds the printed line and `ok`.
+    """
     import keras
     import tensorflow as tf
 
     import syncbn
 
-    hvd = syncbn.init_horovod()
-    rank, size = hvd.rank(), hvd.size()
-    counts = ([int(c) for c in args.counts.split(",")] if args.counts
-              else [(5, 2)[r % 2] for r in range(size)])
+    hvd = world.hvd
+    rank, size = world.process_rank, world.num_processes
+    counts = list(counts) if counts else [(5, 2)[r % 2] for r in range(size)]
     if len(counts) != size:
-        raise ValueError(f"Argument `--counts` needs {size} entries. Received: --counts={args.counts}")
+        raise ValueError(f"Argument `counts` needs {size} entries. Received: counts={counts}")
     start = sum(counts[:rank])
     total = sum(counts)
 
@@ -121,13 +127,13 @@ def main(argv=None):
                  for layer in original._flatten_layers())
     num_sync = sum(isinstance(layer, syncbn.SyncBatchNormalization)
                    for layer in converted._flatten_layers())
+    failures = []
     if num_sync != num_bn or len(converted.syncbn_converted_layers) != num_bn:
-        print(f"rank {rank}: converted {num_sync} of {num_bn} BatchNormalization layers", flush=True)
-        return 1
+        failures.append(f"converted {num_sync} of {num_bn} BatchNormalization layers")
 
-    batches = global_batches(original.input_shape[1:], total, args.steps)
-    reference_optimizer = keras.optimizers.SGD(args.learning_rate)
-    converted_optimizer = keras.optimizers.SGD(args.learning_rate)
+    batches = global_batches(original.input_shape[1:], total, steps)
+    reference_optimizer = keras.optimizers.SGD(learning_rate)
+    converted_optimizer = keras.optimizers.SGD(learning_rate)
 
     @tf.function
     def reference_step(x, y):
@@ -153,10 +159,9 @@ def main(argv=None):
         reference_step(x, y)
         converted_step(x[start:start + counts[rank]], y[start:start + counts[rank]])
 
-    failures = []
     # Same moving statistics and weights on every rank, bit for bit.
     flat = np.concatenate([np.ravel(w) for w in converted.get_weights()]).astype(np.float32)
-    gathered = hvd.allgather(tf.constant(flat[None, :]), name="gather_weights").numpy()
+    gathered = world.gather_per_process(flat)
     across_ranks = float(np.max(np.abs(gathered - gathered[0])))
     if across_ranks != 0.0:
         failures.append(f"weights differ across ranks by {across_ranks:.3g}")
@@ -174,9 +179,9 @@ def main(argv=None):
                         zip(converted.get_weights(), original.get_weights()))
     moved = max(relative_difference(converted_stats[k], np.full_like(converted_stats[k],
                 float("moving_variance" in k))) for k in converted_stats)
-    if stats_error > args.tolerance:
+    if not stats_error <= tolerance:
         failures.append(f"moving statistics differ from the reference by {stats_error:.3g}")
-    if weights_error > args.tolerance:
+    if not weights_error <= tolerance:
         failures.append(f"weights differ from the reference by {weights_error:.3g}")
     if moved == 0.0:
         failures.append("moving statistics never moved from their initial values")
@@ -184,15 +189,21 @@ def main(argv=None):
     status = "OK" if not failures else "MISMATCH: " + "; ".join(failures)
     from syncbn.collectives.horovod import horovod_communicator
 
-    # One write per line: under plain mpirun (unbuffered), print's separate write of
-    # the newline let the other rank's line land in between.
-    sys.stdout.write(
-        f"convert_train_step rank={rank} size={size} counts={counts} "
-        f"kernel={horovod_communicator().kernel} "
-        f"steps={args.steps} bn_converted={num_sync} across_ranks_max_abs={across_ranks:.3g} "
-        f"moving_stats_rel_err={stats_error:.3g} weights_rel_err={weights_error:.3g} {status}\n")
-    sys.stdout.flush()
-    return 0 if not failures else 1
+    line = (f"convert_train_step rank={rank} size={size} counts={counts} "
+            f"kernel={horovod_communicator().kernel} "
+            f"steps={steps} bn_converted={num_sync} across_ranks_max_abs={across_ranks:.3g} "
+            f"moving_stats_rel_err={stats_error:.3g} weights_rel_err={weights_error:.3g} {status}")
+    say(line)
+    return {"line": line, "ok": not failures}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    world = open_world("horovod")
+    record = run_check(world, [int(c) for c in args.counts.split(",")] if args.counts else None,
+                       args.steps, args.learning_rate, args.tolerance)
+    world.barrier()
+    return 0 if record["ok"] else 1
 
 
 if __name__ == "__main__":

@@ -4,30 +4,76 @@ Run one copy per rank (horovodrun, mpirun, syncbn-launch, or processes with a
 TF_CONFIG each). Every rank builds the same global batches from a seed, takes
 its own slice (`--counts`, one entry per rank, zeros allowed), and runs
 several training steps of a SyncBatchNormalization layer. It then runs one
-`keras.layers.BatchNormalization` on the whole global batch itself and
+`tf.keras.layers.BatchNormalization` on the whole global batch itself and
 compares, for its own slice: outputs, input gradients, its share of the
 gamma/beta gradients (their sum over ranks is the global gradient) and the
-moving statistics after every step. With `--offset`, the data has that mean
-and std 1, and the reference is float64 NumPy instead (Keras's float32
-layer cancels there).
+moving statistics after every step. Under `TF_USE_LEGACY_KERAS=1` both
+layers are tf_keras's (`syncbn.SyncBatchNormalization` follows `tf.keras`).
+With `--offset`, the data has that mean and std 1, and the reference is
+float64 NumPy instead (Keras's float32 layer cancels there).
 
 It prints one line per layout with the largest relative errors and exits 1
 if any exceeds `--tolerance`. With `--out DIR` it also saves its results as
 `DIR/rank<R>.<layout>.npz` for a test to combine across ranks.
 
     horovodrun -np 3 --gloo python tests/jobs/exactness.py --backend horovod --counts 4,0,7
+
+`run_case` runs one `Case` in a world that is already set up
+(`syncbn.world.create_world`); tests/jobs/world_checks.py runs several in one
+launch.
 """
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import sys
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from jobs.common import WORLDS, open_world, say  # noqa: E402
+from syncbn.check.reference import relative_error  # noqa: E402
+
 LAYOUTS = {"2d": ((6,), -1), "nhwc": ((3, 3, 5), -1), "ncw": ((4, 5), 1)}
 MOMENTUM = 0.7
 EPSILON = 1e-3
+NAMES = ["y", "dx", "dgamma", "dbeta", "moving_mean", "moving_variance"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One exactness run: layouts, per-rank batch sizes and how the layer is set up.
+
+    Attributes:
+        name: names the case in the output lines and its `out` directory.
+        layouts: keys of `LAYOUTS`.
+        counts: rows per rank, zeros allowed; None: 4, 0, 7 cycled.
+        steps: training steps.
+        offset: the data's mean (std 1); 0: mean 2, std 3, against Keras's
+            layer, else against float64 NumPy.
+        group_size: the layer's `group_size`.
+        tolerance: the largest relative error that passes.
+        kernels: `SYNCBN_KERNELS` while the step is traced; None leaves it.
+        communicator: the layer's `communicator`; None: the world's own.
+    """
+
+    name: str = "exactness"
+    layouts: tuple = ("2d", "nhwc", "ncw")
+    counts: tuple = None
+    steps: int = 3
+    offset: float = 0.0
+    group_size: int = None
+    tolerance: float = 2e-4
+    kernels: str = None
+    communicator: str = None
+
+    def counts_for(self, world_size):
+        counts = self.counts or tuple((4, 0, 7)[i % 3] for i in range(world_size))
+        if len(counts) != world_size:
+            raise ValueError(f"Argument `counts` needs one entry per rank ({world_size}). "
+                             f"Received: counts={counts}")
+        return list(counts)
 
 
 def global_batches(layout, counts, steps, offset, seed=1234):
@@ -56,8 +102,9 @@ def initial_weights(layout):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", choices=["horovod", "mpi", "tf", "auto"], default="auto",
-                        help="how ranks are set up; 'auto' uses syncbn's detection (default)")
+    parser.add_argument("--backend", choices=[*WORLDS, "auto"], default="auto",
+                        help="how ranks are set up; 'auto': from the launcher's environment "
+                             "(syncbn.world), with layers of communicator='auto' (default)")
     parser.add_argument("--counts", default=None,
                         help="per-rank batch sizes, e.g. 4,0,7 (default: 4,0,7,... cycled)")
     parser.add_argument("--layouts", default="2d,nhwc,ncw")
@@ -67,31 +114,6 @@ def parse_args(argv=None):
     parser.add_argument("--tolerance", type=float, default=2e-4)
     parser.add_argument("--out", default=None)
     return parser.parse_args(argv)
-
-
-def setup_backend(backend, group_size):
-    """Returns `(rank, world_size, communicator, strategy_or_None)`."""
-    if backend == "auto":
-        horovod = "HOROVOD_RANK" in os.environ or "HOROVOD_CONTROLLER" in os.environ
-        backend = "horovod" if horovod else (
-            "tf" if "TF_CONFIG" in os.environ else "mpi")
-        communicator = "auto"
-    else:
-        communicator = {"horovod": "horovod", "mpi": "mpi", "tf": "tf.distribute"}[backend]
-    if backend == "horovod":
-        import syncbn
-
-        hvd = syncbn.init_horovod(group_size=group_size)
-        return hvd.rank(), hvd.size(), communicator, None
-    if backend == "mpi":
-        from mpi4py import MPI
-
-        return MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size(), communicator, None
-    import tensorflow as tf
-
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    resolver = strategy.cluster_resolver
-    return resolver.task_id, strategy.num_replicas_in_sync, communicator, strategy
 
 
 def layer_gradients(layer, x, dy):
@@ -128,12 +150,11 @@ def run_synced(layer, batches, lo, hi, strategy):
 
 
 def run_reference(layout, batches, lo, hi):
-    """Keras BatchNormalization on the global batch, restricted to this rank's rows."""
-    import keras
+    """tf.keras's BatchNormalization on the global batch, restricted to this rank's rows."""
     import tensorflow as tf
 
     feature_shape, axis = LAYOUTS[layout]
-    layer = keras.layers.BatchNormalization(axis=axis, momentum=MOMENTUM, epsilon=EPSILON)
+    layer = tf.keras.layers.BatchNormalization(axis=axis, momentum=MOMENTUM, epsilon=EPSILON)
     layer.build((None,) + feature_shape)
     layer.set_weights(initial_weights(layout))
     gamma, beta = layer.gamma.numpy(), layer.beta.numpy()
@@ -160,7 +181,6 @@ def run_float64_reference(layout, batches, lo, hi):
     Used for data far from zero, where Keras's own float32 BatchNormalization
     is not accurate enough to be the reference.
     """
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import reference
 
     _, axis = LAYOUTS[layout]
@@ -187,84 +207,100 @@ def _channel_shape(ndim, axis):
     return shape
 
 
-def relative_error(actual, expected):
-    if np.asarray(expected).size == 0:
-        return 0.0
-    scale = max(float(np.max(np.abs(expected))), 1e-12)
-    return float(np.max(np.abs(np.asarray(actual, np.float64) - expected)) / scale)
+@contextlib.contextmanager
+def kernels_set(kernels):
+    """`SYNCBN_KERNELS=kernels` while the block runs (None: as it is)."""
+    if kernels is None:
+        yield
+        return
+    before = os.environ.get("SYNCBN_KERNELS")
+    os.environ["SYNCBN_KERNELS"] = kernels
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["SYNCBN_KERNELS"]
+        else:
+            os.environ["SYNCBN_KERNELS"] = before
 
 
-NAMES = ["y", "dx", "dgamma", "dbeta", "moving_mean", "moving_variance"]
+def run_case(world, case, out=None):
+    """Runs `case` on this rank of `world`; returns one record per layout.
 
-
-def main(argv=None):
-    args = parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    rank, world_size, communicator, strategy = setup_backend(args.backend, args.group_size)
+    Each record holds the line printed for it (`exactness rank=R/W case=...
+    layout=... ok|FAIL ...`), the largest relative error of each quantity
+    and `ok`. With `out`, this rank's results are saved as
+    `out/rank<R>.<layout>.npz` (`<quantity>_<step>` arrays).
+    """
     import tensorflow as tf
 
     import syncbn
     from syncbn import collectives, ops
 
+    rank, world_size = world.process_rank, world.num_processes
+    communicator = case.communicator or world.name  # a World's name is a communicator's
     # Every communicator but local reports what sums (e.g. compiled, mpi-direct).
-    if strategy is None:
-        kernel = collectives.resolve(communicator, args.group_size).kernel
-    else:
-        with strategy.scope():
-            per_replica = strategy.run(
-                lambda: tf.constant(collectives.resolve(communicator, args.group_size).kernel))
-        kernel = strategy.experimental_local_results(per_replica)[0].numpy().decode()
-    counts = [int(c) for c in args.counts.split(",")] if args.counts else [(4, 0, 7)[i % 3] for i in range(world_size)]
-    if len(counts) != world_size:
-        raise ValueError(f"Argument `--counts` needs one entry per rank ({world_size}). Received: --counts={args.counts}")
-    group = args.group_size or world_size
+    with world.scope():
+        kernel = world.in_replica(lambda: collectives.resolve(communicator, case.group_size).kernel)
+    counts = case.counts_for(world_size)
+    group = case.group_size or world_size
     group_start = rank // group * group
     # Each rank's reference is BN over the concatenation of its group's batches.
     group_counts = counts[group_start:group_start + group]
     lo = sum(group_counts[: rank - group_start])
     hi = lo + counts[rank]
-    failures = 0
-    # The channels-last kernels this rank's layers run (syncbn.ops.kernels_for).
-    kernels = ops.kernels_for(tf.zeros([1]))
-    for layout in args.layouts.split(","):
-        feature_shape, axis = LAYOUTS[layout]
-        batches = global_batches(layout, counts, args.steps, args.offset)
-        group_rows = slice(sum(counts[:group_start]), sum(counts[:group_start + group]))
-        batches = [(x[group_rows], dy[group_rows]) for x, dy in batches]
-        scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
-        with scope:
-            layer = syncbn.SyncBatchNormalization(
-                axis=axis, momentum=MOMENTUM, epsilon=EPSILON,
-                communicator=communicator, group_size=args.group_size, name=f"bn_{layout}",
-            )
-            layer.build((None,) + feature_shape)
-            layer.set_weights(initial_weights(layout))
-        got = run_synced(layer, batches, lo, hi, strategy)
-        # Far from zero, Keras's float32 layer is itself inexact (it folds the mean
-        # into an offset, which cancels), so float64 NumPy is the reference there.
-        reference = run_float64_reference if args.offset else run_reference
-        want = reference(layout, batches, lo, hi)
-        errors = {name: max(relative_error(g[i], w[i]) for g, w in zip(got, want))
-                  for i, name in enumerate(NAMES)}
-        worst = {k: v for k, v in errors.items() if v > args.tolerance}
-        failures += bool(worst)
-        summary = " ".join(f"{k}={v:.2e}" for k, v in errors.items())
-        # One write per line, so that lines of different ranks do not interleave.
-        sys.stdout.write(f"exactness rank={rank}/{world_size} layout={layout} rows={hi - lo} "
-                         f"reference={'float64' if args.offset else 'keras'} offset={args.offset:g} "
-                         f"kernel={kernel} kernels={kernels} "
-                         f"{'FAIL' if worst else 'ok'} {summary}\n")
-        sys.stdout.flush()
-        if args.out:
-            os.makedirs(args.out, exist_ok=True)
-            np.savez(os.path.join(args.out, f"rank{rank}.{layout}.npz"),
-                     **{f"{name}_{s}": g[i] for s, g in enumerate(got) for i, name in enumerate(NAMES)})
-    hvd = sys.modules.get("horovod.tensorflow")
-    if hvd is not None and hvd.is_initialized():
-        # A group that finishes first must not shut Horovod down (at exit) while
-        # another group is still using its process set.
-        hvd.allreduce(np.zeros(1, np.float32), name="exactness_done")
-    return 1 if failures else 0
+    records = []
+    with kernels_set(case.kernels):
+        # The channels-last kernels this rank's layers run (syncbn.ops.kernels_for).
+        kernels = ops.kernels_for(tf.zeros([1]))
+        for layout in case.layouts:
+            feature_shape, axis = LAYOUTS[layout]
+            batches = global_batches(layout, counts, case.steps, case.offset)
+            group_rows = slice(sum(counts[:group_start]), sum(counts[:group_start + group]))
+            batches = [(x[group_rows], dy[group_rows]) for x, dy in batches]
+            with world.scope():
+                layer = syncbn.SyncBatchNormalization(
+                    axis=axis, momentum=MOMENTUM, epsilon=EPSILON, communicator=communicator,
+                    group_size=case.group_size, name=f"bn_{case.name}_{layout}")
+                layer.build((None,) + feature_shape)
+                layer.set_weights(initial_weights(layout))
+            got = run_synced(layer, batches, lo, hi, world.strategy)
+            # Far from zero, Keras's float32 layer is itself inexact (it folds the mean
+            # into an offset, which cancels), so float64 NumPy is the reference there.
+            reference = run_float64_reference if case.offset else run_reference
+            want = reference(layout, batches, lo, hi)
+            errors = {name: max(relative_error(g[i], w[i]) for g, w in zip(got, want))
+                      for i, name in enumerate(NAMES)}
+            ok = all(error <= case.tolerance for error in errors.values())
+            summary = " ".join(f"{k}={v:.2e}" for k, v in errors.items())
+            line = (f"exactness rank={rank}/{world_size} case={case.name} layout={layout} "
+                    f"rows={hi - lo} reference={'float64' if case.offset else 'keras'} "
+                    f"offset={case.offset:g} kernel={kernel} kernels={kernels} "
+                    f"{'ok' if ok else 'FAIL'} {summary}")
+            say(line)
+            records.append({"line": line, "case": case.name, "layout": layout, "rows": hi - lo,
+                            "kernel": kernel, "kernels": kernels, "errors": errors, "ok": ok})
+            if out:
+                os.makedirs(out, exist_ok=True)
+                np.savez(os.path.join(out, f"rank{rank}.{layout}.npz"),
+                         **{f"{name}_{s}": g[i] for s, g in enumerate(got)
+                            for i, name in enumerate(NAMES)})
+    return records
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    world = open_world(args.backend, args.group_size)
+    case = Case(layouts=tuple(args.layouts.split(",")),
+                counts=tuple(int(c) for c in args.counts.split(",")) if args.counts else None,
+                steps=args.steps, offset=args.offset, group_size=args.group_size,
+                tolerance=args.tolerance, communicator="auto" if args.backend == "auto" else None)
+    records = run_case(world, case, args.out)
+    # A group that finishes first must not shut its backend down (at exit) while
+    # another group is still summing.
+    world.barrier()
+    return 0 if all(record["ok"] for record in records) else 1
 
 
 if __name__ == "__main__":

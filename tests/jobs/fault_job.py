@@ -21,12 +21,14 @@ forward collectives and before both backward ones.
 """
 
 import argparse
-import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from jobs.common import open_world  # noqa: E402
 
 FAULTS = ("none", "kill", "raise", "stall", "netcut", "shape", "skip")
 CHANNELS = 8
@@ -43,22 +45,6 @@ def parse_args(argv=None):
     parser.add_argument("--marker", default="",
                         help="an unused token that makes the job's processes findable in /proc")
     return parser.parse_args(argv)
-
-
-def setup_backend(backend):
-    """Returns `(rank, communicator, strategy_or_None)`."""
-    if backend == "horovod":
-        import syncbn
-
-        return syncbn.init_horovod().rank(), "horovod", None
-    if backend == "mpi":
-        from mpi4py import MPI
-
-        return MPI.COMM_WORLD.Get_rank(), "mpi", None
-    import tensorflow as tf
-
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    return strategy.cluster_resolver.task_id, "tf.distribute", strategy
 
 
 def inject(fault, rank, faulty):
@@ -112,7 +98,8 @@ def make_step(layers, fault, rank, faulty):
 def main(argv=None):
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    rank, communicator, strategy = setup_backend(args.backend)
+    world = open_world(args.backend)
+    rank, communicator, strategy = world.process_rank, world.name, world.strategy
     import numpy as np
     import tensorflow as tf
 
@@ -123,8 +110,7 @@ def main(argv=None):
     if faulty and args.fault == "shape":
         # tf.distribute meets the mismatch as soon as it broadcasts the weights.
         print(f"rank {rank} injects fault 'shape' when building the layers", flush=True)
-    scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
-    with scope:
+    with world.scope():
         layers = [syncbn.SyncBatchNormalization(communicator=communicator, name=name)
                   for name in ("bn_a", "bn_b")]
         for layer in layers:

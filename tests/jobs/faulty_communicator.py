@@ -8,22 +8,23 @@ that the last replica's tensors are replaced by zeros first: the kind of
 fault a wrong process group or a stale buffer would cause. Every replica then
 normalizes with the statistics of the others only, which the check must
 report as FAIL. The last replica is the last in the tf.distribute replica
-context if there is one, else the last rank (`RANK` = `WORLD_SIZE` - 1, as
-syncbn-launch sets them).
+context if there is one, else the last process of the launcher's job
+(`syncbn.world`).
 """
 
 import os
 
 import tensorflow as tf
 
-from syncbn import collectives
+from syncbn import collectives, world
 
 
 def _is_last_replica():
     context = tf.distribute.get_replica_context()
     if tf.distribute.has_strategy() and context is not None:
         return tf.equal(context.replica_id_in_sync_group, context.num_replicas_in_sync - 1)
-    return tf.constant(int(os.environ["RANK"]) == int(os.environ["WORLD_SIZE"]) - 1)
+    launch = world.launch_from_environment(os.environ)
+    return tf.constant(world.process_rank() == launch.size - 1)
 
 
 class DropLastRank:

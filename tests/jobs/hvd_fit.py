@@ -7,10 +7,12 @@ start identical, `DistributedOptimizer` (Adam) keeps the steps identical,
 `MetricAverage` makes the logs identical, and only rank 0 writes
 checkpoints (named `rank<R>.epoch<E>.keras` so a test can tell who wrote).
 
-At the end each rank saves `OUT/rank<R>.npz` (initial and final model
-weights, optimizer variables) and `OUT/rank<R>.json` (the History).
 `--without broadcast,allreduce,metric_average` switches parts of the glue
-off for negative controls.
+off for negative controls; several runs, one after the other in the same
+processes, are separated by `;` (`--without "none;broadcast"`: the glue
+whole, then without the broadcast). At the end of each run each rank saves
+`OUT/<run>/rank<R>.npz` (initial and final model weights, optimizer variables)
+and `OUT/<run>/rank<R>.json` (the History), `<run>` being its `--without`.
 
     horovodrun -np 2 --gloo python tests/jobs/hvd_fit.py --out /tmp/o --checkpoint-dir /tmp/c
 """
@@ -18,8 +20,12 @@ off for negative controls.
 import argparse
 import json
 import os
+import sys
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from jobs.common import open_world  # noqa: E402
 
 INITIAL_ITERATIONS = 5
 GLUE_PARTS = ("broadcast", "allreduce", "metric_average")
@@ -32,13 +38,16 @@ def parse_args(argv=None):
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--steps-per-epoch", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--without", default="",
-                        help=f"comma-separated parts of the glue to switch off: {GLUE_PARTS}")
+    parser.add_argument("--without", default="none",
+                        help=f"comma-separated parts of the glue to switch off, from {GLUE_PARTS}, "
+                             "or none (default); runs separated by ';'")
     args = parser.parse_args(argv)
-    args.without = {part for part in args.without.split(",") if part}
-    unknown = args.without - set(GLUE_PARTS)
-    if unknown:
-        parser.error(f"--without: unknown parts {sorted(unknown)}; choose from {GLUE_PARTS}")
+    args.runs = args.without.split(";")
+    for run in args.runs:
+        unknown = set(run.split(",")) - set(GLUE_PARTS) - {"none"}
+        if unknown:
+            parser.error(f"Argument `--without` must name parts of {GLUE_PARTS} or none. "
+                         f"Received: --without={args.without!r}")
     return args
 
 
@@ -61,21 +70,20 @@ def make_model(syncbn, keras):
     ])
 
 
-def main():
-    args = parse_args()
+def fit(args, without, out, checkpoint_dir):
+    """One run of `model.fit` with the glue but `without`; saves this rank's results in `out`."""
     import keras
 
     import syncbn
     from syncbn import horovod_keras as hk
 
-    syncbn.init_horovod()
     rank = hk.rank()
     keras.utils.set_random_seed(100 + rank)
     model = make_model(syncbn, keras)
     initial = [w.numpy().copy() for w in model.weights]
 
     optimizer = keras.optimizers.Adam(learning_rate=0.05)
-    if "allreduce" not in args.without:
+    if "allreduce" not in without:
         optimizer = hk.DistributedOptimizer(optimizer)
     model.compile(optimizer=optimizer, jit_compile=False, metrics=["accuracy"],
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -91,11 +99,11 @@ def main():
             variable.assign(np.abs(state_rng.normal(0, 0.01, variable.shape)).astype(np.float32))
 
     callbacks = []
-    if "broadcast" not in args.without:
+    if "broadcast" not in without:
         callbacks.append(hk.BroadcastInitialState(root_rank=0))
-    if "metric_average" not in args.without:
+    if "metric_average" not in without:
         callbacks.append(hk.MetricAverage())
-    checkpoint = os.path.join(args.checkpoint_dir, f"rank{rank}.epoch{{epoch}}.keras")
+    checkpoint = os.path.join(checkpoint_dir, f"rank{rank}.epoch{{epoch}}.keras")
     callbacks += hk.chief_only(keras.callbacks.ModelCheckpoint(checkpoint))
 
     samples = args.steps_per_epoch * args.batch_size
@@ -110,13 +118,22 @@ def main():
     arrays.update({f"model_{i:03d}": w.numpy() for i, w in enumerate(model.weights)})
     arrays.update({f"optimizer_{i:03d}": v.numpy()
                    for i, v in enumerate(model.optimizer.variables)})
-    os.makedirs(args.out, exist_ok=True)
-    np.savez(os.path.join(args.out, f"rank{rank}.npz"), **arrays)
-    with open(os.path.join(args.out, f"rank{rank}.json"), "w") as stream:
+    os.makedirs(out, exist_ok=True)
+    np.savez(os.path.join(out, f"rank{rank}.npz"), **arrays)
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as stream:
         json.dump({"history": history.history,
                    "optimizer_class": type(model.optimizer).__name__,
                    "optimizer_variables": [v.path for v in model.optimizer.variables]}, stream)
-    print(f"hvd_fit rank={rank}/{hk.size()} done without={sorted(args.without)}", flush=True)
+    print(f"hvd_fit rank={rank}/{hk.size()} done without={sorted(without)}", flush=True)
+
+
+def main():
+    args = parse_args()
+    world = open_world("horovod")
+    for run in args.runs:
+        without = set(run.split(",")) - {"none"}
+        fit(args, without, os.path.join(args.out, run), os.path.join(args.checkpoint_dir, run))
+        world.barrier()  # every rank has saved before the next run
 
 
 if __name__ == "__main__":

@@ -32,6 +32,9 @@ import sys
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from jobs.common import open_world  # noqa: E402
+
 FEATURES = 12
 HIDDEN = 16
 CLASSES = 4
@@ -59,18 +62,6 @@ def resident_mb():
     return pages * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
-def setup(backend):
-    """Returns `(rank, size)` once the backend is initialized."""
-    if backend == "horovod":
-        import syncbn
-
-        hvd = syncbn.init_horovod()
-        return hvd.rank(), hvd.size()
-    from mpi4py import MPI
-
-    return MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
-
-
 def digest(arrays):
     sha = hashlib.sha256()
     for array in arrays:
@@ -81,7 +72,8 @@ def digest(arrays):
 def main(argv=None):
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    rank, size = setup(args.backend)
+    world = open_world(args.backend)
+    rank, size = world.process_rank, world.num_processes
     import keras
     import tensorflow as tf
 
@@ -143,9 +135,7 @@ def main(argv=None):
         f"rss_warm_mb={rss_warm or 0:.1f} rss_end_mb={rss_end:.1f} rss_growth={growth:.4f} "
         f"moving_sha256={digest(moving)} weights_sha256={digest(weights)}\n")
     sys.stdout.flush()
-    hvd = sys.modules.get("horovod.tensorflow")
-    if hvd is not None and hvd.is_initialized():
-        hvd.allreduce(np.zeros(1, np.float32), name="long_run_done")  # nobody shuts down early
+    world.barrier()  # nobody shuts its backend down while another rank still sums
     return 0
 
 

@@ -10,12 +10,12 @@ import sys
 import time
 
 import numpy as np
-from mpi4py import MPI
 
 import syncbn
+from syncbn.world import create_world
 
 mode = sys.argv[1]
-rank = MPI.COMM_WORLD.Get_rank()
+rank = create_world("mpi").process_rank
 first = syncbn.SyncBatchNormalization(communicator="mpi", name="first")
 second = syncbn.SyncBatchNormalization(communicator="mpi", name="second")
 x = np.random.default_rng(rank).normal(size=(4, 3)).astype(np.float32)
