@@ -37,7 +37,8 @@ else
 fi
 CACHE_DIR="${SYNCBN_CACHE_DIR:-$HOME/.cache/syncbn}"
 APT_PACKAGES=(python3-venv python3-dev g++ cmake make patch libopenmpi-dev openmpi-bin
-              libhighwayhash-dev libfarmhash-dev iproute2 procps openssh-client openssh-server)
+              libhighwayhash-dev libfarmhash-dev iproute2 procps openssh-client openssh-server
+              slurmctld slurmd slurm-client munge)
 PY_PACKAGES=("tensorflow-cpu==$TF_VERSION" pytest hypothesis scikit-learn matplotlib
              cloudpickle psutil pyyaml packaging cffi)
 

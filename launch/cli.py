@@ -3,6 +3,10 @@
     syncbn-launch -np 4 [-H host1:2,host2:2 | --simulate-hosts 2 [--ssh]]
                   [--backend horovod|mpi|tf] [--timeout SECONDS] [--output-dir DIR]
                   -- python train.py ARGS
+    syncbn-launch --simulate-hosts 2 --slurm -- sbatch --wait job.sbatch
+
+Inside a Slurm allocation (`SLURM_JOB_ID` set) and without `-H`, the ranks run
+on the allocation's nodes (`launch.placement.allocation_site`).
 
 The options and their `SYNCBN_LAUNCH_<OPTION>` fallbacks are in `launch.config`.
 `run` starts what the job needs under one `contextlib.ExitStack`, so it is
@@ -20,8 +24,9 @@ from launch.backends import create_backend
 from launch.config import LaunchConfig, build_parser
 from launch.hostexec import forwarded_names
 from launch.netns import remove_stale_directories
-from launch.placement import listed_site, make_placement, simulated_site
-from launch.supervisor import Supervisor
+from launch.placement import (allocation_site, in_allocation, listed_site, make_placement,
+                              simulated_site)
+from launch.supervisor import Supervisor, WorkerSpec
 
 logger = logging.getLogger("launch")
 
@@ -33,6 +38,8 @@ def run(config):
         os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
         os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
     with contextlib.ExitStack() as stack:
+        if config.slurm:
+            return _run_beside_simulated_slurm(config, stack)
         backend = stack.enter_context(create_backend(config))
         remove_stale_directories(own_pid=os.getpid())  # left by SIGKILLed launchers
         # The pid in the name lets a later launcher remove it if this one is SIGKILLed.
@@ -47,7 +54,12 @@ def run(config):
                 from launch.netns_ssh import SimulatedSsh
 
                 ssh_servers = stack.enter_context(SimulatedSsh(network))
-        site = simulated_site(config, network, ssh_servers) if network else listed_site(config)
+        if network is not None:
+            site = simulated_site(config, network, ssh_servers)
+        elif config.hosts is None and in_allocation(os.environ):
+            site = allocation_site(config, job_dir=job_dir)
+        else:
+            site = listed_site(config)
         placement = make_placement(config, site, cwd=os.getcwd(), job_dir=job_dir)
         specs = backend.workers(placement)
         logger.info("backend %s: %d ranks on %s", config.backend, config.num_proc,
@@ -61,6 +73,22 @@ def run(config):
             specs, output_dir=config.output_dir, grace_period=config.grace_period,
             timeout=config.timeout, error_dir=job_dir if placement.error_files_readable else None)
         return supervisor.run()
+
+
+def _run_beside_simulated_slurm(config, stack):
+    """`--simulate-hosts N --slurm`: the command, once, on this machine (the login node) with
+    `SLURM_CONF` set, while a Slurm cluster runs on the simulated hosts; `stack` owns both."""
+    from launch.netns import SimulatedNetwork
+    from launch.slurm import SimulatedSlurm
+
+    network = stack.enter_context(SimulatedNetwork(config.simulate_hosts))
+    cluster = stack.enter_context(SimulatedSlurm(network))
+    # SIGTERM, not SIGKILL, if the launcher dies: srun and salloc then cancel their jobs.
+    login = WorkerSpec(label="login", argv=list(config.command),
+                       env={**os.environ, **cluster.env()}, cwd=os.getcwd(),
+                       death_signal=signal.SIGTERM)
+    return Supervisor([login], output_dir=config.output_dir, grace_period=config.grace_period,
+                      timeout=config.timeout).run()
 
 
 def _log_forwarding(config, placement):

@@ -124,6 +124,10 @@ def build_parser():
     add("--ssh", action=EnvFlag,
         help="with --simulate-hosts: an sshd in every simulated host, reached over ssh as -H "
              "reaches remote machines, instead of `ip netns exec`")
+    add("--slurm", action=EnvFlag,
+        help="with --simulate-hosts: run a Slurm cluster on the simulated hosts (munged, "
+             "slurmctld, a slurmd per host) and the command once, on this machine (the login "
+             "node), with SLURM_CONF set; no -np")
     add("--gpus-per-host", action=EnvDefault, default="auto", default_text="auto",
         metavar="N|auto",
         help="GPUs per host, one per local rank through CUDA_VISIBLE_DEVICES; 'auto': when "
@@ -189,7 +193,8 @@ class LaunchConfig:
     Attributes are the options of `build_parser` (see `syncbn-launch --help`),
     with `command` a tuple of strings, `hosts` a tuple of `launch.hosts.Host`
     (None: `localhost:num_proc`), `gpus_per_host` 'auto' or an int, `export` a
-    tuple of names, and `backend` never None (`from_args` picks the default).
+    tuple of names, `backend` never None (`from_args` picks the default), and
+    `num_proc` None with `slurm` (the command runs once, it starts the ranks).
 
     Raises:
         ValueError, TypeError: naming the argument and the value it received.
@@ -201,6 +206,7 @@ class LaunchConfig:
     hosts: Optional[Tuple[hosts_lib.Host, ...]] = None
     simulate_hosts: Optional[int] = None
     ssh: bool = False
+    slurm: bool = False
     gpus_per_host: Union[str, int] = "auto"
     cpus_per_host: Optional[int] = None
     horovod_controller: str = "auto"
@@ -220,9 +226,12 @@ class LaunchConfig:
         if not self.command:
             raise ValueError("No command given. Received: nothing after `--`; "
                              "usage: syncbn-launch -np 2 -- python train.py")
-        if self.num_proc is None:
+        if self.slurm:
+            self._check_slurm()
+        elif self.num_proc is None:
             raise ValueError("Argument `-np` is required. Received: none")
-        hosts_lib.validate_num_proc(self.num_proc, self.hosts)
+        else:
+            hosts_lib.validate_num_proc(self.num_proc, self.hosts)
         for name, value, choices in (("--backend", self.backend, BACKENDS),
                                      ("--horovod-controller", self.horovod_controller, CONTROLLERS),
                                      ("--tf-mpi", self.tf_mpi, TF_MPI_CHOICES)):
@@ -232,7 +241,7 @@ class LaunchConfig:
         if self.hosts is not None and self.simulate_hosts is not None:
             raise ValueError("Arguments `-H` and `--simulate-hosts` exclude each other. "
                              f"Received: both, --simulate-hosts={self.simulate_hosts}")
-        if self.simulate_hosts is not None:
+        if self.simulate_hosts is not None and not self.slurm:
             hosts_lib.simulated_hosts_spec(self.num_proc, self.simulate_hosts)
         if self.ssh and self.simulate_hosts is None:
             raise ValueError(
@@ -253,6 +262,24 @@ class LaunchConfig:
                 raise ValueError(f"Argument `{name}` must be {'>=' if inclusive else '>'} "
                                  f"{lowest}. Received: {name}={value}")
 
+    def _check_slurm(self):
+        """`--slurm` runs the command once beside a cluster of `--simulate-hosts N` nodes."""
+        if self.simulate_hosts is None:
+            raise ValueError(
+                "Argument `--slurm` needs `--simulate-hosts N` (inside a real allocation, "
+                "syncbn-launch finds the nodes by itself). Received: --slurm without "
+                "--simulate-hosts")
+        if isinstance(self.simulate_hosts, bool) or not isinstance(self.simulate_hosts, int) \
+                or self.simulate_hosts < 1:
+            raise ValueError("Argument `--simulate-hosts` must be an integer >= 1. "
+                             f"Received: --simulate-hosts={self.simulate_hosts!r}")
+        for name, given in (("-np", self.num_proc is not None), ("--ssh", self.ssh)):
+            if given:
+                raise ValueError(
+                    f"Argument `{name}` does not apply with `--slurm`, which runs the command "
+                    "once, on the login node; start ranks from the command (srun, sbatch, "
+                    f"syncbn-launch inside an allocation). Received: --slurm with {name}")
+
     @classmethod
     def from_args(cls, args):
         """The config of argparse's namespace `args` (from `build_parser`)."""
@@ -266,7 +293,8 @@ class LaunchConfig:
             num_proc=args.num_proc, command=tuple(command),
             backend=args.backend or default_backend(),
             hosts=None if args.hosts is None else tuple(hosts_lib.parse_hosts(args.hosts)),
-            simulate_hosts=args.simulate_hosts, ssh=args.ssh, gpus_per_host=gpus,
+            simulate_hosts=args.simulate_hosts, ssh=args.ssh, slurm=args.slurm,
+            gpus_per_host=gpus,
             cpus_per_host=args.cpus_per_host, horovod_controller=args.horovod_controller,
             tf_mpi=args.tf_mpi, horovod_cycle_time=args.horovod_cycle_time,
             network_interface=args.network_interface, launcher_address=args.launcher_address,

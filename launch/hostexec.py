@@ -1,4 +1,4 @@
-""""Run this command on host H": one small abstraction, three implementations.
+""""Run this command on host H": one small abstraction, four implementations.
 
 A `HostRunner` turns `(argv, added_env, cwd)` into the argv and environment that
 the launcher hands to `subprocess.Popen` on this machine:
@@ -8,10 +8,13 @@ the launcher hands to `subprocess.Popen` on this machine:
 - `NetnsRunner`: `ip netns exec NS CMD`, for `--simulate-hosts` (`ip netns exec`
   execs in place, so the rank is still the launcher's direct child and inherits
   its parent-death signal).
+- `SrunRunner`: `srun ... --nodelist NODE CMD`, a one-task job step on a node of
+  the Slurm allocation the launcher runs in.
 """
 
 import os
 import shlex
+import signal
 
 SSH_OPTIONS = ("-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no")
 # What a remote rank needs to find the same Python, packages and libraries as the
@@ -48,6 +51,8 @@ class HostRunner:
 
     #: True if the command runs on this machine (signals reach the process itself).
     is_local = True
+    #: What the kernel sends the started process if the launcher dies.
+    death_signal = signal.SIGKILL
 
     def command(self, argv, added_env, cwd):
         """Returns `(popen_argv, popen_env)` that run `argv` with `added_env` in `cwd`."""
@@ -139,3 +144,54 @@ class SshRunner(HostRunner):
 
     def __repr__(self):
         return f"SshRunner({self.host!r})"
+
+
+def srun_step(nodes, cwd):
+    """srun's argv, before the command, for a job step of one task on each of `nodes`. Pure.
+
+    The step runs inside the allocation the launcher runs in. `--overlap` lets
+    steps share the allocation's CPUs (Slurm 21.08+ gives each step its CPUs
+    alone otherwise, and a rank would wait for another's); `--mpi=none`, since
+    the backend sets up the job's world, not Slurm; `--export=ALL` passes on
+    the whole environment srun is given, also in a batch script submitted with
+    `--export=NONE` (whose `SLURM_EXPORT_ENV` srun would follow).
+
+    Example:
+        >>> " ".join(srun_step(["node1", "node2"], "/w"))  # doctest: +NORMALIZE_WHITESPACE
+        'srun --overlap --nodes=2 --ntasks=2 --ntasks-per-node=1 --nodelist=node1,node2
+         --mpi=none --export=ALL --kill-on-bad-exit=1 --chdir=/w'
+    """
+    return ["srun", "--overlap", f"--nodes={len(nodes)}", f"--ntasks={len(nodes)}",
+            "--ntasks-per-node=1", f"--nodelist={','.join(nodes)}", "--mpi=none",
+            "--export=ALL", "--kill-on-bad-exit=1", f"--chdir={cwd}"]
+
+
+class SrunRunner(HostRunner):
+    """Runs on node `node` of this Slurm allocation, as a job step of one task (`srun_step`).
+
+    The task gets the launcher's whole environment and the rank's variables, as
+    a local rank does. srun forwards SIGTERM to the task, and gets SIGTERM
+    (`death_signal`) if the launcher dies, so the step ends with it.
+
+    Example:
+        >>> runner = SrunRunner("node1", base_env={"PATH": "/venv/bin"})
+        >>> argv, env = runner.command(["python", "t.py"], {"RANK": "1"}, "/w")
+        >>> argv[0], argv[5], argv[-2:]
+        ('srun', '--nodelist=node1', ['python', 't.py'])
+        >>> env["RANK"], env["PATH"]
+        ('1', '/venv/bin')
+    """
+
+    is_local = False
+    death_signal = signal.SIGTERM
+
+    def __init__(self, node, base_env=None):
+        self.node = node
+        self._base_env = base_env
+
+    def command(self, argv, added_env, cwd):
+        base = os.environ if self._base_env is None else self._base_env
+        return [*srun_step([self.node], cwd), *argv], {**base, **added_env}
+
+    def __repr__(self):
+        return f"SrunRunner({self.node!r})"

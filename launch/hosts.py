@@ -197,3 +197,64 @@ def is_local_host(name):
         return name in {socket.gethostname(), socket.getfqdn()}
     except OSError:
         return False
+
+
+_TASKS_PER_NODE_ITEM = re.compile(r"^([0-9]+)(?:\(x([0-9]+)\))?$")
+
+
+def parse_tasks_per_node(spec):
+    """Expands Slurm's `SLURM_TASKS_PER_NODE`, e.g. `2(x3),1`, into one count per node. Pure.
+
+    Raises:
+        ValueError: on an item that is neither `N` nor `N(xM)`.
+
+    Example:
+        >>> parse_tasks_per_node("2(x3),1")
+        [2, 2, 2, 1]
+    """
+    counts = []
+    for item in spec.split(","):
+        match = _TASKS_PER_NODE_ITEM.match(item.strip())
+        if not match:
+            raise ValueError(
+                "Environment variable `SLURM_TASKS_PER_NODE` must be comma-separated `N` or "
+                f"`N(xM)` items, like '2(x3),1'. Received: SLURM_TASKS_PER_NODE={spec!r}")
+        counts += [int(match.group(1))] * int(match.group(2) or 1)
+    return counts
+
+
+def allocation_hosts(node_names, tasks_per_node):
+    """The `Host`s of a Slurm allocation: its nodes, in order, with their task counts. Pure.
+
+    Args:
+        node_names: the allocation's node names, expanded (`scontrol show hostnames`).
+        tasks_per_node: `SLURM_TASKS_PER_NODE` (see `parse_tasks_per_node`).
+
+    Raises:
+        ValueError: if the two do not describe the same number of nodes.
+
+    Example:
+        >>> allocation_hosts(["n1", "n2"], "2(x2)")
+        [Host(name='n1', slots=2), Host(name='n2', slots=2)]
+    """
+    counts = parse_tasks_per_node(tasks_per_node)
+    if len(counts) != len(node_names):
+        raise ValueError(
+            f"`SLURM_TASKS_PER_NODE` ({tasks_per_node!r}) names {len(counts)} nodes, but the "
+            f"allocation has {len(node_names)}: {', '.join(node_names)}")
+    return [Host(name, count) for name, count in zip(node_names, counts)]
+
+
+def node_addresses(text):
+    """`{NodeName: NodeAddr}` from `scontrol show node -o` output, one node a line. Pure.
+
+    Example:
+        >>> node_addresses("NodeName=n1 Arch=x86_64 NodeAddr=10.0.0.5 NodeHostName=n1\\n")
+        {'n1': '10.0.0.5'}
+    """
+    found = {}
+    for line in text.splitlines():
+        fields = dict(word.split("=", 1) for word in line.split() if "=" in word)
+        if "NodeName" in fields:
+            found[fields["NodeName"]] = fields.get("NodeAddr", fields["NodeName"])
+    return found

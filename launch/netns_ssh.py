@@ -124,6 +124,7 @@ def _keygen(path):
 
 
 def _start_in_namespace(namespace, argv, log_path):
+    """Starts a daemon in `namespace` (None: this one), logging to `log_path`; it dies with us."""
     parent = os.getpid()
 
     def child_setup():
@@ -132,8 +133,10 @@ def _start_in_namespace(namespace, argv, log_path):
         if os.getppid() != parent:
             os._exit(1)
 
+    if namespace is not None:
+        argv = ["ip", "netns", "exec", namespace, *argv]
     with open(log_path, "ab") as log:
-        return subprocess.Popen(["ip", "netns", "exec", namespace, *argv],
+        return subprocess.Popen(argv,
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 start_new_session=True, preexec_fn=child_setup)
 
@@ -259,19 +262,24 @@ class SimulatedSsh:
 
     def close(self):
         """Stops the servers (SIGTERM, then SIGKILL) and deletes the directory. Idempotent."""
-        for _, process, _ in self._servers:
-            if process.poll() is None:
-                process.terminate()
-        for _, process, _ in self._servers:
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_daemons([process for _, process, _ in self._servers])
         self._servers = []
         if self.directory:
             shutil.rmtree(self.directory, ignore_errors=True)
             self.directory = None
+
+
+def stop_daemons(processes, timeout=5.0):
+    """SIGTERM to every process of `processes`, then SIGKILL to those alive `timeout` s later."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def _tail(path, lines=10):

@@ -144,6 +144,44 @@ _FIXES = {
 }
 
 
+def mpi_world_error(launch, world_size):
+    """The `LauncherWorldError` for an MPI world that is not the launcher's, or None. Pure.
+
+    mpirun or srun started `launch.size` processes, but `MPI_Init` gave this
+    one a `MPI_COMM_WORLD` of `world_size`: its MPI library is not the one
+    that the launcher speaks to (mpi4py built against another MPI, or the
+    launcher's variables cleared), and each process is a world of its own.
+    `world_size` 0 means mpi4py is missing, which the MPI communicator
+    reports itself.
+
+    Example:
+        >>> launch = launch_from_environment({"OMPI_COMM_WORLD_SIZE": "2"})
+        >>> mpi_world_error(launch, 2) is None, mpi_world_error(launch, 0) is None
+        (True, True)
+        >>> print(mpi_world_error(launch, 1))  # doctest: +ELLIPSIS
+        syncbn: mpirun started 2 processes (OMPI_COMM_WORLD_SIZE=2), but MPI_COMM_WORLD here has 1 ...
+    """
+    if not launch.mpi or launch.size < 1 or world_size in (0, launch.size):
+        return None
+    return LauncherWorldError(
+        f"syncbn: {launch.launcher} started {launch.size} processes ({launch.evidence}), but "
+        f"MPI_COMM_WORLD here has {world_size} (this is rank {launch.rank}): the MPI library "
+        "that mpi4py loads is not the one of the launcher, so each process would sum batch "
+        "statistics with itself alone. To synchronize, build mpi4py against the launcher's "
+        "MPI (`pip install --no-binary=mpi4py mpi4py` with that MPI's `mpicc` on PATH; "
+        "`python -m mpi4py --mpi-library` shows which library it loads), or start the job "
+        "with the launcher of the MPI that mpi4py uses.")
+
+
+def check_mpi_world(env=None):
+    """Raises `mpi_world_error`'s error if MPI's world is not the launcher's (initializes MPI)."""
+    launch = launch_from_environment(os.environ if env is None else env)
+    if launch.mpi and launch.size > 1:
+        error = mpi_world_error(launch, mpi_world_size())
+        if error is not None:
+            raise error
+
+
 def launcher_world_error(launch):
     """The `LauncherWorldError` for a process of `launch` that finds itself alone."""
     fix = _FIXES.get(launch.launcher, "start it so that MPI (mpi4py) can join the processes")
@@ -189,8 +227,10 @@ def detect(env=None):
 
     Raises:
         LauncherWorldError: when that leaves `"local"` in a process that a
-            launcher started as one of several (see `launch_from_environment`):
-            it names the variable that showed the launcher and the fix.
+            launcher started as one of several (see `launch_from_environment`),
+            or when MPI's world is smaller than the launcher's
+            (`mpi_world_error`): it names the variable that showed the
+            launcher and the fix.
     """
     if _tf_distribute_replicas() > 1:
         return "tf.distribute"
@@ -198,7 +238,10 @@ def detect(env=None):
     if hvd is not None and hvd.size() > 1:
         return "horovod"
     launch = launch_from_environment(os.environ if env is None else env)
-    if launch.mpi and (launch.size > 1 or (launch.size == 0 and mpi_world_size() > 1)):
+    if launch.mpi and launch.size > 1:
+        check_mpi_world(env)
+        return "mpi"
+    if launch.mpi and launch.size == 0 and mpi_world_size() > 1:
         return "mpi"
     if launch.size > 1 or launch.size == 0:
         raise launcher_world_error(launch)

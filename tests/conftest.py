@@ -12,6 +12,8 @@ Doctests are unit tests.
 """
 
 import os
+import re
+import subprocess
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -92,6 +94,33 @@ def world_launch(request, tmp_path_factory):
         return finished[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def slurm_conf():
+    """`SLURM_CONF` of a Slurm cluster of 2 simulated nodes, one per test session.
+
+    `syncbn-launch --simulate-hosts 2 --slurm` runs in the background (munged,
+    slurmctld, a slurmd per node: launch/slurm.py) with a login command that
+    only waits. A command run here, in this process's network namespace (the
+    cluster's login node), with `SLURM_CONF` set to it uses the cluster
+    (`helpers.job_env(SLURM_CONF=slurm_conf)`). Stopping the launcher when the
+    session ends tears the cluster down. Needs root, Debian's Slurm and munge.
+    """
+    # The launcher's --timeout ends a cluster that outlives a killed test session.
+    cluster = helpers.RunningLauncher(helpers.launcher(
+        "--simulate-hosts", "2", "--slurm", "--timeout", "7200", "--",
+        "sh", "-c", 'echo "slurm_conf=$SLURM_CONF"; exec sleep 7200'))
+    try:
+        cluster.wait_for(r"slurm_conf=", 1, seconds=180)
+        yield re.search(r"slurm_conf=(\S+)", cluster.output)[1]
+    finally:
+        cluster.process.terminate()
+        try:
+            cluster.finish(seconds=60)
+        except subprocess.TimeoutExpired:
+            cluster.process.kill()
+            cluster.finish()
 
 
 # Job scripts run inside launched processes; they are not for import by pytest

@@ -12,6 +12,11 @@ them in an HTML comment on the line just above it, which readers do not see:
 The test then runs the block through `syncbn-launch` with those options, as
 the docs tell users to. There is no way to exempt a block: code that
 cannot run belongs in a ```bash block or in prose.
+
+A ```bash block runs only under a directive that gives it a place to run:
+`<!-- syncbn-launch --simulate-hosts 2 --slurm -->` runs it with `bash -e` on
+the login node of a simulated Slurm cluster of 2 nodes, as that command would;
+the blocks share the session's cluster (`slurm_conf`, tests/conftest.py).
 """
 
 import glob
@@ -32,7 +37,10 @@ DOC_FILES = [os.path.join(REPO_DIR, "README.md")] + sorted(
 BLOCK = re.compile(
     r"(?:<!--\s*(?P<directive>[^\n]*?)\s*-->\s*\n)?```python\n(?P<code>.*?)\n```", re.DOTALL
 )
+BASH_BLOCK = re.compile(r"<!--\s*(?P<directive>syncbn-launch [^\n]*?--slurm[^\n]*?)\s*-->\s*\n"
+                        r"```bash\n(?P<code>.*?)\n```", re.DOTALL)
 BLOCK_TIMEOUT = 600
+SLURM_DIRECTIVE = "syncbn-launch --simulate-hosts 2 --slurm"  # what slurm_conf runs
 
 
 def code_blocks(path):
@@ -45,12 +53,22 @@ def code_blocks(path):
     ]
 
 
+def bash_blocks(path):
+    """`(line number, directive, code)` for every bash block of `path` that has a directive."""
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    return [(text.count("\n", 0, match.start("code")) + 1, match.group("directive"),
+             match.group("code")) for match in BASH_BLOCK.finditer(text)]
+
+
 def _cases():
     cases = []
     for path in DOC_FILES:
-        for line, directive, code in code_blocks(path):
+        blocks = [(line, directive, code, "python") for line, directive, code in code_blocks(path)]
+        blocks += [(line, directive, code, "bash") for line, directive, code in bash_blocks(path)]
+        for line, directive, code, language in blocks:
             name = f"{os.path.relpath(path, REPO_DIR)}:{line}"
-            cases.append(pytest.param(directive, code, id=name))
+            cases.append(pytest.param(directive, code, language, id=name))
     return cases
 
 
@@ -64,19 +82,28 @@ def test_the_docs_have_python_blocks_to_run():
         assert handle.read().count("```python") == len(code_blocks(DOC_FILES[0]))
 
 
-@pytest.mark.parametrize("directive, code", CASES)
-def test_doc_block_runs(directive, code, tmp_path):
-    script = tmp_path / "block.py"
+def test_bash_blocks_with_a_directive_are_found():
+    assert any(case.values[2] == "bash" for case in CASES), [case.id for case in CASES]
+
+
+@pytest.mark.parametrize("directive, code, language", CASES)
+def test_doc_block_runs(directive, code, language, tmp_path, request):
+    script = tmp_path / ("block.py" if language == "python" else "block.sh")
     script.write_text(code + "\n")
-    if directive is None:
+    # This checkout's syncbn only, as a user has it: no test module on the path.
+    env = job_env(path=(REPO_DIR,))
+    if language == "bash":
+        assert directive == SLURM_DIRECTIVE, f"bash blocks run on {SLURM_DIRECTIVE!r} only"
+        env["SLURM_CONF"] = request.getfixturevalue("slurm_conf")
+        command = ["bash", "-e", str(script)]
+    elif directive is None:
         command = [sys.executable, str(script)]
     elif directive.startswith("syncbn-launch "):
         command = launcher(*directive.split()[1:], "--timeout", str(BLOCK_TIMEOUT - 30), "--",
                            sys.executable, str(script))
     else:
         raise AssertionError(f"unknown directive above a python block: {directive!r}")
-    # This checkout's syncbn only, as a user has it: no test module on the path.
-    result = run(command, timeout=BLOCK_TIMEOUT, env=job_env(path=(REPO_DIR,)), cwd=tmp_path)
+    result = run(command, timeout=BLOCK_TIMEOUT, env=env, cwd=tmp_path)
     assert result.returncode == 0, (
         f"exit {result.returncode}\n--- stdout\n{result.stdout[-4000:]}\n--- stderr\n"
         f"{result.stderr[-4000:]}"

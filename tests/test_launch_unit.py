@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -16,12 +17,14 @@ from launch.backends.mpirun import (ABORT_LINE, VERDICT_LINE, describe_mpirun_fa
                                     mpirun_command, mpirun_fatal_code)
 from launch.config import ENV_PREFIX, EnvDefault, LaunchConfig, build_parser
 from launch.environment import build_rank_env, horovod_env, slot_from_mpi_env, tf_config
-from launch.hostexec import HostRunner, LocalRunner, NetnsRunner, SshRunner, forwarded_names
-from launch.hosts import (Host, Slot, assign_ranks, is_local_host, parse_hosts,
+from launch.hostexec import (HostRunner, LocalRunner, NetnsRunner, SrunRunner, SshRunner,
+                             forwarded_names)
+from launch.hosts import (Host, Slot, allocation_hosts, assign_ranks, is_local_host,
+                          node_addresses, parse_hosts, parse_tasks_per_node,
                           simulated_hosts_spec, validate_num_proc)
 from launch.netns import POOL, choose_subnet
 from launch.netns_rsh import parse_agent_args, parse_namespace_map
-from launch.placement import Placement
+from launch.placement import Placement, allocation_site, make_placement
 from launch.supervisor import Supervisor, WorkerSpec, describe_exit, shell_exit_code
 
 pytestmark = pytest.mark.unit
@@ -656,14 +659,15 @@ def test_cli_rejects_a_bad_environment_value_naming_the_variable(monkeypatch, na
 def test_every_option_has_one_environment_fallback_and_documents_it(monkeypatch):
     parser = build_parser()
     options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
-    assert len(options) == 19
+    assert len(options) == 20
     for action in options:
         assert isinstance(action, EnvDefault), action.dest
         assert action.env[0] == ENV_PREFIX + action.dest.upper()
         assert "(default: " in action.help and f"env {action.env[0]}" in action.help, action.help
     # The fallback really works for each of them: set, every value differs from the default.
     from_env = {"num_proc": ("3", 3), "hosts": ("a:3", "a:3"), "simulate_hosts": ("3", 3),
-                "ssh": ("1", True), "gpus_per_host": ("4", "4"), "cpus_per_host": ("5", 5),
+                "ssh": ("1", True), "slurm": ("1", True), "gpus_per_host": ("4", "4"),
+                "cpus_per_host": ("5", 5),
                 "backend": ("tf", "tf"), "horovod_controller": ("gloo", "gloo"),
                 "tf_mpi": ("no", "no"), "horovod_cycle_time": ("0.5", 0.5),
                 "network_interface": ("eth9", "eth9"), "launcher_address": ("10.1.1.1", "10.1.1.1"),
@@ -916,3 +920,127 @@ def test_tf_over_mpi_hands_the_worker_list_to_the_ranks():
     assert len(workers) == 2 and all(w.startswith("127.0.0.1:") for w in workers)
     forwarded = {spec.argv[i + 1] for i, word in enumerate(spec.argv) if word == "-x"}
     assert "SYNCBN_LAUNCH_TF_WORKERS" in forwarded
+
+
+# --- Slurm: the allocation as a host source, and --slurm -----------------------------------
+
+def test_tasks_per_node_expands_slurms_compressed_forms():
+    assert parse_tasks_per_node("2(x3),1") == [2, 2, 2, 1]
+    assert parse_tasks_per_node("4") == [4]
+    assert parse_tasks_per_node("1,2(x2),3") == [1, 2, 2, 3]
+    for bad in ("", "2(x)", "x3", "2(3)", "2(x3"):
+        received = re.escape(f"Received: SLURM_TASKS_PER_NODE={bad!r}")
+        with pytest.raises(ValueError, match=received):
+            parse_tasks_per_node(bad)
+    with pytest.raises(ValueError, match="names 2 nodes, but the allocation has 3"):
+        allocation_hosts(["a", "b", "c"], "2(x2)")
+
+
+def test_node_addresses_read_scontrols_one_line_records():
+    text = ("NodeName=node0 Arch=x86_64 CoresPerSocket=1 NodeAddr=198.18.3.2 NodeHostName=node0\n"
+            "NodeName=node1 Arch=x86_64 NodeHostName=node1 Version=22.05\n")
+    assert node_addresses(text) == {"node0": "198.18.3.2", "node1": "node1"}
+
+
+ALLOCATION = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "node[0-1]",
+              "SLURM_TASKS_PER_NODE": "2(x2)"}
+
+
+def _allocation_site(num_proc, seen=None, own=("198.18.3.2",), environ=ALLOCATION, **options):
+    """allocation_site with Slurm, routes and the nodes answered here; (site, calls)."""
+    calls = []
+
+    def scontrol(*args):
+        calls.append(("scontrol", *args))
+        if args[:2] == ("show", "hostnames"):
+            return "node0\nnode1\n"
+        return "".join(f"NodeName={name} NodeAddr=198.18.3.{2 + i} State=IDLE\n"
+                       for i, name in enumerate(("node0", "node1")) if name in args[-1])
+
+    def route_to(address):
+        calls.append(("route", address))
+        return "sbn0", "198.18.3.2"
+
+    def probe(path, nodes):
+        calls.append(("probe", path, tuple(nodes)))
+        return set(nodes) if seen is None else set(seen)
+
+    config = LaunchConfig(num_proc=num_proc, command=("python", "t.py"), backend="tf", **options)
+    return allocation_site(config, job_dir="/j", environ=environ, scontrol=scontrol,
+                           route_to=route_to, is_own_address=lambda a: a in own,
+                           probe=probe), calls
+
+
+def test_allocation_site_runs_ranks_as_job_steps_on_the_allocations_nodes():
+    site, calls = _allocation_site(3)
+    assert site.hosts == [Host("node0", 2), Host("node1", 2)]
+    assert all(isinstance(site.runners[n], SrunRunner) and site.runners[n].node == n
+               for n in ("node0", "node1"))
+    assert site.addresses == {"node0": "198.18.3.2", "node1": "198.18.3.3"}
+    # The launcher runs on node0: the route to node1 names the interface and its address.
+    assert (site.iface, site.launcher_address) == ("sbn0", "198.18.3.2")
+    assert ("scontrol", "show", "hostnames", "node[0-1]") in calls
+    assert ("route", "198.18.3.3") in calls and ("probe", "/j", ("node0", "node1")) in calls
+    placement = make_placement(LaunchConfig(num_proc=3, command=("x",), backend="tf"), site,
+                               cwd="/w", job_dir="/j", gpu_ids=lambda config, site: ())
+    assert [s.hostname for s in placement.slots] == ["node0", "node0", "node1"]
+    assert placement.shared_job_dir and placement.error_files_readable
+
+
+def test_allocation_site_reads_error_files_only_when_every_node_sees_the_job_directory():
+    site, _ = _allocation_site(4, seen=["node0"])
+    assert not site.shared_job_dir
+    placement = make_placement(LaunchConfig(num_proc=4, command=("x",), backend="tf"), site,
+                               cwd="/w", job_dir="/j", gpu_ids=lambda config, site: ())
+    assert not placement.error_files_readable
+
+
+def test_allocation_site_with_every_rank_on_the_launchers_node_and_given_addresses():
+    site, calls = _allocation_site(2)  # both ranks fit on node0, this machine
+    assert site.hosts == [Host("node0", 2)] and (site.iface, site.launcher_address) == (
+        "lo", "127.0.0.1")
+    assert not [call for call in calls if call[0] == "route"]
+    site, calls = _allocation_site(4, network_interface="ib0", launcher_address="10.9.0.1")
+    assert (site.iface, site.launcher_address) == ("ib0", "10.9.0.1")
+    assert not [call for call in calls if call[0] == "route"]
+
+
+def test_allocation_site_names_what_does_not_fit():
+    with pytest.raises(ValueError, match="Received: -np=5"):
+        _allocation_site(5)
+    with pytest.raises(ValueError, match="`SLURM_JOB_NODELIST`.*Received: SLURM_JOB_ID='7'"):
+        _allocation_site(2, environ={"SLURM_JOB_ID": "7"})
+    with pytest.raises(ValueError, match="SLURM_TASKS_PER_NODE"):
+        _allocation_site(2, environ={**ALLOCATION, "SLURM_TASKS_PER_NODE": "2"})
+
+
+def test_srun_runner_starts_one_task_steps_with_the_whole_environment():
+    runner = SrunRunner("node1", base_env={"PATH": "/venv/bin", "HOME": "/root"})
+    argv, env = runner.command(["python", "t.py"], {"RANK": "1"}, "/w")
+    assert argv[0] == "srun" and argv[-2:] == ["python", "t.py"]
+    for option in ("--overlap", "--nodes=1", "--ntasks=1", "--nodelist=node1", "--mpi=none",
+                   "--export=ALL", "--chdir=/w"):
+        assert option in argv, argv
+    assert env == {"PATH": "/venv/bin", "HOME": "/root", "RANK": "1"}
+    assert not runner.is_local and runner.death_signal == signal.SIGTERM
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--slurm", "--", "x"], "`--slurm` needs `--simulate-hosts N`.*Received: --slurm without"),
+    (["--slurm", "--simulate-hosts", "0", "--", "x"], "Received: --simulate-hosts=0"),
+    (["--slurm", "--simulate-hosts", "2", "-np", "2", "--", "x"],
+     "`-np` does not apply with `--slurm`.*Received: --slurm with -np"),
+    (["--slurm", "--simulate-hosts", "2", "--ssh", "--", "x"], "Received: --slurm with --ssh"),
+    (["--slurm", "--simulate-hosts", "2"], "No command given"),
+])
+def test_cli_slurm_validation_names_argument_and_value(argv, message):
+    with pytest.raises(ValueError, match=message):
+        _config(argv)
+
+
+def test_cli_slurm_runs_one_command_without_ranks(monkeypatch):
+    config = _config(["--simulate-hosts", "2", "--slurm", "--", "sbatch", "--wait", "job.sh"])
+    assert config.slurm and config.num_proc is None and config.simulate_hosts == 2
+    assert config.command == ("sbatch", "--wait", "job.sh")
+    monkeypatch.setenv("SYNCBN_LAUNCH_SLURM", "1")
+    assert _config(["--simulate-hosts", "2", "--", "srun", "hostname"]).slurm

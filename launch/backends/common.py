@@ -50,6 +50,7 @@ def rank_workers(placement, backend_env_for, base_env):
                 env=popen_env,
                 rank=slot.rank,
                 cwd=placement.cwd if runner.is_local else None,
+                death_signal=runner.death_signal,
             )
         )
     return specs

@@ -233,6 +233,9 @@ class MPICommunicator(Communicator):
 
 
 def mpi_communicator(group_size=None):
+    from syncbn import world
+
+    world.check_mpi_world()
     abort_on_uncaught_exception()
     return MPICommunicator(_group_comm(group_size), mpi_op.load())
 
