@@ -25,7 +25,7 @@ setup(
     ),
     long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.9",
+    python_requires=">=3.11",
     packages=find_packages(include=["syncbn", "syncbn.*", "launch", "launch.*"]),
     # The MPI kernel's source is compiled on first use against the installed
     # TensorFlow; the Horovod patch is applied by syncbn-build-horovod.
