@@ -164,7 +164,7 @@ class SimulatedSsh:
         self.port = port
         self.sshd = sshd
         self.directory = None
-        self._servers = []  # [(namespace, Popen, log path)]
+        self._servers = []  # [(name, Popen, log path)]
 
     def __enter__(self):
         check_can_ssh(self.sshd)
@@ -230,7 +230,7 @@ class SimulatedSsh:
             # -D: stay in the foreground, our child; -e: log to the log file.
             process = _start_in_namespace(host.namespace, [self.sshd, "-D", "-e", "-f", config_path],
                                           log_path)
-            self._servers.append((host.namespace, process, log_path))
+            self._servers.append((f"sshd in {host.namespace}", process, log_path))
         for host in self.network.hosts:
             self._wait_until_ready(host.address)
         logger.info("sshd on port %d in every simulated host; keys in %s", self.port,
@@ -238,22 +238,16 @@ class SimulatedSsh:
 
     def _wait_until_ready(self, address):
         """Logs in once (`true`), which also proves the keys and configuration work."""
-        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
         argv = ["ssh", *self.runner(address).ssh_options(), address, "true"]
-        while True:
-            for namespace, process, log_path in self._servers:
-                if process.poll() is not None:
-                    raise RuntimeError(
-                        f"sshd in {namespace} exited with code {process.returncode}: "
-                        f"{_tail(log_path)}")
-            result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
-            if result.returncode == 0:
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"cannot log in to simulated host {address} over ssh after "
-                    f"{READY_TIMEOUT_SECONDS:g} s: {result.stderr.strip()}")
-            time.sleep(0.1)
+        attempt = {}
+
+        def logged_in():
+            attempt["result"] = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+            return attempt["result"].returncode == 0
+
+        wait_until(logged_in, READY_TIMEOUT_SECONDS, self._servers,
+                   lambda: f"cannot log in to simulated host {address} over ssh after "
+                           f"{READY_TIMEOUT_SECONDS:g} s: {attempt['result'].stderr.strip()}")
 
     def runner(self, address, exported=()):
         """The `SshRunner` that reaches simulated host `address`, as `-H` would."""
@@ -280,6 +274,32 @@ def stop_daemons(processes, timeout=5.0):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def check_daemons(daemons):
+    """Raises RuntimeError, with the end of its log, if one of `daemons` has exited.
+
+    `daemons` holds `(name, subprocess.Popen, log path)` triples.
+    """
+    for name, process, log_path in daemons:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with code {process.returncode}: {_tail(log_path)}")
+
+
+def wait_until(ready, timeout, daemons, failure, interval=0.1):
+    """Calls `ready()` until it returns true, while every one of `daemons` runs.
+
+    Raises RuntimeError at once if a daemon exits (`check_daemons`), and with the message
+    `failure()` once `timeout` seconds have passed.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        check_daemons(daemons)
+        if ready():
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(failure())
+        time.sleep(interval)
 
 
 def _tail(path, lines=10):

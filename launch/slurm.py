@@ -33,10 +33,9 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 
 from launch.netns import NETNS_ETC, mpi_session_base
-from launch.netns_ssh import _start_in_namespace, _tail, stop_daemons
+from launch.netns_ssh import _start_in_namespace, _tail, stop_daemons, wait_until
 
 logger = logging.getLogger("launch")
 
@@ -296,20 +295,10 @@ class SimulatedSlurm:
                 f"--seed-file={self._path('munge', 'munged.seed')}"]
         self._daemons.append(("munged", _start_in_namespace(
             None, argv, self._path("munge", "munged.out")), self._path("munge", "munged.log")))
-        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
-        while not os.path.exists(munge_socket):
-            self._check_daemons()
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"munged did not create {munge_socket} within "
-                                   f"{READY_TIMEOUT_SECONDS:g} s")
-            time.sleep(0.05)
+        wait_until(lambda: os.path.exists(munge_socket), READY_TIMEOUT_SECONDS, self._daemons,
+                   lambda: f"munged did not create {munge_socket} within "
+                           f"{READY_TIMEOUT_SECONDS:g} s", interval=0.05)
         return munge_socket
-
-    def _check_daemons(self):
-        for name, process, log_path in self._daemons:
-            if process.poll() is not None:
-                raise RuntimeError(f"{name} exited with code {process.returncode}: "
-                                   f"{_tail(log_path)}")
 
     def node_states(self):
         """`{node name: state}` as `sinfo` reports it, e.g. `{'node0': 'idle'}`."""
@@ -323,18 +312,16 @@ class SimulatedSlurm:
         return states
 
     def _wait_until_idle(self):
-        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
         names = [name for name, _ in self.nodes]
-        while True:
-            self._check_daemons()
-            states = self.node_states()
-            if all(states.get(name) == "idle" for name in names):
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"Slurm nodes not idle after {READY_TIMEOUT_SECONDS:g} s: {states}; "
-                    f"slurmctld: {_tail(self._path('slurmctld.log'))}")
-            time.sleep(0.2)
+        states = {}
+
+        def idle():
+            states.update(self.node_states())
+            return all(states.get(name) == "idle" for name in names)
+
+        wait_until(idle, READY_TIMEOUT_SECONDS, self._daemons,
+                   lambda: f"Slurm nodes not idle after {READY_TIMEOUT_SECONDS:g} s: {states}; "
+                           f"slurmctld: {_tail(self._path('slurmctld.log'))}", interval=0.2)
 
     def close(self):
         """Stops the daemons (SIGTERM, then SIGKILL), slurmds first, and deletes the

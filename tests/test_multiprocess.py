@@ -48,6 +48,21 @@ def _check_summed_parameter_gradients(out_dir, counts, layouts, steps, offset=0.
                                       getattr(reference, name).numpy()) < 2e-4, (layout, name)
 
 
+def _exact_on_the_global_batch(launch, check, case):
+    """`check`'s records, after checking them and the summed gamma/beta gradients.
+
+    Every rank passed every layout of `case` (tests/jobs/exactness.py), one rank had an empty
+    batch in each, and the gradients summed over ranks and the final weights equal Keras's
+    layer on the global batch.
+    """
+    counts = case.counts_for(launch.spec.num_proc)
+    records = _passed(launch, check, len(case.layouts))
+    assert 0 in counts and sum(r["rows"] == 0 for r in records) == len(case.layouts)  # it took part
+    _check_summed_parameter_gradients(os.path.join(launch.out_dir, check), counts, case.layouts,
+                                      case.steps)
+    return records
+
+
 def _passed(launch, check, per_rank):
     """`check`'s records of every rank: `per_rank` each, all passed, summed by the world's kernel."""
     records = launch.records(check)
@@ -72,14 +87,8 @@ def test_launch_exits_cleanly_with_every_check_on_every_rank(world_launch, name)
 @pytest.mark.world_checks("exactness")
 @pytest.mark.parametrize("name", worlds_with("exactness"))
 def test_uneven_ranks_with_an_empty_rank_match_the_global_batch(world_launch, name):
-    launch = world_launch(name)
-    case = exactness.Case()
-    counts = case.counts_for(launch.spec.num_proc)
-    records = _passed(launch, "exactness", len(case.layouts))
-    assert 0 in counts and sum(r["rows"] == 0 for r in records) == len(case.layouts)  # it took part
+    records = _exact_on_the_global_batch(world_launch(name), "exactness", exactness.Case())
     assert all(r["kernels"] == "elementwise" for r in records), records  # what CPUs run
-    _check_summed_parameter_gradients(os.path.join(launch.out_dir, "exactness"), counts,
-                                      case.layouts, case.steps)
 
 
 @pytest.mark.world_checks("renorm_masks")
@@ -89,14 +98,9 @@ def test_renorm_and_a_per_channel_mask_match_the_global_batch(world_launch, name
     # moving weights) and a Keras mask with channels on axis 1 (a count per channel,
     # rank 0's rows all masked out), uneven ranks with an empty one, against Keras's
     # layer on the global batch; summed gamma/beta gradients too.
-    launch = world_launch(name)
-    case = exactness.RENORM_MASKS_CASE
-    counts = case.counts_for(launch.spec.num_proc)
-    records = _passed(launch, "renorm_masks", len(case.layouts))
+    records = _exact_on_the_global_batch(world_launch(name), "renorm_masks",
+                                         exactness.RENORM_MASKS_CASE)
     assert {r["layout"] for r in records} == {"renorm", "masked_ncw"}
-    assert 0 in counts and sum(r["rows"] == 0 for r in records) == len(case.layouts)
-    _check_summed_parameter_gradients(os.path.join(launch.out_dir, "renorm_masks"), counts,
-                                      case.layouts, case.steps)
 
 
 @pytest.mark.world_checks("masked_model")
