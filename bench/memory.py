@@ -12,7 +12,7 @@ added on top of TensorFlow's own footprint.
 Variants:
 
 * `syncbn`: `SyncBatchNormalization(communicator="local")` (one replica:
-  the fused path);
+  the local path, element-wise kernels on a CPU);
 * `synced-local`: the same with a communicator that says 2 replicas and sums
   nothing, so the synchronized path (custom gradient) runs;
 * `keras`: `keras.layers.BatchNormalization`;

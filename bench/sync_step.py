@@ -52,8 +52,9 @@ Variants run interleaved round-robin in the same job, every rank in the same
 order; each sample starts after a barrier and averages `--repeat` steps.
 Rank 0 prints medians over `--rounds` rounds and the median of per-round
 ratios. HOROVOD_CYCLE_TIME / HOROVOD_FUSION_THRESHOLD are printed as in
-effect (Horovod's own defaults: 1 ms and 128 MiB since Horovod 0.21; the
-launcher and `syncbn.init_horovod` set 0.1 ms unless told otherwise).
+effect (Horovod's own defaults: 1 ms and 128 MiB since Horovod 0.21;
+`syncbn.init_horovod` sets a 0.1 ms cycle on Horovod's Gloo controller unless
+told otherwise, and keeps Horovod's default on MPI).
 
 `--sweep-cycle-time 0.1,1,5` is a driver mode: it runs the launcher itself
 (horovod backend, `--horovod-controller` as given) `--sweep-repeats` times

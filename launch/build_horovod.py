@@ -42,6 +42,8 @@ import sys
 import tarfile
 import tempfile
 
+from launch.config import EnvDefault
+
 logger = logging.getLogger("syncbn-build-horovod")
 
 HOROVOD_VERSION = "0.28.1"
@@ -254,9 +256,10 @@ def build_parser():
     parser.add_argument("--python", default=sys.executable,
                         help="the Python whose TensorFlow to build for and install into "
                              "(default: the one running this command)")
-    parser.add_argument("--gpu", choices=GPU_CHOICES, default=os.environ.get("SYNCBN_BUILD_GPU", "auto"),
+    parser.add_argument("--gpu", choices=GPU_CHOICES, default="auto", action=EnvDefault,
+                        env=("SYNCBN_BUILD_GPU",), default_text="auto",
                         help="build NCCL GPU operations: auto (when CUDA and NCCL are found), "
-                             "yes (fail without them) or no (default: auto; env SYNCBN_BUILD_GPU)")
+                             "yes (fail without them) or no")
     parser.add_argument("--wheel-dir", default=None,
                         help="where to cache the built wheel (default: "
                              "$SYNCBN_CACHE_DIR/wheels/tf-VERSION[-nccl])")
@@ -271,7 +274,11 @@ def build_parser():
 
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="[syncbn-build-horovod] %(message)s")
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()
+    except ValueError as error:  # SYNCBN_BUILD_GPU that --gpu rejects
+        raise SystemExit(f"syncbn-build-horovod: error: {error}") from None
+    args = parser.parse_args(argv)
     if args.jobs < 1:
         raise SystemExit(f"Argument `--jobs` must be >= 1. Received: --jobs={args.jobs}")
     try:

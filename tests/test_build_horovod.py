@@ -213,3 +213,16 @@ def test_dry_run_reports_the_plan(capsys, caplog):
     assert f"TensorFlow {tf.__version__}" in plan
     assert "patches: horovod-0.28.1-gloo-stall-check.patch" in plan
     assert ("horovod-0.28.1-tf2.19-xla.patch" in plan) is build_horovod.needs_patch(tf.__version__)
+
+
+@pytest.mark.parametrize("value, expected", [("no", "no"), ("yes", "yes"), ("", "auto")])
+def test_gpu_default_comes_from_syncbn_build_gpu(monkeypatch, value, expected):
+    monkeypatch.setenv("SYNCBN_BUILD_GPU", value)
+    assert build_horovod.build_parser().parse_args([]).gpu == expected
+    assert build_horovod.build_parser().parse_args(["--gpu", "auto"]).gpu == "auto"
+
+
+def test_a_bad_syncbn_build_gpu_is_an_error_naming_the_variable_and_value(monkeypatch):
+    monkeypatch.setenv("SYNCBN_BUILD_GPU", "maybe")
+    with pytest.raises(SystemExit, match=r"SYNCBN_BUILD_GPU='maybe'"):
+        build_horovod.main(["--dry-run"])
