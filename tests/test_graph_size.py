@@ -76,18 +76,18 @@ PATHS = {
                              (8, 5, 16), -1, True, False),
     # A Keras mask with channels on axis 1: a count per channel.
     "synchronized, masked, channels first": (
-        lambda: SyncBatchNormalization(axis=1, communicator=PretendTwoReplicas()),
+        lambda: SyncBatchNormalization(axis=1, communicator=PretendReplicas(2)),
         (8, 16, 6, 6), 1, True, False),
     "one replica, channels last, renorm": (
         lambda: SyncBatchNormalization(communicator="local", renorm=True,
                                        renorm_clipping={"rmax": 3.0, "dmax": 5.0}),
         SHAPE, -1, False, True),
     "synchronized, channels last, renorm": (
-        lambda: SyncBatchNormalization(communicator=PretendTwoReplicas(), renorm=True,
+        lambda: SyncBatchNormalization(communicator=PretendReplicas(2), renorm=True,
                                        renorm_clipping={"rmax": 3.0, "dmax": 5.0}),
         SHAPE, -1, False, True),
     "synchronized, masked, channels first, renorm": (
-        lambda: SyncBatchNormalization(axis=1, communicator=PretendTwoReplicas(), renorm=True),
+        lambda: SyncBatchNormalization(axis=1, communicator=PretendReplicas(2), renorm=True),
         (8, 16, 6, 6), 1, True, False),
 }
 
@@ -167,7 +167,7 @@ def test_renorm_ops_per_layer_stay_near_keras_renorm(kernels, static_batch):
     keras_ops = ops(keras.layers.BatchNormalization(renorm=True, renorm_clipping=clipping))
     single = ops(SyncBatchNormalization(communicator="local", renorm=True,
                                         renorm_clipping=clipping))
-    synced = ops(SyncBatchNormalization(communicator=PretendTwoReplicas(), renorm=True,
+    synced = ops(SyncBatchNormalization(communicator=PretendReplicas(2), renorm=True,
                                         renorm_clipping=clipping))
     plain = ops(SyncBatchNormalization(communicator="local"))
     assert single > plain + 30, (single, plain)  # the count saw the renorm ops
@@ -233,7 +233,7 @@ def print_node_counts(shape=(8, 16, 16, 32)):
             ("syncbn, one replica, renorm=True",
              lambda: SyncBatchNormalization(communicator="local", renorm=True), shape, -1),
             ("syncbn, synchronized, renorm=True",
-             lambda: SyncBatchNormalization(communicator=PretendTwoReplicas(), renorm=True),
+             lambda: SyncBatchNormalization(communicator=PretendReplicas(2), renorm=True),
              shape, -1)]
     for nonfinite in ("skip", "update", "raise"):
         rows += [

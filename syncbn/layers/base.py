@@ -122,6 +122,33 @@ def _check_renorm_clipping(renorm_clipping):
     return renorm_clipping, (rmin, rmax, dmax)
 
 
+def _channel_axis_and_size(input_shape, axis):
+    """`(channel axis in [1, rank), its size)` for inputs of `input_shape`, or ValueError."""
+    rank = len(input_shape)
+    if rank < 2:
+        raise ValueError(
+            "SyncBatchNormalization needs inputs of rank >= 2 (batch and channel "
+            f"axes). Received: input_shape={tuple(input_shape)}"
+        )
+    if not -rank <= axis < rank:
+        raise ValueError(
+            f"Argument `axis` is out of bounds for inputs of rank {rank}. "
+            f"Received: axis={axis}"
+        )
+    channel_axis = axis % rank
+    if channel_axis == 0:
+        raise ValueError(
+            "Argument `axis` must not be the batch axis (0): the batch axis is "
+            f"what gets synchronized. Received: axis={axis}"
+        )
+    if input_shape[channel_axis] is None:
+        raise ValueError(
+            "The channel axis of the inputs must have a known size. "
+            f"Received: input_shape={tuple(input_shape)}, axis={axis}"
+        )
+    return channel_axis, input_shape[channel_axis]
+
+
 class SyncBatchNormalizationBase:
     """Batch normalization with the statistics of the global batch.
 
@@ -346,28 +373,7 @@ class SyncBatchNormalizationBase:
 
     def build(self, input_shape):
         rank = len(input_shape)
-        if rank < 2:
-            raise ValueError(
-                "SyncBatchNormalization needs inputs of rank >= 2 (batch and channel "
-                f"axes). Received: input_shape={tuple(input_shape)}"
-            )
-        if not -rank <= self.axis < rank:
-            raise ValueError(
-                f"Argument `axis` is out of bounds for inputs of rank {rank}. "
-                f"Received: axis={self.axis}"
-            )
-        self._channel_axis = self.axis % rank
-        if self._channel_axis == 0:
-            raise ValueError(
-                "Argument `axis` must not be the batch axis (0): the batch axis is "
-                f"what gets synchronized. Received: axis={self.axis}"
-            )
-        num_channels = input_shape[self._channel_axis]
-        if num_channels is None:
-            raise ValueError(
-                "The channel axis of the inputs must have a known size. "
-                f"Received: input_shape={tuple(input_shape)}, axis={self.axis}"
-            )
+        self._channel_axis, num_channels = _channel_axis_and_size(input_shape, self.axis)
         shape = (num_channels,)
         # Whether XLA can compile the layer depends on it (`supports_jit`).
         self._strategy_replicas = tf.distribute.get_strategy().num_replicas_in_sync
@@ -390,15 +396,7 @@ class SyncBatchNormalizationBase:
         self.moving_variance = self._add_float32_weight(
             "moving_variance", shape, self.moving_variance_initializer)
         if self.renorm:
-            # Keras's three renorm weights, in its order: the standard deviations
-            # start at the square root of the variance initializer's values.
-            def stddev_initializer(shape, dtype=None):
-                return tf.sqrt(self._fresh(self.moving_variance_initializer)(shape, dtype=dtype))
-
-            self.moving_stddev = self._add_float32_weight("moving_stddev", shape, stddev_initializer)
-            self.renorm_mean = self._add_float32_weight(
-                "renorm_mean", shape, self._fresh(self.moving_mean_initializer))
-            self.renorm_stddev = self._add_float32_weight("renorm_stddev", shape, stddev_initializer)
+            self._build_renorm_weights(shape)
         if self.moving_average == "debiased":
             # Only then, and last: a default layer keeps Keras BN's weights. One
             # count per channel when a mask may give each channel its own count
@@ -414,6 +412,18 @@ class SyncBatchNormalizationBase:
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
             )
         self.input_spec = self._keras.layers.InputSpec(ndim=rank, axes={self.axis: num_channels})
+
+    def _build_renorm_weights(self, shape):
+        """Keras's three renorm weights, in its order: the standard deviations start at
+        the square root of the variance initializer's values."""
+
+        def stddev_initializer(shape, dtype=None):
+            return tf.sqrt(self._fresh(self.moving_variance_initializer)(shape, dtype=dtype))
+
+        self.moving_stddev = self._add_float32_weight("moving_stddev", shape, stddev_initializer)
+        self.renorm_mean = self._add_float32_weight(
+            "renorm_mean", shape, self._fresh(self.moving_mean_initializer))
+        self.renorm_stddev = self._add_float32_weight("renorm_stddev", shape, stddev_initializer)
 
     def _fresh(self, initializer):
         """A new initializer with `initializer`'s config, as Keras makes for its renorm weights."""
