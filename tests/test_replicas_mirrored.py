@@ -211,8 +211,9 @@ def _renorm_float64_reference(batches, axis, layer_weights, clipping, got):
 
 @pytest.mark.parametrize("clipping", sorted(RENORM_CLIPPING))
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_renorm_uneven_replicas_match_keras_renorm_on_global_batch(strategy, layout, clipping,
-                                                                   offset):
+def test_renorm_uneven_replicas_match_keras_renorm_on_global_batch(mirrored_strategy, layout,
+                                                                   clipping, offset):
+    strategy = mirrored_strategy
     # r and d from the global statistics: outputs, input gradients, summed gamma/beta
     # gradients and all five moving weights equal Keras's renorm=True on the 19
     # samples concatenated (far from zero: the float64 reference).
@@ -248,7 +249,8 @@ MASKED_LAYOUTS = {"nhwc": LAYOUTS["nhwc"], "ncw": LAYOUTS["ncw"]}
 
 @pytest.mark.parametrize("renorm", [False, True], ids=["plain", "renorm"])
 @pytest.mark.parametrize("layout", sorted(MASKED_LAYOUTS))
-def test_masked_uneven_replicas_match_keras_on_global_batch(strategy, layout, renorm):
+def test_masked_uneven_replicas_match_keras_on_global_batch(mirrored_strategy, layout, renorm):
+    strategy = mirrored_strategy
     # Keras's mask convention (the input's shape without its last axis): with
     # channels on axis 1 ("ncw") each channel has its own global count. Replica 3
     # is fully masked out; the statistics stay synchronized and exact.
@@ -280,7 +282,8 @@ def test_masked_uneven_replicas_match_keras_on_global_batch(strategy, layout, re
 
 
 @pytest.mark.parametrize("renorm", [False, True], ids=["plain", "renorm"])
-def test_fully_masked_global_batch_gives_no_nan_and_no_update(strategy, renorm):
+def test_fully_masked_global_batch_gives_no_nan_and_no_update(mirrored_strategy, renorm):
+    strategy = mirrored_strategy
     # No sample anywhere: outputs as Keras's (mean 0, variance 0), finite gradients,
     # and no moving weight averaged from nothing (Keras would average zeros in).
     feature_shape, axis = LAYOUTS["ncw"]

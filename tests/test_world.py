@@ -76,8 +76,16 @@ def test_the_first_synchronized_training_call_raises_not_inference(monkeypatch):
     ({"OMPI_COMM_WORLD_SIZE": "2"}, "mpi"),
     ({"PMIX_RANK": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_ID": "0"}, "mpi"),
 ])
-def test_detect_outside_any_framework(env, expected):
+def test_detect_outside_any_framework(monkeypatch, env, expected):
+    # A launcher's world of 2 as MPI_Init would report it in such a job.
+    monkeypatch.setattr(world, "mpi_world_size", lambda: 2)
     assert world.detect(env) == expected
+
+
+def test_detect_raises_when_mpis_world_is_not_the_launchers():
+    # This process's MPI_COMM_WORLD has 1 process, where mpirun said 2.
+    with pytest.raises(world.LauncherWorldError, match=r"OMPI_COMM_WORLD_SIZE=2.*has 1"):
+        world.detect({"OMPI_COMM_WORLD_SIZE": "2"})
 
 
 @pytest.mark.parametrize("env,chief", [
