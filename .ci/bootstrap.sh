@@ -28,7 +28,13 @@
 set -euo pipefail
 
 SYNCBN_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-SYNCBN_DEFAULT_TF_VERSION="2.21.0"  # keep in step with syncbn/_versions.py
+# The default TensorFlow is syncbn's own (TF_DEFAULT in syncbn/_versions.py), read before
+# any Python is installed.
+SYNCBN_DEFAULT_TF_VERSION="$(sed -n 's/^TF_DEFAULT = "\(.*\)"$/\1/p' "$SYNCBN_ROOT/syncbn/_versions.py")"
+if [ -z "$SYNCBN_DEFAULT_TF_VERSION" ]; then
+  echo "[bootstrap] no TF_DEFAULT in syncbn/_versions.py" >&2
+  return 1 2>/dev/null || exit 1
+fi
 TF_VERSION="${SYNCBN_TF_VERSION:-$SYNCBN_DEFAULT_TF_VERSION}"
 if [ "$TF_VERSION" = "$SYNCBN_DEFAULT_TF_VERSION" ]; then
   VENV="$SYNCBN_ROOT/.venv"

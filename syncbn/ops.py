@@ -299,6 +299,23 @@ def _fused_affine(x4, scale, offset):
     )[0]
 
 
+def _global_moments(all_sum, name, local_moments, num_channels, per_channel_count=False):
+    """Global `(count, mean, biased variance)` from this replica's `(count, mean, m2)`.
+
+    Packed into one float64 vector, summed over the group in one collective
+    (`name/forward`), and unpacked: `[2C + 1]`, or `[3C]` with a count per channel.
+    """
+    packed = stats.pack_moments(*local_moments)
+    return stats.unpack_moments(all_sum(packed, name + "/forward"), num_channels,
+                                per_channel_count)
+
+
+def _global_grad_sums(all_sum, name, sum_dy, sum_dy_xhat):
+    """`sum(dy)` and `sum(dy * x_hat)` over the group, in one collective (`name/backward`)."""
+    packed = stats.pack_grad_sums(sum_dy, sum_dy_xhat)
+    return stats.unpack_grad_sums(all_sum(packed, name + "/backward"), sum_dy.shape[0])
+
+
 def _single_replica_kernels(x, gamma, beta, epsilon, renorm):
     """One replica, channels last, no mask: the training kernel on shifted data.
 
@@ -343,9 +360,8 @@ def _synced_kernels(x, gamma, beta, epsilon, all_sum, name, renorm):
         shift64 = tf.cast(shift, stats.STATS_DTYPE)
         local_mean = shift64 + tf.cast(mean_offset, stats.STATS_DTYPE)
         # [1], [C], [C] -> [2C + 1] -> [], [C], [C]
-        global_count, mean, variance = stats.unpack_moments(
-            all_sum(stats.pack_moments(count, local_mean, m2), name + "/forward"), num_channels
-        )
+        global_count, mean, variance = _global_moments(all_sum, name, (count, local_mean, m2),
+                                                       num_channels)
         # The global mean as seen from this replica's shifted data: small, so
         # exact in float32 even when the mean itself is 1e5.
         shifted_mean = tf.cast(mean - shift64, tf.float32)
@@ -369,10 +385,8 @@ def _synced_kernels(x, gamma, beta, epsilon, all_sum, name, renorm):
                 is_training=False,
             )
             # [C], [C] -> [2C] -> [C], [C]
-            global_sum_dy, global_sum_dy_xhat = stats.unpack_grad_sums(
-                all_sum(stats.pack_grad_sums(sum_dy, sum_dy_xhat), name + "/backward"),
-                num_channels,
-            )
+            global_sum_dy, global_sum_dy_xhat = _global_grad_sums(all_sum, name, sum_dy,
+                                                                  sum_dy_xhat)
             # dx = dx_partial - gamma * inv_std / N * (sum dy + x_hat * sum dy x_hat),
             # with x_hat = (shifted - shifted_mean) * inv_std: one affine pass in `shifted`.
             inv_std = tf.math.rsqrt(variance + epsilon)
@@ -418,9 +432,8 @@ def _channels_last_elementwise(x, gamma, beta, epsilon, all_sum, name, single_re
             shift64 = tf.cast(shift, stats.STATS_DTYPE)
             local_mean = shift64 + tf.cast(mean_offset, stats.STATS_DTYPE)
             # [1], [C], [C] -> [2C + 1] -> [], [C], [C]
-            global_count, mean64, variance = stats.unpack_moments(
-                all_sum(stats.pack_moments(count, local_mean, m2), name + "/forward"), num_channels
-            )
+            global_count, mean64, variance = _global_moments(
+                all_sum, name, (count, local_mean, m2), num_channels)
             # Small, so exact in float32 even when the mean itself is 1e5.
             shifted_mean = tf.cast(mean64 - shift64, tf.float32)
             statistics = (tf.cast(mean64, tf.float32), variance, global_count)
@@ -441,10 +454,8 @@ def _channels_last_elementwise(x, gamma, beta, epsilon, all_sum, name, single_re
                 global_sum_dy, global_sum_dy_centred = sum_dy, sum_dy_centred
             else:
                 # [C], [C] -> [2C] -> [C], [C]
-                global_sum_dy, global_sum_dy_centred = stats.unpack_grad_sums(
-                    all_sum(stats.pack_grad_sums(sum_dy, sum_dy_centred), name + "/backward"),
-                    num_channels,
-                )
+                global_sum_dy, global_sum_dy_centred = _global_grad_sums(
+                    all_sum, name, sum_dy, sum_dy_centred)
             # dx = scale * (dy - (sum dy + x_hat * sum dy x_hat) / N), x_hat = centred * inv_std.
             minus_scale_per_count = -scale / _at_least(global_count, 1.0)
             per_centred = minus_scale_per_count * tf.square(inv_std) * global_sum_dy_centred
@@ -477,10 +488,8 @@ def _elementwise(x, gamma, beta, epsilon, all_sum, name, axis, selection, renorm
     @tf.custom_gradient
     def normalize(x, gamma, beta):
         # [1], [C], [C] -> [2C + 1] -> [], [C], [C]; per channel [C] x 3 -> [3C] -> [C] x 3
-        global_count, mean, variance = stats.unpack_moments(
-            all_sum(stats.pack_moments(*stats.local_moments(x, axes, selection)), name + "/forward"),
-            num_channels, per_channel_count,
-        )
+        global_count, mean, variance = _global_moments(
+            all_sum, name, stats.local_moments(x, axes, selection), num_channels, per_channel_count)
         effective_gamma, offset, r, d = _effective_affine(gamma, beta, mean, variance, epsilon,
                                                           renorm)
         inv_std = tf.math.rsqrt(variance + epsilon)
@@ -497,10 +506,8 @@ def _elementwise(x, gamma, beta, epsilon, all_sum, name, axis, selection, renorm
             sum_dy = tf.reduce_sum(dy, axis=axes)
             sum_dy_xhat = tf.reduce_sum(dy * x_hat, axis=axes)
             # [C], [C] -> [2C] -> [C], [C]
-            global_sum_dy, global_sum_dy_xhat = stats.unpack_grad_sums(
-                all_sum(stats.pack_grad_sums(sum_dy, sum_dy_xhat), name + "/backward"),
-                num_channels,
-            )
+            global_sum_dy, global_sum_dy_xhat = _global_grad_sums(all_sum, name, sum_dy,
+                                                                  sum_dy_xhat)
             inv_count = 1.0 / tf.maximum(global_count, 1.0)  # [] or [C]
             correction = x_hat * per_channel(global_sum_dy_xhat * inv_count) + per_channel(
                 global_sum_dy * inv_count
