@@ -113,7 +113,16 @@ def build_parser():
                                      "--backend horovod -- python train.py",
         description="Start N ranks of a distributed job, prefix their output with [rank], "
                     "and stop all of them as soon as one fails.")
-    add = parser.add_argument_group("ranks and hosts").add_argument
+    _add_ranks_and_hosts(parser.add_argument_group("ranks and hosts").add_argument)
+    _add_backend(parser.add_argument_group("backend").add_argument)
+    _add_remote_hosts(parser.add_argument_group("remote hosts (ssh)").add_argument)
+    _add_supervision(parser.add_argument_group("supervision and output").add_argument)
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="the program to run, after `--`")
+    return parser
+
+
+def _add_ranks_and_hosts(add):
+    """The options of the "ranks and hosts" group of `--help`."""
     add("-np", "--num-proc", action=EnvDefault, type=int, metavar="N",
         default_text="none, required", help="number of ranks")
     add("-H", "--hosts", action=EnvDefault, default_text="localhost:N",
@@ -137,7 +146,9 @@ def build_parser():
     add("--cpus-per-host", action=EnvDefault, type=int, metavar="N",
         default_text="cores usable by the launcher", help="cores per host, for dividing threads")
 
-    add = parser.add_argument_group("backend").add_argument
+
+def _add_backend(add):
+    """The options of the "backend" group of `--help`."""
     add("--backend", action=EnvDefault, choices=BACKENDS,
         default_text="horovod if installed, else tf if TensorFlow is, else mpi",
         help="horovod (over MPI or Gloo), tf (TF_CONFIG for MultiWorkerMirroredStrategy) "
@@ -164,7 +175,9 @@ def build_parser():
         default_text="source address of the route to the first remote host",
         help="address remote ranks reach the launcher at (Horovod's rendezvous)")
 
-    add = parser.add_argument_group("remote hosts (ssh)").add_argument
+
+def _add_remote_hosts(add):
+    """The options of the "remote hosts (ssh)" group of `--help`."""
     add("--ssh-port", action=EnvDefault, type=int, metavar="PORT", default_text="ssh's own",
         help="ssh port")
     add("--ssh-identity-file", action=EnvDefault, metavar="FILE", help="ssh -i file")
@@ -173,7 +186,9 @@ def build_parser():
              "PYTHONPATH, LD_LIBRARY_PATH, VIRTUAL_ENV and every SYNCBN_*, NCCL_*, TF_*, "
              "HOROVOD_* and OMPI_MCA_* variable are forwarded anyway")
 
-    add = parser.add_argument_group("supervision and output").add_argument
+
+def _add_supervision(add):
+    """The options of the "supervision and output" group of `--help`."""
     add("--timeout", action=EnvDefault, type=float, metavar="SECONDS",
         help="end the job after this many seconds, with exit code 124")
     add("--grace-period", action=EnvDefault, type=float, default=3.0, default_text="3",
@@ -182,9 +197,6 @@ def build_parser():
         help="also write each rank's output to DIR/rank.N.log")
     add("-v", "--verbose", action=EnvFlag,
         help="log the commands started and the variables forwarded to remote ranks")
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="the program to run, after `--`")
-    return parser
-
 
 @dataclasses.dataclass(frozen=True)
 class LaunchConfig:
